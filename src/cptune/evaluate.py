@@ -1,0 +1,169 @@
+"""Label scoring after a (learned) context, and classification metrics.
+
+The context is encoded once; its key/value cache is reused, expanded without copying, for every
+batch of queries. A label is scored by the log-likelihood of its full token sequence after the
+query (optionally divided by its length). When every label is a single token, one forward of the
+query prefix gives all scores at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from cptune.prefix import expand_cache
+
+
+@torch.no_grad()
+def encode_context(base_model, context_embeds: torch.Tensor | None):
+    """The batch-1 key/value cache of ``context_embeds`` ``(1, N, d)``, or ``None`` for no context."""
+    if context_embeds is None or context_embeds.shape[1] == 0:
+        return None
+    return base_model(inputs_embeds=context_embeds, use_cache=True, logits_to_keep=1).past_key_values
+
+
+@torch.no_grad()
+def label_log_likelihoods(
+    base_model,
+    context_cache,
+    query_ids: Sequence[Sequence[int]],
+    label_ids: Sequence[Sequence[int]],
+    batch_size: int = 8,
+    length_normalize: bool = False,
+    pad_id: int = 0,
+) -> torch.Tensor:
+    """Log-likelihood of each label after each query.
+
+    Args:
+        base_model: the frozen causal LM.
+        context_cache: from :func:`encode_context` (``None``: no context).
+        query_ids: token ids of each query, ending with the output template.
+        label_ids: token ids of each label (as placed after the output template).
+        batch_size: queries per forward.
+        length_normalize: divide each label's log-likelihood by its number of tokens.
+        pad_id: id used for right padding (never attended).
+
+    Returns:
+        ``(num_queries, num_labels)`` float32 scores.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    single = all(len(ids) == 1 for ids in label_ids)
+    scores = []
+    for start in range(0, len(query_ids), batch_size):
+        chunk = query_ids[start : start + batch_size]
+        if single:
+            scores.append(_score_single_token(base_model, context_cache, chunk, label_ids, pad_id))
+        else:
+            scores.append(_score_sequences(base_model, context_cache, chunk, label_ids, pad_id, length_normalize))
+    return torch.cat(scores).float()
+
+
+def _forward(base_model, context_cache, rows: Sequence[Sequence[int]], pad_id: int, keep):
+    device = base_model.get_input_embeddings().weight.device
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, : len(r)] = 1
+    kwargs = {}
+    if context_cache is not None:
+        n = context_cache.get_seq_length()
+        kwargs["past_key_values"] = expand_cache(context_cache, len(rows))
+        mask = torch.cat([torch.ones(len(rows), n, dtype=mask.dtype, device=device), mask], dim=1)  # (B, N+T)
+    return base_model(input_ids=ids, attention_mask=mask, use_cache=context_cache is not None,
+                      logits_to_keep=keep.to(device), **kwargs).logits
+
+
+def _score_single_token(base_model, cache, rows, label_ids, pad_id) -> torch.Tensor:
+    last = torch.tensor([[len(r) - 1] for r in rows])  # (B, 1) position of each row's last token
+    logits = _forward(base_model, cache, rows, pad_id, last)[:, 0]  # (B, V)
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return logp[:, [ids[0] for ids in label_ids]]  # (B, C)
+
+
+def _score_sequences(base_model, cache, rows, label_ids, pad_id, length_normalize) -> torch.Tensor:
+    seqs, spans = [], []
+    for r in rows:
+        for lab in label_ids:
+            seqs.append(list(r) + list(lab))
+            spans.append((len(r), len(lab)))
+    width = max(len(s) for s in seqs)
+    keep = torch.zeros(len(seqs), width, dtype=torch.bool)  # positions predicting a label token
+    targets = []
+    for i, (start, length) in enumerate(spans):
+        keep[i, start - 1 : start - 1 + length] = True
+        targets.extend(seqs[i][start : start + length])
+    logits = _forward(base_model, cache, seqs, pad_id, keep)  # (M, V), row-major over keep
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    token_logp = logp.gather(1, torch.tensor(targets, device=logp.device).unsqueeze(1)).squeeze(1)
+    out = torch.zeros(len(seqs), dtype=torch.float32, device=logp.device)
+    owner = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor([n for _, n in spans])).to(logp.device)
+    out.index_add_(0, owner, token_logp)
+    if length_normalize:
+        out = out / torch.tensor([n for _, n in spans], dtype=out.dtype, device=out.device)
+    return out.view(len(rows), len(label_ids))
+
+
+def classification_metrics(predicted: Sequence[int], gold: Sequence[int], num_labels: int) -> dict:
+    """Accuracy, macro-F1 and the confusion matrix (rows gold, columns predicted)."""
+    confusion = torch.zeros(num_labels, num_labels, dtype=torch.long)
+    for p, g in zip(predicted, gold, strict=True):
+        confusion[g, p] += 1
+    total = int(confusion.sum())
+    accuracy = float(confusion.diag().sum()) / max(total, 1)
+    f1s = []
+    for c in range(num_labels):
+        tp = float(confusion[c, c])
+        fp = float(confusion[:, c].sum()) - tp
+        fn = float(confusion[c, :].sum()) - tp
+        f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return {"accuracy": accuracy, "macro_f1": sum(f1s) / num_labels, "confusion": confusion.tolist()}
+
+
+def query_token_ids(texts: Sequence[str], template, tokenizer) -> list[list[int]]:
+    """Token ids of each text rendered as a query up to its output template."""
+    from cptune.template import render_example
+
+    return [render_example(template, tokenizer, t, None, with_separator=False)[0] for t in texts]
+
+
+def score_texts(
+    base_model,
+    tokenizer,
+    template,
+    label_words: dict[str, str],
+    texts: Sequence[str],
+    context_embeds: torch.Tensor | None = None,
+    batch_size: int = 8,
+    length_normalize: bool = False,
+) -> torch.Tensor:
+    """``(len(texts), num_labels)`` label log-likelihoods after an optional context.
+
+    Args:
+        base_model: the frozen causal LM.
+        tokenizer: its tokenizer.
+        template: how queries are written.
+        label_words: label -> word, in the order of the returned columns.
+        texts: the texts to classify.
+        context_embeds: ``(1, N, d)`` context embeddings (a CPT context, or plain token
+            embeddings for ICL); ``None`` for zero-shot.
+        batch_size: queries per forward.
+        length_normalize: divide each label's score by its token count.
+    """
+    from cptune.template import label_token_ids
+
+    ids = label_token_ids(template, tokenizer, label_words)
+    cache = encode_context(base_model, context_embeds)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return label_log_likelihoods(
+        base_model,
+        cache,
+        query_token_ids(texts, template, tokenizer),
+        [ids[label] for label in label_words],
+        batch_size=batch_size,
+        length_normalize=length_normalize,
+        pad_id=pad,
+    )

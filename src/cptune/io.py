@@ -1,0 +1,227 @@
+"""Adapter folders: PEFT's format exactly, plus a separate file with what resuming needs.
+
+Folder layout::
+
+    adapter_config.json          PEFT's config (sorted keys, inference_mode true)
+    adapter_model.safetensors    {"prompt_embeddings": (N, d) float32 = E0 + projected delta}
+    cptune_state.safetensors     cptune only (PEFT ignores it): E0, delta, roles, example index,
+                                 optimizer tensors; its metadata holds step, optimizer and
+                                 schedule settings as JSON
+
+Folders are written to a temporary sibling and renamed into place, so an interrupted save never
+leaves a half-written adapter. Only JSON and safetensors are ever read (no pickle).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from cptune.config import CPTConfig
+from cptune.roles import TokenRole
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+STATE_NAME = "cptune_state.safetensors"
+PROMPT_KEY = "prompt_embeddings"
+_META_KEY = "cptune"
+_FROZEN_ROW_RTOL = 1e-2  # bf16 rounding of the base embeddings stays well inside this
+
+
+def atomic_write_dir(target: Path, write: Any) -> None:
+    """Call ``write(tmp_dir)`` then move ``tmp_dir`` to ``target`` (replacing an existing folder)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        write(tmp)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_adapter(model, save_directory, training_state: dict[str, Any] | None = None) -> None:
+    """Write ``model``'s adapter to ``save_directory`` (PEFT format + cptune resume state).
+
+    Args:
+        model: a :class:`cptune.CPTModel`.
+        save_directory: the folder to (re)create.
+        training_state: optional ``{"step": int, "optimizer": state_dict, "scheduler": state_dict,
+            ...}`` written into the resume file so ``cptune.train(..., resume=True)`` continues.
+    """
+    enc = model.prompt_encoder
+    with torch.no_grad():
+        delta = enc.delta.detach().clone()
+        from cptune.projection import project_l2_ball
+
+        delta = project_l2_ball(delta, enc.radii) * enc.trainable_mask
+        prompt = (enc.base + delta).float().cpu().contiguous()  # (N, d)
+    config_dict = model.config.to_dict()
+    config_dict["inference_mode"] = True
+    tensors = {
+        "base": enc.base.float().cpu().contiguous(),
+        "delta": delta.float().cpu().contiguous(),
+        "roles": enc.roles.cpu().contiguous(),
+        "example_index": enc.example_index.cpu().contiguous(),
+    }
+    meta: dict[str, Any] = {"format_version": 1}
+    if training_state is not None:
+        opt_tensors, opt_meta = _flatten_optimizer(training_state.get("optimizer"))
+        tensors.update(opt_tensors)
+        meta.update({k: v for k, v in training_state.items() if k != "optimizer"})
+        meta["optimizer"] = opt_meta
+
+    def write(tmp: Path) -> None:
+        (tmp / CONFIG_NAME).write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+        save_file({PROMPT_KEY: prompt}, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file(tensors, str(tmp / STATE_NAME), metadata={"format": "pt", _META_KEY: json.dumps(meta)})
+
+    atomic_write_dir(Path(save_directory), write)
+
+
+def read_config(directory) -> CPTConfig:
+    """Read and validate ``adapter_config.json`` from an adapter folder."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}; is it a CPT adapter folder?")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    if data.get("peft_type") != "CPT":
+        raise ValueError(f"{path} describes a {data.get('peft_type')!r} adapter; cptune loads 'CPT' adapters")
+    return CPTConfig.from_dict(data)
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        return load_file(str(path)), meta
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file ({err})") from None
+
+
+def load_adapter(
+    base_model: nn.Module,
+    directory,
+    is_trainable: bool = False,
+    adapter_name: str = "default",
+    prefix_sharing: str = "auto",
+):
+    """Load a CPT adapter written by PEFT or cptune onto ``base_model``.
+
+    PEFT folders hold only ``E0 + delta``: that becomes the frozen base with a zero correction (as
+    in PEFT). cptune folders also restore E0 and delta separately, so training resumes exactly.
+
+    Raises:
+        FileNotFoundError: missing files.
+        ValueError: unreadable files, or an adapter that does not fit ``base_model``.
+    """
+    from cptune.model import CPTModel
+
+    directory = Path(directory)
+    config = read_config(directory)
+    weights_path = directory / WEIGHTS_NAME
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
+    weights, _ = _read_safetensors(weights_path)
+    if PROMPT_KEY not in weights:
+        raise ValueError(f"{weights_path} has no {PROMPT_KEY!r} tensor (found {sorted(weights)})")
+    prompt = weights[PROMPT_KEY].float()
+    emb = base_model.get_input_embeddings().weight
+    expected = (config.num_virtual_tokens, emb.shape[-1])
+    if tuple(prompt.shape) != expected:
+        raise ValueError(
+            f"{PROMPT_KEY} has shape {tuple(prompt.shape)}, but this model needs {expected} "
+            f"({config.num_virtual_tokens} context tokens x hidden size {emb.shape[-1]}); wrong base model?"
+        )
+    state_path = directory / STATE_NAME
+    state = _read_safetensors(state_path)[0] if state_path.is_file() else None
+    base = state["base"] if state is not None else prompt
+    config.inference_mode = not is_trainable
+    model = CPTModel(base_model, config, adapter_name=adapter_name, prefix_sharing=prefix_sharing, base_embeddings=base)
+    _check_frozen_rows(model, prompt)
+    if state is not None:
+        with torch.no_grad():
+            model.prompt_encoder.delta.copy_(state["delta"].to(model.prompt_encoder.delta.device))
+    model.prompt_encoder.delta.requires_grad_(is_trainable)
+    if not is_trainable:
+        model.eval()
+    return model
+
+
+def _check_frozen_rows(model, prompt: torch.Tensor) -> None:
+    """Label and separator rows of a saved context are the base model's own embeddings: compare them."""
+    enc = model.prompt_encoder
+    frozen = (enc.roles == TokenRole.LABEL) | (enc.roles == TokenRole.SEPARATOR)
+    if not bool(frozen.any()):
+        return
+    ids = torch.tensor(model.config.cpt_token_ids, device=enc.base.device)[frozen]
+    with torch.no_grad():
+        own = model.word_embeddings(ids.to(model.word_embeddings.weight.device)).float().cpu()
+    saved = prompt[frozen.cpu()]
+    if not torch.allclose(own, saved, rtol=_FROZEN_ROW_RTOL, atol=_FROZEN_ROW_RTOL * float(own.abs().mean())):
+        raise ValueError(
+            "the adapter's label/separator embeddings differ from this base model's embeddings of the same "
+            f"tokens; it was trained on another model ({model.config.base_model_name_or_path!r})"
+        )
+
+
+def read_training_state(directory) -> dict[str, Any] | None:
+    """The resume state saved with an adapter (``None`` if it has none)."""
+    path = Path(directory) / STATE_NAME
+    if not path.is_file():
+        return None
+    tensors, meta = _read_safetensors(path)
+    info = json.loads(meta.get(_META_KEY, "{}"))
+    if "optimizer" in info:
+        info["optimizer"] = _unflatten_optimizer(info["optimizer"], tensors)
+    return info
+
+
+def _flatten_optimizer(state_dict: dict | None) -> tuple[dict[str, torch.Tensor], dict]:
+    if state_dict is None:
+        return {}, {}
+    tensors: dict[str, torch.Tensor] = {}
+    plain_state: dict[str, dict] = {}
+    for pid, entries in state_dict["state"].items():
+        plain_state[str(pid)] = {}
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{pid}.{key}"] = value.detach().cpu().contiguous()
+                plain_state[str(pid)][key] = {"tensor": f"optimizer.{pid}.{key}"}
+            else:
+                plain_state[str(pid)][key] = {"value": value}
+    return tensors, {"state": plain_state, "param_groups": state_dict["param_groups"]}
+
+
+def _unflatten_optimizer(meta: dict, tensors: dict[str, torch.Tensor]) -> dict:
+    if not meta:
+        return {}
+    state = {}
+    for pid, entries in meta["state"].items():
+        state[int(pid)] = {
+            key: tensors[spec["tensor"]] if "tensor" in spec else spec["value"] for key, spec in entries.items()
+        }
+    return {"state": state, "param_groups": meta["param_groups"]}

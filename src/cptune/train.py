@@ -1,0 +1,228 @@
+"""The CPT training loop: forward -> loss -> backward -> AdamW step -> project -> log."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from cptune.io import read_training_state
+
+SCHEDULES = ("linear", "constant", "cosine")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped because the loss was NaN or infinite; the last good state was kept."""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Settings of one training run (all checked on construction).
+
+    Args:
+        steps: optimizer steps; if ``None``, ``epochs`` passes over the queries.
+        epochs: used when ``steps`` is ``None``.
+        batch_size: queries per step.
+        lr: AdamW learning rate (> 0).
+        weight_decay: AdamW weight decay (>= 0).
+        schedule: ``"linear"`` decay to 0 (the paper's), ``"constant"`` or ``"cosine"``.
+        warmup_steps: linear warm-up steps.
+        seed: orders the queries; the same seed gives the same batches and the same result.
+        max_grad_norm: clip the delta gradient to this norm (``None``: no clipping).
+    """
+
+    steps: int | None = None
+    epochs: int | None = 1
+    batch_size: int = 4
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    schedule: str = "linear"
+    warmup_steps: int = 0
+    seed: int = 0
+    max_grad_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.steps is None and self.epochs is None:
+            raise ValueError("give steps or epochs")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps={self.steps} must be >= 1")
+        if self.steps is None and self.epochs < 1:
+            raise ValueError(f"epochs={self.epochs} must be >= 1")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size} must be >= 1")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr={self.lr} must be a finite number > 0")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay={self.weight_decay} must be >= 0")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r}; accepted: {', '.join(SCHEDULES)}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be >= 0")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm={self.max_grad_norm} must be > 0 or None")
+
+    def total_steps(self, num_queries: int) -> int:
+        """Number of optimizer steps for ``num_queries`` training queries."""
+        if self.steps is not None:
+            return self.steps
+        return self.epochs * math.ceil(num_queries / self.batch_size)
+
+
+@dataclass
+class TrainResult:
+    """What a training run did: ``losses[i]`` is the loss of step ``first_step + i``."""
+
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    first_step: int = 0
+
+
+def _lr_factor(schedule: str, warmup: int, total: int):
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return factor
+
+
+def batch_indices(num_queries: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
+    """Query rows of optimizer step ``step``: consecutive slices of a per-epoch seeded permutation.
+
+    A pure function of its arguments, so a resumed run sees exactly the batches it would have seen.
+    """
+    per_epoch = math.ceil(num_queries / batch_size)
+    epoch, slot = divmod(step, per_epoch)
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(num_queries, generator=gen)
+    return order[slot * batch_size : (slot + 1) * batch_size]
+
+
+def _take(queries: dict[str, torch.Tensor], rows: torch.Tensor, device) -> dict[str, torch.Tensor]:
+    """Rows of the query batch, trimmed to their longest real length (less padding)."""
+    width = int(queries["attention_mask"][rows].sum(dim=1).max())
+    return {k: v[rows, :width].to(device) for k, v in queries.items()}
+
+
+def train(
+    model,
+    queries: dict[str, torch.Tensor],
+    settings: TrainSettings | None = None,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train a :class:`cptune.CPTModel`'s context corrections on labelled queries.
+
+    Each step: forward (context encoded once for the batch), CPT loss, backward, AdamW step,
+    then :meth:`CPTModel.project_`. The base model stays frozen and in eval mode (no dropout).
+
+    Args:
+        model: the CPT model.
+        queries: the batch from :func:`cptune.render_queries` (``with_labels=True``).
+        settings: the run's settings (defaults: one epoch, batch 4, lr 1e-3, linear decay).
+        checkpoint_dir: adapter folder written every ``checkpoint_every`` steps and at the end,
+            with the optimizer and schedule state.
+        checkpoint_every: steps between checkpoints (``None``: only at the end).
+        resume: continue from the state in ``checkpoint_dir`` (same settings required).
+        progress: show a progress bar with the loss.
+
+    Returns:
+        The :class:`TrainResult`.
+
+    Raises:
+        NonFiniteLossError: the loss became NaN or infinite; the last good state was checkpointed
+            (when ``checkpoint_dir`` is set) and kept in ``model``.
+    """
+    settings = settings or TrainSettings()
+    if checkpoint_every is not None and checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every={checkpoint_every} must be >= 1 or None")
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs checkpoint_dir")
+    num_queries = int(queries["input_ids"].shape[0])
+    total = settings.total_steps(num_queries)
+    delta = model.prompt_encoder.delta
+    delta.requires_grad_(True)
+    optimizer = torch.optim.AdamW([delta], lr=settings.lr, weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_factor(settings.schedule, settings.warmup_steps, total)
+    )
+    start = 0
+    if resume:
+        start = _restore(model, optimizer, scheduler, checkpoint_dir, settings)
+    device = delta.device
+    result = TrainResult(steps=total, first_step=start)
+
+    def checkpoint(step: int) -> None:
+        if checkpoint_dir is not None:
+            model.save_pretrained(
+                checkpoint_dir,
+                training_state={
+                    "step": step,
+                    "settings": asdict(settings),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                },
+            )
+
+    model.train()
+    model.base_model.eval()
+    bar = tqdm(range(start, total), desc="CPT", disable=not progress, initial=start, total=total)
+    for step in bar:
+        batch = _take(queries, batch_indices(num_queries, settings.batch_size, settings.seed, step), device)
+        loss = model(**batch, return_logits=False).loss
+        if not torch.isfinite(loss):
+            checkpoint(step)
+            raise NonFiniteLossError(
+                f"loss is {loss.item()} at step {step}; stopped and kept the state after step {step - 1}"
+                + (f" in {checkpoint_dir}" if checkpoint_dir is not None else "")
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if settings.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_([delta], settings.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        model.project_()
+        result.losses.append(loss.item())
+        bar.set_postfix(loss=f"{result.losses[-1]:.4f}")
+        done = step + 1
+        if checkpoint_every is not None and done % checkpoint_every == 0 and done < total:
+            checkpoint(done)
+    checkpoint(total)
+    model.eval()
+    return result
+
+
+def _restore(model, optimizer, scheduler, checkpoint_dir, settings: TrainSettings) -> int:
+    """Load delta, optimizer and schedule state from ``checkpoint_dir``; return the step to resume at."""
+    from safetensors.torch import load_file
+
+    from cptune.io import STATE_NAME
+
+    state = read_training_state(checkpoint_dir)
+    if state is None or "step" not in state:
+        raise ValueError(f"{checkpoint_dir} holds no training state to resume from")
+    saved = TrainSettings(**state["settings"])
+    if saved != settings:
+        raise ValueError(f"cannot resume: {checkpoint_dir} was trained with {saved}, not {settings}")
+    tensors = load_file(str(Path(checkpoint_dir) / STATE_NAME))
+    if tensors["base"].shape != model.prompt_encoder.base.shape or not torch.equal(
+        tensors["base"].to(model.prompt_encoder.base.device), model.prompt_encoder.base
+    ):
+        raise ValueError(f"cannot resume: {checkpoint_dir} holds a different context than this model's")
+    with torch.no_grad():
+        model.prompt_encoder.delta.copy_(tensors["delta"].to(model.prompt_encoder.delta.device))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return int(state["step"])

@@ -1,0 +1,81 @@
+"""Tiny random causal LMs and a byte-level BPE tokenizer, built in memory for fast offline tests."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    OPTConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+ARCHITECTURES = ("llama", "gpt2", "qwen2", "gemma3_text", "opt", "gpt_neox")
+
+_CORPUS = [
+    "input: a gripping, funny and moving film output: positive",
+    "input: dull, lifeless and far too long output: negative",
+    "Review: the best movie of the year\nSentiment: positive",
+    "Review: a waste of time\nSentiment: negative",
+    "the plot is thin but the actors shine; neutral, mixed, great, bad, terrible, wonderful",
+    "sports business politics tech entertainment world news science",
+]
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (GPT-2 style leading-space tokens) with ~400 tokens."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+def tiny_config(arch: str, vocab_size: int):
+    """A 2-layer, hidden-32 config of the given architecture, dropout off (training is deterministic)."""
+    common = dict(vocab_size=vocab_size, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if arch == "llama":
+        return LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, **common)
+    if arch == "qwen2":
+        return Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, **common)
+    if arch == "gemma3_text":
+        return Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                sliding_window=16, **common)
+    if arch == "gpt2":
+        return GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=512,
+                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)
+    if arch == "opt":
+        return OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                         max_position_embeddings=512, word_embed_proj_dim=32,
+                         dropout=0.0, attention_dropout=0.0, **common)
+    if arch == "gpt_neox":
+        return GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, max_position_embeddings=512, **common)
+    raise ValueError(f"unknown tiny architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A randomly initialised tiny causal LM in eval mode (dropout off)."""
+    torch.manual_seed(seed)
+    config = tiny_config(arch, len(tiny_tokenizer()))
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()

@@ -7,7 +7,6 @@ from hypothesis import strategies as st
 from cptune.projection import RADIUS_REFERENCE_DIM, project_l2_ball, token_radii
 from cptune.roles import TokenRole
 
-
 RADII = st.one_of(st.just(0.0), st.floats(1e-6, 2.0))
 
 

@@ -10,6 +10,10 @@ from cptune.loss import cpt_loss_from_logits
 from cptune.projection import project_l2_ball, token_radii
 from cptune.roles import is_trainable
 
+FEASIBLE_RTOL = 1e-6
+"""Relative slack under which a row counts as inside its ball (a projected row's norm may exceed
+its radius by rounding; re-projecting it would change it by an ulp and break bit-exact resume)."""
+
 
 class CPTEmbedding(nn.Module):
     """The context of a CPT adapter: ``E0 + delta`` for each of its N tokens.
@@ -65,18 +69,18 @@ class CPTEmbedding(nn.Module):
         """Project ``delta`` in place onto its balls (``delta_i * r_i / max(||delta_i||, r_i)``)."""
         self.delta.copy_(project_l2_ball(self.delta, self.radii))
 
-    def is_feasible(self, slack: float = 1e-6) -> bool:
-        """Whether every delta row lies within its radius (plus ``slack``)."""
+    def is_feasible(self, rtol: float = FEASIBLE_RTOL) -> bool:
+        """Whether every delta row lies within its radius, up to a relative ``rtol`` (rounding)."""
         norms = torch.linalg.vector_norm(self.delta.detach(), dim=-1)
-        return bool((norms <= self.radii + slack).all())
+        return bool((norms <= self.radii * (1 + rtol)).all())
 
     def forward(self, indices: torch.Tensor | None = None) -> torch.Tensor:
         """Context embeddings ``E0 + mask * delta``.
 
-        In training mode with gradients enabled the stored ``delta`` is first projected onto its
-        balls (:meth:`project_`), as PEFT does at every forward. This makes scripts that never call
-        ``project_()`` (PEFT-style loops, ``transformers.Trainer``) train the same feasible
-        corrections PEFT trains; after a ``project_()`` it changes nothing.
+        In training mode with gradients enabled, a stored ``delta`` outside its balls is first
+        projected (:meth:`project_`), as PEFT does at every forward. This makes scripts that never
+        call ``project_()`` (PEFT-style loops, ``transformers.Trainer``) train the same feasible
+        corrections PEFT trains; after a ``project_()`` it changes nothing, not even rounding.
 
         Args:
             indices: optional ``(..., n)`` positions into the context (PEFT passes
@@ -85,7 +89,7 @@ class CPTEmbedding(nn.Module):
         Returns:
             ``(N, d)`` or ``(..., n, d)`` float32 embeddings.
         """
-        if self.training and torch.is_grad_enabled():
+        if self.training and torch.is_grad_enabled() and not self.is_feasible():
             self.project_()
         embeddings = self.base + self.delta * self.trainable_mask  # (N, d)
         if indices is None:

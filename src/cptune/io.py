@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cptune.config import CPTConfig
+from cptune.projection import project_l2_ball
 from cptune.roles import TokenRole
 
 CONFIG_NAME = "adapter_config.json"
@@ -67,11 +68,9 @@ def save_adapter(model, save_directory, training_state: dict[str, Any] | None = 
     """
     enc = model.prompt_encoder
     with torch.no_grad():
-        delta = enc.delta.detach().clone()
-        from cptune.projection import project_l2_ball
-
-        delta = project_l2_ball(delta, enc.radii) * enc.trainable_mask
-        prompt = (enc.base + delta).float().cpu().contiguous()  # (N, d)
+        delta = enc.delta.detach().clone()  # kept as is: resuming must continue from these exact bits
+        feasible = project_l2_ball(delta, enc.radii) * enc.trainable_mask
+        prompt = (enc.base + feasible).float().cpu().contiguous()  # (N, d) what PEFT prepends
     config_dict = model.config.to_dict()
     config_dict["inference_mode"] = True
     tensors = {

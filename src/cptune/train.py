@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -121,6 +122,7 @@ def train(
     checkpoint_every: int | None = None,
     resume: bool = False,
     progress: bool = True,
+    callback: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
     """Train a :class:`cptune.CPTModel`'s context corrections on labelled queries.
 
@@ -136,6 +138,8 @@ def train(
         checkpoint_every: steps between checkpoints (``None``: only at the end).
         resume: continue from the state in ``checkpoint_dir`` (same settings required).
         progress: show a progress bar with the loss.
+        callback: called as ``callback(step, loss)`` after each optimizer step (``step`` counts
+            from 1), after any checkpoint of that step; an exception it raises stops training.
 
     Returns:
         The :class:`TrainResult`.
@@ -199,6 +203,8 @@ def train(
         done = step + 1
         if checkpoint_every is not None and done % checkpoint_every == 0 and done < total:
             checkpoint(done)
+        if callback is not None:
+            callback(done, result.losses[-1])
     checkpoint(total)
     model.eval()
     return result

@@ -135,3 +135,53 @@ def test_generate_returns_prompt_then_new_tokens(context, tok):
 
 def test_demos_fixture_is_balanced():
     assert sorted({label for _, label in DEMOS}) == sorted(LABEL_WORDS)
+
+
+def test_length_buckets_partition_and_save_padding():
+    from cptune.prefix import length_buckets
+
+    lengths = [60, 20, 22, 58, 21, 59, 40, 41]
+    buckets = length_buckets(lengths, overhead_tokens=16)
+    assert sorted(i for b in buckets for i in b) == list(range(8))
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in buckets)
+    assert padded < len(lengths) * max(lengths)
+    assert length_buckets([30, 30, 30], overhead_tokens=16) == [[0, 1, 2]]
+
+
+def test_left_padded_queries_fall_back_to_plain_layout(context, tok):
+    base = tiny_model("llama", dtype=torch.float64)
+    q = cptune.render_queries(QUERIES[:3], TEMPLATE, tok, LABEL_WORDS)
+    # shift every row to the right end (left padding)
+    left = {k: torch.zeros_like(v) for k, v in q.items()}
+    lengths = q["attention_mask"].sum(1)
+    width = q["input_ids"].shape[1]
+    for i, n in enumerate(lengths.tolist()):
+        for k in q:
+            left[k][i, width - n:] = q[k][i, :n]
+    left["labels"][left["attention_mask"] == 0] = -100
+    model = cptune.get_cpt_model(base, context.to_config(), prefix_sharing="always")
+    plain = cptune.get_cpt_model(copy.deepcopy(base), context.to_config(), prefix_sharing="never")
+    assert torch.allclose(model(**left).loss, plain(**left).loss, rtol=1e-12)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "opt"])
+def test_every_row_in_its_own_bucket_gives_the_same_loss_and_gradient(arch, context, queries, monkeypatch):
+    import cptune.model
+
+    base = tiny_model(arch, dtype=torch.float64)
+    d0 = torch.randn(len(context), base.get_input_embeddings().weight.shape[-1]) * 0.02
+    grads, losses = [], []
+    for split in (False, True):
+        if split:
+            monkeypatch.setattr(cptune.model, "length_buckets", lambda lengths: [[i] for i in range(len(lengths))][::-1])
+        model = cptune.get_cpt_model(copy.deepcopy(base), context.to_config(opt_weighted_loss_type="decay",
+                                                                          opt_loss_decay_factor=0.7),
+                                     prefix_sharing="never" if not split else "always")
+        with torch.no_grad():
+            model.prompt_encoder.delta.copy_(d0)
+        loss = model(**queries, return_logits=False).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(model.prompt_encoder.delta.grad.clone())
+    assert torch.allclose(losses[0], losses[1], rtol=1e-10)
+    assert (grads[0] - grads[1]).norm() <= 1e-6 * grads[0].norm()

@@ -11,7 +11,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from cptune.config import CPTConfig
 from cptune.embedding import CPTEmbedding
 from cptune.loss import IGNORE_INDEX, decay_weights, loss_dtype, weighted_token_loss_sum
-from cptune.prefix import expand_cache
+from cptune.prefix import expand_cache, length_buckets
 from cptune.roles import ROLES_PER_EXAMPLE, TokenRole
 
 PREFIX_SHARING_MODES = ("auto", "always", "never")
@@ -131,13 +131,15 @@ class CPTModel(nn.Module):
         batch_size, query_len = inputs_embeds.shape[:2]
         if labels is not None:
             input_type_mask = self._checked_query_codes(input_type_mask, labels)
-        if labels is not None and self._use_shared_prefix(batch_size, kwargs):
+        if labels is not None and self._use_shared_prefix(batch_size, attention_mask, kwargs):
             return self._shared_prefix_forward(inputs_embeds, attention_mask, labels, input_type_mask, return_logits)
         return self._plain_forward(inputs_embeds, attention_mask, labels, input_type_mask, kwargs)
 
-    def _use_shared_prefix(self, batch_size: int, kwargs: dict) -> bool:
+    def _use_shared_prefix(self, batch_size: int, attention_mask: torch.Tensor | None, kwargs: dict) -> bool:
         if self.prefix_sharing == "never" or any(kwargs.get(k) for k in _PLAIN_ONLY_KWARGS):
             return False
+        if attention_mask is not None and not _is_right_padded(attention_mask):
+            return False  # cached positions would be wrong for left padding; PEFT's layout handles any
         return self.prefix_sharing == "always" or batch_size > 1
 
     def _checked_query_codes(self, input_type_mask: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
@@ -218,21 +220,34 @@ class CPTModel(nn.Module):
         ctx_logits_all = context_out.logits  # (1, N or Mc+1, V)
         ctx_logits = ctx_logits_all[0, ctx_keep] if return_logits else ctx_logits_all[0]  # (Mc + 1, V)
 
-        cache = expand_cache(context_out.past_key_values, batch_size)
         if attention_mask is None:
             attention_mask = torch.ones(batch_size, query_len, dtype=torch.long, device=inputs_embeds.device)
-        ones = torch.ones(batch_size, n, dtype=attention_mask.dtype, device=attention_mask.device)
         query_targets = self._query_targets(labels, codes).to(inputs_embeds.device)  # (B, T)
         predicts_label = query_targets[:, 1:] != IGNORE_INDEX  # (B, T-1): position t predicts t + 1
         keep_mask = torch.cat([predicts_label, torch.zeros_like(predicts_label[:, :1])], dim=1)  # (B, T)
-        query_out = self.base_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=torch.cat([ones, attention_mask], dim=1),  # (B, N+T)
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=0 if return_logits else keep_mask,
-        )
-        q_logits = query_out.logits[keep_mask] if return_logits else query_out.logits  # (Mq, V)
+        lengths = attention_mask.sum(dim=1).tolist()
+        # Full logits need one (B, N+T, V) tensor; a loss alone lets rows of similar length run together.
+        buckets = [list(range(batch_size))] if return_logits else length_buckets(lengths)
+        q_logits_parts, row_order = [], []
+        for rows in buckets:
+            width = max(int(lengths[r]) for r in rows) if not return_logits else query_len
+            idx = torch.tensor(rows, device=inputs_embeds.device)
+            mask = attention_mask[idx, :width]
+            ones = torch.ones(len(rows), n, dtype=mask.dtype, device=mask.device)
+            query_out = self.base_model(
+                inputs_embeds=inputs_embeds[idx, :width],
+                attention_mask=torch.cat([ones, mask], dim=1),  # (b, N+w)
+                past_key_values=expand_cache(context_out.past_key_values, len(rows)),
+                use_cache=True,
+                logits_to_keep=0 if return_logits else keep_mask[idx, :width],
+            )
+            part = query_out.logits[keep_mask[idx, :width]] if return_logits else query_out.logits  # (m, V)
+            q_logits_parts.append(part)
+            row_order.extend(rows)
+        q_logits = torch.cat(q_logits_parts, dim=0)  # (Mq, V) rows in bucket order
+        order = torch.tensor(row_order, device=query_targets.device)
+        query_targets = query_targets[order]
+        predicts_label = predicts_label[order]
         device = q_logits.device
         dtype = loss_dtype(q_logits.dtype)
         ctx_logits = ctx_logits.to(device)
@@ -307,6 +322,13 @@ class CPTModel(nn.Module):
         from cptune.io import load_adapter
 
         return load_adapter(base_model, model_id, is_trainable=is_trainable, **kwargs)
+
+
+def _is_right_padded(attention_mask: torch.Tensor) -> bool:
+    """Whether every row's ones come first (then only zeros)."""
+    lengths = attention_mask.sum(dim=1, keepdim=True)  # (B, 1)
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device).unsqueeze(0)
+    return bool(torch.equal(attention_mask.bool(), positions < lengths))
 
 
 def get_cpt_model(base_model: nn.Module, config: CPTConfig, adapter_name: str = "default", **kwargs) -> CPTModel:

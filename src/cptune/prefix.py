@@ -38,3 +38,34 @@ def expand_cache(cache: Cache, batch_size: int) -> Cache:
             view.values = layer.values.expand(batch_size, -1, -1, -1)
         fresh.layers.append(view)
     return fresh
+
+
+def length_buckets(lengths: list[int], overhead_tokens: int = 32) -> list[list[int]]:
+    """Group rows into buckets of similar length so little compute goes to padding.
+
+    Sorts rows by length and splits the sorted order into contiguous runs minimising
+    ``sum(len(run) * max_length(run)) + overhead_tokens * num_runs`` (dynamic programming,
+    O(B^2)); ``overhead_tokens`` prices one extra forward call in padded-token units.
+
+    Args:
+        lengths: real (unpadded) length of each row.
+        overhead_tokens: cost of an extra forward, in tokens.
+
+    Returns:
+        Lists of row indices, shortest rows first.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    sorted_lengths = [lengths[i] for i in order]
+    n = len(order)
+    best = [0.0] + [float("inf")] * n  # best[j]: cost of the first j sorted rows
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):
+            cost = best[i] + (j - i) * sorted_lengths[j - 1] + overhead_tokens
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    runs, j = [], n
+    while j > 0:
+        runs.append(order[cut[j] : j])
+        j = cut[j]
+    return runs[::-1]

@@ -3,39 +3,47 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import fields
+from pathlib import Path
 
 from cptune.demo import DemoSettings, format_table, run_demo
+from cptune.train import NonFiniteLossError
 
 EXIT_USAGE = 2
+CHECKPOINT_SUBDIR = "checkpoint"
 
 
 class UserError(Exception):
     """A mistake in the user's input, reported as one line."""
 
 
-def _demo_parser(sub) -> None:
+# -- demo --------------------------------------------------------------------------------------
+
+_DEMO_HELP = {
+    "model": "embedded default name, local folder, .gguf file or hub id",
+    "dataset": "built-in dataset",
+    "shots": "demonstrations in the context (balanced across classes)",
+    "test_size": "balanced test examples, disjoint from the shots",
+    "seed": "seed of the split and of training",
+    "steps": "CPT optimizer steps",
+    "batch_size": "queries per step",
+    "lr": "AdamW learning rate",
+    "eps_input": "projection epsilon of input-text tokens",
+    "eps_format": "projection epsilon of template tokens",
+    "decay": "loss decay factor gamma in (0, 1]",
+    "output": "folder for adapter/ and results.json",
+}
+
+
+def _add_demo(sub) -> None:
     defaults = DemoSettings()
     p = sub.add_parser("demo", help="zero-shot vs ICL vs CPT on a built-in dataset (the main job)",
                        description=DemoSettings.__doc__)
-    helps = {
-        "model": "embedded default name, local folder, .gguf file or hub id",
-        "dataset": "built-in dataset",
-        "shots": "demonstrations in the context (balanced across classes)",
-        "test_size": "balanced test examples, disjoint from the shots",
-        "seed": "seed of the split and of training",
-        "steps": "CPT optimizer steps",
-        "batch_size": "queries per step",
-        "lr": "AdamW learning rate",
-        "eps_input": "projection epsilon of input-text tokens",
-        "eps_format": "projection epsilon of template tokens",
-        "decay": "loss decay factor gamma in (0, 1]",
-        "output": "folder for adapter/ and results.json",
-    }
     for f in fields(DemoSettings):
         p.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(defaults, f.name)),
-                       default=getattr(defaults, f.name), help=f"{helps[f.name]} (default: %(default)s)")
+                       default=getattr(defaults, f.name), help=f"{_DEMO_HELP[f.name]} (default: %(default)s)")
 
 
 def _run_demo(args) -> int:
@@ -50,21 +58,200 @@ def _run_demo(args) -> int:
     return 0
 
 
+# -- train / eval / predict -------------------------------------------------------------------
+
+def _add_data_args(p) -> None:
+    p.add_argument("--data", default="rotten_tomatoes", help="built-in dataset name or a local file (default: %(default)s)")
+    p.add_argument("--text-column", default="text", help="text column of a local file (default: %(default)s)")
+    p.add_argument("--label-column", default="label", help="label column of a local file (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling and of training (default: %(default)s)")
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a CPT classifier on k balanced shots and save it")
+    _add_data_args(p)
+    p.add_argument("--model", default="smollm2-135m", help="base model (default: %(default)s)")
+    p.add_argument("--shots", type=int, default=4, help="demonstrations, balanced (default: %(default)s)")
+    p.add_argument("--template", default=None, help="format with {x} and {y}; \\n for newline (default: the dataset's)")
+    p.add_argument("--label-words", default=None, help="label=word,label=word (default: the dataset's)")
+    p.add_argument("--steps", type=int, default=40, help="optimizer steps (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=4, help="queries per step (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default: %(default)s)")
+    p.add_argument("--eps-input", type=float, default=0.2, help="epsilon of input tokens (default: %(default)s)")
+    p.add_argument("--eps-format", type=float, default=0.1, help="epsilon of template tokens (default: %(default)s)")
+    p.add_argument("--decay", type=float, default=0.95, help="loss decay gamma in (0, 1] (default: %(default)s)")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every N steps (default: at the end)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUTPUT/checkpoint")
+    p.add_argument("--output", required=True, help="folder to write the classifier (a PEFT-loadable adapter)")
+
+
+def _parse_label_words(text: str | None) -> dict[str, str] | None:
+    if text is None:
+        return None
+    words = {}
+    for item in text.split(","):
+        label, sep, word = item.partition("=")
+        if not sep or not label.strip() or not word.strip():
+            raise UserError(f"--label-words item {item!r} is not label=word (e.g. neg=negative,pos=positive)")
+        words[label.strip()] = word.strip()
+    return words
+
+
+def _dataset_defaults(name: str) -> tuple[str, dict[str, str] | None]:
+    from cptune import data
+
+    defaults = getattr(data, "DATASET_DEFAULTS", {})
+    if name in defaults:
+        fmt, words = defaults[name]
+        return fmt, dict(words)
+    return "input: {x} output: {y}", None
+
+
+def _load(args):
+    from cptune.data import load_dataset
+
+    if Path(args.data).suffix:
+        try:
+            return load_dataset(args.data, text_column=args.text_column, label_column=args.label_column)
+        except TypeError:  # a loader without file support
+            pass
+    return load_dataset(args.data)
+
+
+def _run_train(args) -> int:
+    from cptune.classifier import CPTClassifier, CPTSettings
+    from cptune.data import sample_splits
+    from cptune.train import TrainSettings
+
+    fmt, words = _dataset_defaults(args.data)
+    template = args.template.replace("\\n", "\n") if args.template else fmt
+    words = _parse_label_words(args.label_words) or words
+    settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    cpt = CPTSettings(eps_input=args.eps_input, eps_format=args.eps_format, decay=args.decay)
+    from cptune.config import CPTConfig
+
+    CPTConfig(**cpt.config_fields())  # check the values before loading anything
+    if args.checkpoint_every is not None and args.checkpoint_every < 1:
+        raise UserError(f"--checkpoint-every={args.checkpoint_every} must be >= 1")
+    dataset = _load(args)
+    shots, _, _ = sample_splits(dataset, args.shots, 0, args.seed)
+    clf = CPTClassifier(args.model, template=template, labels=words, train=settings, cpt=cpt, progress=True)
+    output = Path(args.output)
+    checkpoint = output / CHECKPOINT_SUBDIR
+    if args.resume and not checkpoint.is_dir():
+        raise UserError(f"--resume: no checkpoint in {checkpoint}; run without --resume to start")
+    clf.fit([ex.text for ex in shots], [ex.label for ex in shots], checkpoint_dir=checkpoint,
+            checkpoint_every=args.checkpoint_every, resume=args.resume)
+    clf.save(output)
+    losses = clf.train_result.losses
+    print(f"trained {len(losses)} steps (final loss {losses[-1]:.4f}); classifier saved to {output}")
+    return 0
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="accuracy and macro-F1 of a saved classifier on a balanced test set")
+    p.add_argument("classifier", help="folder written by `cptune train`")
+    _add_data_args(p)
+    p.add_argument("--test-size", type=int, default=200, help="balanced test examples (default: %(default)s)")
+    p.add_argument("--output", default=None, help="also write the metrics as JSON to this file")
+
+
+def _run_eval(args) -> int:
+    from cptune.classifier import CPTClassifier
+    from cptune.data import Dataset, sample_splits
+    from cptune.demo import write_json_atomic
+    from cptune.evaluate import classification_metrics
+
+    clf = CPTClassifier.load(args.classifier)
+    dataset = _load(args)
+    seen = {text for text, _ in clf.examples}
+    unseen = Dataset(dataset.name, [ex for ex in dataset.examples if ex.text not in seen], dataset.labels,
+                     dataset.provenance)
+    _, _, test = sample_splits(unseen, 0, args.test_size, args.seed)
+    missing = sorted({ex.label for ex in test} - set(clf.classes_))
+    if missing:
+        raise UserError(f"the data has label {missing[0]!r}, which the classifier does not know ({clf.classes_})")
+    predicted = clf.predict([ex.text for ex in test])
+    metrics = classification_metrics([clf.classes_.index(p) for p in predicted],
+                                     [clf.classes_.index(ex.label) for ex in test], len(clf.classes_))
+    report = {"classifier": str(args.classifier), "data": dataset.name, "test_size": len(test), "seed": args.seed,
+              **metrics, "labels": clf.classes_}
+    print(json.dumps({k: report[k] for k in ("accuracy", "macro_f1", "confusion", "labels")}))
+    if args.output:
+        write_json_atomic(Path(args.output), report)
+    return 0
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="labels and probabilities as JSON lines, for texts from arguments, a file "
+                                       "(one per line) or standard input")
+    p.add_argument("classifier", help="folder written by `cptune train`")
+    p.add_argument("texts", nargs="*", help="texts to classify (default: read --file or standard input)")
+    p.add_argument("--file", default=None, help="a text file, one text per line")
+
+
+def _run_predict(args) -> int:
+    from cptune.classifier import CPTClassifier
+
+    if args.texts and args.file:
+        raise UserError("give texts as arguments or --file, not both")
+    if args.file:
+        path = Path(args.file)
+        if not path.is_file():
+            raise UserError(f"--file {path} does not exist")
+        try:
+            texts = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise UserError(f"--file {path} is not UTF-8 text") from None
+    clf = CPTClassifier.load(args.classifier)  # a wrong folder fails before waiting on standard input
+    if args.texts:
+        texts = list(args.texts)
+    elif not args.file:
+        texts = [line.rstrip("\n") for line in sys.stdin]
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise UserError("no texts to classify (give arguments, --file, or lines on standard input)")
+    probs = clf.predict_proba(texts)
+    for text, row in zip(texts, probs, strict=True):
+        best = int(row.argmax())
+        print(json.dumps({"text": text, "label": clf.classes_[best],
+                          "probabilities": {c: round(float(p), 6) for c, p in zip(clf.classes_, row, strict=True)}}))
+    return 0
+
+
+# -- entry point ------------------------------------------------------------------------------
+
+HANDLERS = {"demo": _run_demo, "train": _run_train, "eval": _run_eval, "predict": _run_predict}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cptune", description="Context-aware Prompt Tuning for few-shot classification")
+    """The ``cptune`` argument parser."""
+    parser = argparse.ArgumentParser(prog="cptune", description="Context-aware Prompt Tuning for few-shot "
+                                                                "classification")
     sub = parser.add_subparsers(dest="command", required=True)
-    _demo_parser(sub)
+    _add_demo(sub)
+    _add_train(sub)
+    _add_eval(sub)
+    _add_predict(sub)
     return parser
+
+
+def _quiet_transformers() -> None:
+    """cptune reports its own progress; transformers' weight-loading bars and notices are noise here."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cptune`` command."""
     args = build_parser().parse_args(argv)
-    handlers = {"demo": _run_demo}
+    _quiet_transformers()
     try:
-        return handlers[args.command](args)
-    except (ValueError, FileNotFoundError, UserError) as err:
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        return HANDLERS[args.command](args)
+    except (ValueError, OSError, UserError, NonFiniteLossError) as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"cptune: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

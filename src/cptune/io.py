@@ -57,7 +57,12 @@ def atomic_write_dir(target: Path, write: Any) -> None:
         raise
 
 
-def save_adapter(model, save_directory, training_state: dict[str, Any] | None = None) -> None:
+def save_adapter(
+    model,
+    save_directory,
+    training_state: dict[str, Any] | None = None,
+    extra_json: dict[str, Any] | None = None,
+) -> None:
     """Write ``model``'s adapter to ``save_directory`` (PEFT format + cptune resume state).
 
     Args:
@@ -65,6 +70,8 @@ def save_adapter(model, save_directory, training_state: dict[str, Any] | None = 
         save_directory: the folder to (re)create.
         training_state: optional ``{"step": int, "optimizer": state_dict, "scheduler": state_dict,
             ...}`` written into the resume file so ``cptune.train(..., resume=True)`` continues.
+        extra_json: ``{file name: JSON-able object}`` written into the same folder in the same
+            atomic step (e.g. a classifier's template and label words).
     """
     enc = model.prompt_encoder
     with torch.no_grad():
@@ -90,6 +97,8 @@ def save_adapter(model, save_directory, training_state: dict[str, Any] | None = 
         (tmp / CONFIG_NAME).write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
         save_file({PROMPT_KEY: prompt}, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         save_file(tensors, str(tmp / STATE_NAME), metadata={"format": "pt", _META_KEY: json.dumps(meta)})
+        for name, data in (extra_json or {}).items():
+            (tmp / name).write_text(json.dumps(data, indent=2) + "\n")
 
     atomic_write_dir(Path(save_directory), write)
 

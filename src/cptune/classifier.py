@@ -1,0 +1,217 @@
+"""CPTClassifier: few-shot text classification with CPT behind fit / predict / save / load."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cptune.context import build_context, render_queries
+from cptune.evaluate import score_texts
+from cptune.io import load_adapter, save_adapter
+from cptune.model import get_cpt_model
+from cptune.pretrained import DEFAULT_MODEL, load_model
+from cptune.template import Template
+from cptune.train import TrainResult, TrainSettings, train
+
+CLASSIFIER_FILE = "cptune_classifier.json"
+
+
+@dataclass(frozen=True)
+class CPTSettings:
+    """CPT's own settings (defaults: the authors' SST-2 demo; lr raised for 40-step runs).
+
+    Args:
+        eps_input: projection epsilon of input-text tokens (authors: 0.2).
+        eps_format: projection epsilon of template tokens (authors: 0.1).
+        decay: loss decay factor gamma (authors: 0.95); 1.0 weighs every label equally.
+        loss_type: ``"decay"`` or ``"none"``.
+    """
+
+    eps_input: float = 0.2
+    eps_format: float = 0.1
+    decay: float = 0.95
+    loss_type: str = "decay"
+
+    def config_fields(self) -> dict:
+        """The matching :class:`cptune.CPTConfig` fields."""
+        return {
+            "opt_weighted_loss_type": self.loss_type,
+            "opt_loss_decay_factor": self.decay,
+            "opt_projection_epsilon": self.eps_input,
+            "opt_projection_format_epsilon": self.eps_format,
+        }
+
+
+class CPTClassifier:
+    """A few-shot classifier: the training examples become the CPT context, then CPT trains it.
+
+    Args:
+        model: embedded default name, local folder, ``.gguf`` file or hub id; or a
+            ``(model, tokenizer)`` pair already loaded.
+        template: a :class:`Template` or its format string (``"input: {x} output: {y}"``).
+        labels: ``{label: label word}``, a list of labels (each written as itself), or ``None``
+            (the labels seen in :meth:`fit`, written as themselves).
+        train: optimizer settings (default: 40 steps, batch 4, AdamW lr 1e-3, linear decay).
+        cpt: CPT's settings (epsilons, loss decay).
+        length_normalize: score labels by mean instead of total token log-likelihood.
+        batch_size: texts per forward when predicting.
+        progress: show a progress bar while training.
+
+    Example::
+
+        clf = CPTClassifier(labels={"neg": "negative", "pos": "positive"})
+        clf.fit(["a dull film", "a joy"], ["neg", "pos"])
+        clf.predict(["what a bore"])  # ['neg']
+    """
+
+    def __init__(
+        self,
+        model: str | tuple = DEFAULT_MODEL,
+        template: Template | str = "input: {x} output: {y}",
+        labels: Mapping[str, str] | Sequence[str] | None = None,
+        train: TrainSettings | None = None,
+        cpt: CPTSettings | None = None,
+        length_normalize: bool = False,
+        batch_size: int = 8,
+        progress: bool = False,
+    ) -> None:
+        self.template = template if isinstance(template, Template) else Template(template)
+        if labels is not None and not isinstance(labels, Mapping):
+            labels = {str(label): str(label) for label in labels}
+        self.label_words: dict[str, str] | None = dict(labels) if labels is not None else None
+        self.train_settings = train or TrainSettings(steps=40, batch_size=4, lr=1e-3)
+        self.cpt_settings = cpt or CPTSettings()
+        self.length_normalize = length_normalize
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        self.batch_size = batch_size
+        self.progress = progress
+        self.model_name = model if isinstance(model, str) else getattr(model[0], "name_or_path", "custom")
+        self._loaded = None if isinstance(model, str) else tuple(model)
+        self.cpt_model = None
+        self.examples: list[tuple[str, str]] = []
+        self.train_result: TrainResult | None = None
+
+    # -- properties -------------------------------------------------------------------------
+
+    @property
+    def classes_(self) -> list[str]:
+        """Class labels, in the column order of :meth:`predict_proba`."""
+        if self.label_words is None:
+            raise ValueError("the classifier has no labels yet; call fit() or pass labels=")
+        return list(self.label_words)
+
+    def _base(self):
+        if self._loaded is None:
+            self._loaded = load_model(self.model_name)
+        return self._loaded
+
+    # -- training ---------------------------------------------------------------------------
+
+    def fit(
+        self,
+        texts: Sequence[str],
+        labels: Sequence[str],
+        checkpoint_dir: str | Path | None = None,
+        checkpoint_every: int | None = None,
+        resume: bool = False,
+        callback: Callable[[int, float], None] | None = None,
+    ) -> CPTClassifier:
+        """Use ``(texts, labels)`` as the context's demonstrations and train CPT on them.
+
+        Each demonstration is also a training query after the context, as in the paper's
+        few-shot setting. ``checkpoint_dir``/``resume`` are passed to :func:`cptune.train`.
+        """
+        texts, labels = list(texts), [str(label) for label in labels]
+        if len(texts) != len(labels):
+            raise ValueError(f"fit got {len(texts)} texts but {len(labels)} labels")
+        if not texts:
+            raise ValueError("fit needs at least one (text, label) example")
+        if self.label_words is None:
+            self.label_words = {label: label for label in sorted(set(labels))}
+        unknown = sorted(set(labels) - set(self.label_words))
+        if unknown:
+            raise ValueError(f"label {unknown[0]!r} has no label word; known labels: {self.classes_}")
+        base, tokenizer = self._base()
+        pairs = list(zip(texts, labels, strict=True))
+        self.examples = pairs
+        context = build_context(pairs, self.template, tokenizer, self.label_words)
+        config = context.to_config(tokenizer_name_or_path=self.model_name, **self.cpt_settings.config_fields())
+        self.cpt_model = get_cpt_model(base, config)
+        queries = render_queries(pairs, self.template, tokenizer, self.label_words)
+        self.train_result = train(
+            self.cpt_model, queries, self.train_settings, checkpoint_dir=checkpoint_dir,
+            checkpoint_every=checkpoint_every, resume=resume, progress=self.progress, callback=callback,
+        )
+        return self
+
+    # -- inference --------------------------------------------------------------------------
+
+    def _require_fitted(self):
+        if self.cpt_model is None:
+            raise ValueError("the classifier is not fitted; call fit() or CPTClassifier.load()")
+        return self.cpt_model
+
+    def decision_scores(self, texts: Sequence[str]) -> torch.Tensor:
+        """``(n, C)`` label log-likelihoods after the learned context."""
+        model = self._require_fitted()
+        base, tokenizer = self._base()
+        with torch.no_grad():
+            context = model.context_embeddings()
+        return score_texts(base, tokenizer, self.template, self.label_words, list(texts), context,
+                           batch_size=self.batch_size, length_normalize=self.length_normalize)
+
+    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
+        """``(n, C)`` class probabilities (softmax over the label scores), columns as :attr:`classes_`."""
+        return torch.softmax(self.decision_scores(texts), dim=-1).numpy()
+
+    def predict(self, texts: Sequence[str]) -> list[str]:
+        """The most likely label of each text."""
+        scores = self.decision_scores(texts)
+        return [self.classes_[i] for i in scores.argmax(dim=-1).tolist()]
+
+    # -- files ------------------------------------------------------------------------------
+
+    def _description(self) -> dict:
+        return {
+            "model": self.model_name,
+            "template": asdict(self.template),
+            "label_words": self.label_words,
+            "train": asdict(self.train_settings),
+            "cpt": asdict(self.cpt_settings),
+            "length_normalize": self.length_normalize,
+            "examples": [list(pair) for pair in self.examples],
+        }
+
+    def save(self, directory: str | Path) -> None:
+        """Write the adapter (PEFT format, loadable by PEFT) plus ``cptune_classifier.json``."""
+        save_adapter(self._require_fitted(), directory, extra_json={CLASSIFIER_FILE: self._description()})
+
+    @classmethod
+    def load(cls, directory: str | Path, model: str | tuple | None = None, **kwargs) -> CPTClassifier:
+        """Load a saved classifier; ``model`` overrides the base model recorded in it."""
+        path = Path(directory) / CLASSIFIER_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"no {CLASSIFIER_FILE} in {directory}; is it a folder saved by CPTClassifier?")
+        try:
+            info = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path} is not valid JSON ({err})") from None
+        clf = cls(
+            model=model if model is not None else info["model"],
+            template=Template(**info["template"]),
+            labels=info["label_words"],
+            train=TrainSettings(**info["train"]),
+            cpt=CPTSettings(**info["cpt"]),
+            length_normalize=info.get("length_normalize", False),
+            **kwargs,
+        )
+        clf.examples = [tuple(pair) for pair in info.get("examples", [])]
+        base, _ = clf._base()
+        clf.cpt_model = load_adapter(base, directory)
+        return clf

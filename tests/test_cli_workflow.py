@@ -1,0 +1,126 @@
+"""train -> eval -> predict through the command line, on a tiny model saved to disk; kill and resume."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cptune.cli import main
+from cptune.io import read_training_state
+from tiny import tiny_model, tiny_tokenizer
+
+TRAIN = ["--data", "rotten_tomatoes", "--shots", "4", "--batch-size", "2", "--lr", "0.01", "--eps-input", "1.0"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clf") / "clf"
+    assert main(["train", "--model", str(tiny_dir), *TRAIN, "--steps", "2", "--output", str(out)]) == 0
+    return out
+
+
+def _cli(*args, stdin=None):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "cptune", *map(str, args)], capture_output=True, text=True,
+                          input=stdin, env=env, timeout=300)
+
+
+def test_train_eval_predict(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "clf"
+    assert main(["train", "--model", str(tiny_dir), *TRAIN, "--steps", "4", "--output", str(out)]) == 0
+    assert (out / "adapter_config.json").is_file() and (out / "cptune_classifier.json").is_file()
+    assert not (out / "checkpoint").exists()  # the final save replaces the folder and its checkpoint
+    capsys.readouterr()
+    assert main(["eval", str(out), "--test-size", "10", "--output", str(tmp_path / "m.json")]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and sum(map(sum, metrics["confusion"])) == 10
+    assert json.loads((tmp_path / "m.json").read_text())["test_size"] == 10
+
+    # predict: arguments, a file, standard input: same answers
+    texts = ["a gripping film", "dull and far too long"]
+    assert main(["predict", str(out), *texts]) == 0
+    from_args = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    f = tmp_path / "texts.txt"
+    f.write_text("\n".join(texts) + "\n")
+    from_file = [json.loads(line) for line in _cli("predict", out, "--file", f).stdout.splitlines()]
+    from_stdin = [json.loads(line) for line in _cli("predict", out, stdin="\n".join(texts)).stdout.splitlines()]
+    assert from_args == from_file == from_stdin
+    assert [r["text"] for r in from_args] == texts
+    for row in from_args:
+        assert set(row["probabilities"]) == {"negative", "positive"}
+        assert abs(sum(row["probabilities"].values()) - 1) < 1e-5
+        assert row["label"] == max(row["probabilities"], key=row["probabilities"].get)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["predict", "{clf}", "x", "--file", "f.txt"], "not both"),
+        (["predict", "{clf}", "--file", "{tmp}/missing.txt"], "does not exist"),
+        (["predict", "{tmp}"], "cptune_classifier.json"),
+        (["train", "--output", "{tmp}/o", "--label-words", "negative"], "label=word"),
+        (["train", "--output", "{tmp}/o", "--resume"], "no checkpoint"),
+        (["train", "--output", "{tmp}/o", "--checkpoint-every", "0"], "checkpoint-every"),
+        (["train", "--output", "{tmp}/o", "--decay", "0"], "opt_loss_decay_factor"),
+        (["train", "--output", "{tmp}/o", "--template", "no placeholder"], "exactly one {x}"),
+        (["train", "--output", "{tmp}/o", "--label-words", "negative=bad,positive=bad"], "must differ"),
+        (["train", "--output", "{tmp}/o", "--label-words", "negative=bad"], "has no label word"),
+    ],
+)
+def test_cli_mistakes_are_one_line(args, message, tiny_dir, trained, tmp_path, capsys):
+    clf = trained
+    args = [a.format(clf=clf, tmp=tmp_path) for a in args]
+    if args[0] == "train":
+        args += ["--model", str(tiny_dir), "--steps", "1", "--data", "rotten_tomatoes"]
+    code = main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_delta(tiny_dir, tmp_path):
+    steps = 120
+    args = ["train", "--model", tiny_dir, *TRAIN, "--steps", steps, "--checkpoint-every", "3"]
+    reference = tmp_path / "reference"
+    done = _cli(*args, "--output", reference)
+    assert done.returncode == 0, done.stderr
+
+    out = tmp_path / "killed"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, "-m", "cptune", *map(str, args), "--output", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    kill_after = random.Random().randint(6, 60)
+    deadline = time.time() + 240
+    step = 0
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            step = (read_training_state(out / "checkpoint") or {}).get("step", 0)
+        except (ValueError, OSError):
+            step = 0  # the folder is being swapped in; try again
+        if step >= kill_after:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    assert not (out / "cptune_classifier.json").exists()
+    resumed = _cli(*args, "--output", out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_file(str(reference / "cptune_state.safetensors"))["delta"]
+    b = load_file(str(out / "cptune_state.safetensors"))["delta"]
+    assert torch.equal(a, b), (a - b).abs().max()

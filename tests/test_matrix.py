@@ -173,7 +173,10 @@ def test_every_row_in_its_own_bucket_gives_the_same_loss_and_gradient(arch, cont
     grads, losses = [], []
     for split in (False, True):
         if split:
-            monkeypatch.setattr(cptune.model, "length_buckets", lambda lengths: [[i] for i in range(len(lengths))][::-1])
+            def one_per_bucket(lengths):
+                return [[i] for i in range(len(lengths))][::-1]
+
+            monkeypatch.setattr(cptune.model, "length_buckets", one_per_bucket)
         model = cptune.get_cpt_model(copy.deepcopy(base), context.to_config(opt_weighted_loss_type="decay",
                                                                           opt_loss_decay_factor=0.7),
                                      prefix_sharing="never" if not split else "always")

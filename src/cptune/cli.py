@@ -61,7 +61,8 @@ def _run_demo(args) -> int:
 # -- train / eval / predict -------------------------------------------------------------------
 
 def _add_data_args(p) -> None:
-    p.add_argument("--data", default="rotten_tomatoes", help="built-in dataset name or a local file (default: %(default)s)")
+    p.add_argument("--data", default="rotten_tomatoes",
+                   help="built-in dataset name or a local file (default: %(default)s)")
     p.add_argument("--text-column", default="text", help="text column of a local file (default: %(default)s)")
     p.add_argument("--label-column", default="label", help="label column of a local file (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling and of training (default: %(default)s)")

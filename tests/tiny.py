@@ -29,21 +29,39 @@ _CORPUS = [
 ]
 
 
-@functools.lru_cache(maxsize=1)
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer (GPT-2 style leading-space tokens) with ~400 tokens."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
+TOKENIZER_FAMILIES = ("bytelevel_bpe", "metaspace_bpe", "wordpiece")
+
+
+@functools.cache
+def tiny_tokenizer(family: str = "bytelevel_bpe") -> PreTrainedTokenizerFast:
+    """A small tokenizer trained in memory on a tiny corpus.
+
+    Families: ``bytelevel_bpe`` (GPT-2/SmolLM2/Qwen style: leading-space tokens, every byte
+    representable), ``metaspace_bpe`` (SentencePiece/Llama/Gemma style ``▁`` word starts, unknown
+    characters become ``<unk>``), ``wordpiece`` (BERT style: whitespace dropped, ``##`` pieces).
+    """
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    if family == "bytelevel_bpe":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    elif family == "metaspace_bpe":
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+        tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+        trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False)
+    elif family == "wordpiece":
+        tok = Tokenizer(models.WordPiece(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        tok.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials, show_progress=False)
+    else:
+        raise ValueError(f"unknown tokenizer family {family!r}; known: {', '.join(TOKENIZER_FAMILIES)}")
     tok.train_from_iterator(_CORPUS * 4, trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
 
 

@@ -86,7 +86,11 @@ def save_adapter(
         "roles": enc.roles.cpu().contiguous(),
         "example_index": enc.example_index.cpu().contiguous(),
     }
-    meta: dict[str, Any] = {"format_version": 1}
+    meta: dict[str, Any] = {
+        "format_version": 1,
+        "vocab_size": int(model.word_embeddings.weight.shape[0]),
+        "base_model": model.config.base_model_name_or_path,
+    }
     if training_state is not None:
         opt_tensors, opt_meta = _flatten_optimizer(training_state.get("optimizer"))
         tensors.update(opt_tensors)
@@ -164,8 +168,16 @@ def load_adapter(
             f"{PROMPT_KEY} has shape {tuple(prompt.shape)}, but this model needs {expected} "
             f"({config.num_virtual_tokens} context tokens x hidden size {emb.shape[-1]}); wrong base model?"
         )
+    vocab = emb.shape[0]
+    if max(config.cpt_token_ids) >= vocab:
+        raise ValueError(
+            f"cpt_token_ids holds id {max(config.cpt_token_ids)}, outside this model's vocabulary of {vocab}; "
+            f"wrong base model? (adapter base model: {config.base_model_name_or_path!r})"
+        )
     state_path = directory / STATE_NAME
-    state = _read_safetensors(state_path)[0] if state_path.is_file() else None
+    state, state_meta = _read_safetensors(state_path) if state_path.is_file() else (None, {})
+    if state is not None:
+        _check_state(state, json.loads(state_meta.get(_META_KEY, "{}")), base_model, config, state_path)
     base = state["base"] if state is not None else prompt
     config.inference_mode = not is_trainable
     model = CPTModel(base_model, config, adapter_name=adapter_name, prefix_sharing=prefix_sharing, base_embeddings=base)
@@ -177,6 +189,30 @@ def load_adapter(
     if not is_trainable:
         model.eval()
     return model
+
+
+def _check_state(state: dict, meta: dict, base_model: nn.Module, config: CPTConfig, path: Path) -> None:
+    """cptune's resume file: shapes, vocabulary, and E0 against this model's own embedding rows."""
+    n, d = config.num_virtual_tokens, base_model.get_input_embeddings().weight.shape[-1]
+    for key in ("base", "delta"):
+        if key not in state or tuple(state[key].shape) != (n, d):
+            raise ValueError(f"{path}: {key!r} is missing or not of shape ({n}, {d})")
+    vocab = base_model.get_input_embeddings().weight.shape[0]
+    if meta.get("vocab_size") not in (None, vocab):
+        raise ValueError(
+            f"the adapter was trained on a model with vocabulary {meta['vocab_size']}, this one has {vocab} "
+            f"(adapter base model: {meta.get('base_model')!r})"
+        )
+    emb = base_model.get_input_embeddings()
+    ids = torch.tensor(config.cpt_token_ids, device=emb.weight.device)
+    with torch.no_grad():
+        own = emb(ids).float().cpu()
+    saved = state["base"].float()
+    if not torch.allclose(own, saved, rtol=_FROZEN_ROW_RTOL, atol=_FROZEN_ROW_RTOL * float(own.abs().mean())):
+        raise ValueError(
+            "this base model's embeddings of the context tokens differ from the ones the adapter was trained on "
+            f"(adapter base model: {meta.get('base_model')!r}); load it onto that model"
+        )
 
 
 def _check_frozen_rows(model, prompt: torch.Tensor) -> None:

@@ -53,6 +53,12 @@ class CPTModel(nn.Module):
         config.num_attention_heads = getattr(model_config, "num_attention_heads", None)
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(base_model, "name_or_path", None) or None
+        self.max_positions = max_positions(model_config)
+        if self.max_positions is not None and config.num_virtual_tokens >= self.max_positions:
+            raise ValueError(
+                f"the context has {config.num_virtual_tokens} tokens but the model takes at most {self.max_positions} "
+                "positions (context plus query); use fewer or shorter demonstrations (Template max_text_tokens)"
+            )
         self.prompt_encoder = CPTEmbedding(config, base_model.get_input_embeddings(), base_embeddings)
 
     # -- accessors -----------------------------------------------------------------------------
@@ -129,6 +135,11 @@ class CPTModel(nn.Module):
         if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)  # (B, T, d)
         batch_size, query_len = inputs_embeds.shape[:2]
+        if self.max_positions is not None and self.num_context_tokens + query_len > self.max_positions:
+            raise ValueError(
+                f"context ({self.num_context_tokens} tokens) plus query ({query_len} tokens) exceeds the model's "
+                f"{self.max_positions} positions; shorten the queries or the context"
+            )
         if labels is not None:
             input_type_mask = self._checked_query_codes(input_type_mask, labels)
         if labels is not None and self._use_shared_prefix(batch_size, attention_mask, kwargs):
@@ -322,6 +333,15 @@ class CPTModel(nn.Module):
         from cptune.io import load_adapter
 
         return load_adapter(base_model, model_id, is_trainable=is_trainable, **kwargs)
+
+
+def max_positions(model_config) -> int | None:
+    """The longest sequence the model's position scheme supports, if it states one."""
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(model_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def _is_right_padded(attention_mask: torch.Tensor) -> bool:

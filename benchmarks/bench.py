@@ -1,0 +1,20 @@
+"""cptune vs PEFT's CPT, side by side; writes docs/performance.md and docs/performance.png.
+
+    python benchmarks/bench.py            # the full run recorded in docs/performance.md
+    python benchmarks/bench.py --quick    # smoke run (a few minutes), writes to runs/bench-quick/
+    python benchmarks/bench.py --help
+
+The measurement code lives in cptune.bench (also reachable as `cptune bench`).
+"""
+
+import sys
+from pathlib import Path
+
+try:
+    from cptune.bench import main
+except ImportError:  # a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    from cptune.bench import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""The six few-shot methods behind one interface (cptune.methods, cptune.peft_baselines), on tiny models."""
+
+import pytest
+import torch
+
+from conftest import DEMOS, LABEL_WORDS, QUERIES, TEMPLATE
+from cptune.methods import METHODS, FitInfo, Method, MethodSettings, make_method
+from tiny import tiny_model
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+TEXTS = [text for text, _ in QUERIES]
+GOLD = [label for _, label in QUERIES]
+TRAINED = ("cpt", "pt", "ipt", "lora")
+# Large steps so a few full-batch steps (4 shots, batch 4) clearly lower each method's loss on a random tiny model.
+FAST = MethodSettings(steps=12, batch_size=4, cpt_lr=0.1, eps_input=5.0, eps_format=5.0, pt_lr=1.0, pt_tokens=4,
+                      lora_lr=0.02, lora_r=4, lora_alpha=8)
+
+
+def _snapshot(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            [p.requires_grad for p in model.parameters()], [m.training for m in model.modules()])
+
+
+def _assert_untouched(model, snapshot):
+    state, flags, modes = snapshot
+    now = model.state_dict()
+    assert now.keys() == state.keys()
+    assert all(torch.equal(now[k], v) for k, v in state.items())
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert [m.training for m in model.modules()] == modes
+
+
+@pytest.mark.parametrize(
+    "arch,name", [("llama", name) for name in METHODS] + [("gpt2", name) for name in ("pt", "ipt", "lora")]
+)
+def test_fit_scores_and_base_model_untouched(arch, name, tok):
+    base = tiny_model(arch)
+    base.requires_grad_(True)  # a caller's trainable model: flags and mode must survive the fit
+    snapshot = _snapshot(base)
+    rng = torch.get_rng_state()
+    method = make_method(name, base, tok, TEMPLATE, LABEL_WORDS, FAST)
+    info = method.fit(DEMOS)
+    scores = method.scores(TEXTS)
+    assert isinstance(method, Method) and isinstance(info, FitInfo)
+    assert scores.shape == (len(TEXTS), len(LABEL_WORDS)) and scores.dtype == torch.float32
+    assert torch.isfinite(scores).all() and (scores <= 0).all()
+    assert method.labels == list(LABEL_WORDS)
+    if name in TRAINED:
+        assert len(info.losses) == FAST.steps and info.trainable_parameters > 0
+        assert info.losses[-1] < info.losses[0], info.losses
+    _assert_untouched(base, snapshot)
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+@pytest.mark.parametrize("name", ["zero-shot", "icl"])
+def test_untrained_methods_need_no_training(name, tok):
+    method = make_method(name, tiny_model(), tok, TEMPLATE, LABEL_WORDS, FAST)
+    info = method.fit(DEMOS)
+    assert info.losses == [] and info.trainable_parameters == 0 and info.seconds < 2.0
+
+
+@pytest.mark.parametrize("name", TRAINED)
+def test_same_seed_same_scores(name, tok):
+    base = tiny_model()
+    runs = []
+    for _ in range(2):
+        method = make_method(name, base, tok, TEMPLATE, LABEL_WORDS, FAST)
+        runs.append((method.fit(DEMOS).losses, method.scores(TEXTS)))
+    assert runs[0][0] == runs[1][0]
+    assert torch.equal(runs[0][1], runs[1][1])
+
+
+def test_lora_seed_changes_its_initialisation(tok):
+    base = tiny_model()
+    scores = [make_method("lora", base, tok, TEMPLATE, LABEL_WORDS, FAST.replace(seed=seed)) for seed in (0, 1)]
+    for method in scores:
+        method.fit(DEMOS)
+    assert not torch.equal(scores[0].scores(TEXTS), scores[1].scores(TEXTS))
+
+
+def test_cpt_before_training_scores_as_icl_and_lora_as_zero_shot(tok):
+    base = tiny_model()
+    icl = make_method("icl", base, tok, TEMPLATE, LABEL_WORDS, FAST)
+    icl.fit(DEMOS)
+    cpt = make_method("cpt", base, tok, TEMPLATE, LABEL_WORDS, FAST)
+    cpt.prepare(DEMOS)
+    assert torch.equal(cpt.context_embeddings(), icl.context_embeddings())
+    assert torch.equal(cpt.scores(TEXTS), icl.scores(TEXTS))
+    cpt.fit(DEMOS)
+    assert not torch.equal(cpt.scores(TEXTS), icl.scores(TEXTS))
+
+    zero = make_method("zero-shot", base, tok, TEMPLATE, LABEL_WORDS, FAST)
+    lora = make_method("lora", base, tok, TEMPLATE, LABEL_WORDS, FAST)
+    lora.prepare(DEMOS)
+    assert lora.context_embeddings() is None
+    assert torch.equal(lora.scores(TEXTS), zero.scores(TEXTS))
+
+
+def test_ipt_context_is_soft_prompt_then_demonstrations(tok):
+    base = tiny_model()
+    icl = make_method("icl", base, tok, TEMPLATE, LABEL_WORDS, FAST)
+    icl.fit(DEMOS)
+    pt = make_method("pt", base, tok, TEMPLATE, LABEL_WORDS, FAST)
+    ipt = make_method("ipt", base, tok, TEMPLATE, LABEL_WORDS, FAST)
+    pt.prepare(DEMOS)
+    ipt.prepare(DEMOS)
+    n = FAST.pt_tokens
+    # Same initial prompt (the init text's embeddings); ipt appends the plain demonstration embeddings.
+    assert torch.equal(ipt.context_embeddings()[:, :n], pt.context_embeddings())
+    assert torch.equal(ipt.context_embeddings()[:, n:], icl.context_embeddings())
+    words = tok(pt.init_text(), add_special_tokens=False)["input_ids"]
+    expected = base.get_input_embeddings()(torch.tensor((words * n)[:n]))
+    assert torch.equal(pt.context_embeddings()[0], expected)
+    pt.fit(DEMOS)
+    ipt.fit(DEMOS)
+    assert ipt.context_embeddings().shape[1] == n + icl.context_embeddings().shape[1]
+    assert not torch.allclose(ipt.scores(TEXTS), pt.scores(TEXTS))
+
+
+def test_label_loss_is_gold_label_nll(tok):
+    method = make_method("icl", tiny_model(), tok, TEMPLATE, LABEL_WORDS, FAST)
+    method.fit(DEMOS)
+    scores = method.scores(TEXTS)
+    gold = torch.tensor([list(LABEL_WORDS).index(label) for label in GOLD])
+    expected = -scores[torch.arange(len(TEXTS)), gold].mean()
+    assert method.label_loss(TEXTS, GOLD) == pytest.approx(float(expected))
+    with pytest.raises(ValueError, match="'meh'"):
+        method.label_loss(TEXTS[:1], ["meh"])
+    with pytest.raises(ValueError, match="same"):
+        method.label_loss(TEXTS, GOLD[:2])
+
+
+def test_scores_need_fit_except_zero_shot(tok):
+    base = tiny_model()
+    with pytest.raises(RuntimeError, match="fit"):
+        make_method("icl", base, tok, TEMPLATE, LABEL_WORDS, FAST).scores(TEXTS)
+    zero = make_method("zero-shot", base, tok, TEMPLATE, LABEL_WORDS)
+    assert zero.scores(TEXTS).shape == (len(TEXTS), 2)
+    assert zero.scores([]).shape == (0, 2)
+
+
+def test_unknown_method_lists_all_six(tok):
+    with pytest.raises(ValueError, match="'bitfit'") as err:
+        make_method("bitfit", tiny_model(), tok, TEMPLATE, LABEL_WORDS)
+    assert all(name in str(err.value) for name in METHODS)
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("steps", 0), ("steps", 2.5), ("batch_size", 0), ("seed", -1), ("cpt_lr", 0.0), ("pt_lr", float("nan")),
+     ("lora_lr", -1e-3), ("eps_input", -0.1), ("eps_format", float("inf")), ("decay", 0.0), ("decay", 1.5),
+     ("pt_tokens", 0), ("pt_init_text", "  "), ("lora_r", 0), ("lora_alpha", 0), ("length_normalize", "yes"),
+     ("score_batch_size", 0), ("steps", True)],
+)
+def test_bad_settings_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        MethodSettings(**{field: value})
+
+
+def test_settings_replace_and_bad_inputs(tok):
+    assert MethodSettings().replace(steps=3).steps == 3
+    with pytest.raises(ValueError, match="'stepz'"):
+        MethodSettings().replace(stepz=3)
+    base = tiny_model()
+    with pytest.raises(ValueError, match="MethodSettings"):
+        make_method("icl", base, tok, TEMPLATE, LABEL_WORDS, settings={"steps": 3})
+    with pytest.raises(ValueError, match="at least two"):
+        make_method("icl", base, tok, TEMPLATE, {"pos": "positive"})
+    method = make_method("cpt", base, tok, TEMPLATE, LABEL_WORDS, FAST)
+    with pytest.raises(ValueError, match="empty"):
+        method.fit([])
+    with pytest.raises(ValueError, match="'meh'"):
+        method.fit([("fine", "meh")])
+
+
+@pytest.mark.parametrize("name", ["pt", "ipt", "lora"])
+def test_first_training_loss_is_the_scored_label_nll(name, tok):
+    """Training and scoring see the same sequence: step 0's loss (full batch, untrained state) equals the
+    gold-label NLL that scores() gives after prepare(), per label token (labels only, nothing else)."""
+    from cptune.template import label_token_ids
+
+    base = tiny_model()
+    method = make_method(name, base, tok, TEMPLATE, LABEL_WORDS, FAST)
+    method.prepare(DEMOS)
+    texts, labels = [t for t, _ in DEMOS], [label for _, label in DEMOS]
+    lengths = label_token_ids(TEMPLATE, tok, LABEL_WORDS)
+    total_nll = method.label_loss(texts, labels) * len(texts)
+    per_token = total_nll / sum(len(lengths[label]) for label in labels)
+    assert method.fit(DEMOS).losses[0] == pytest.approx(per_token, rel=1e-5)

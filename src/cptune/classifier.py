@@ -14,7 +14,7 @@ from cptune.context import build_context, render_queries
 from cptune.evaluate import score_texts
 from cptune.io import load_adapter, save_adapter
 from cptune.model import get_cpt_model
-from cptune.pretrained import DEFAULT_MODEL, load_model
+from cptune.pretrained import DEFAULT_MODEL, load_model, resolve_dtype
 from cptune.template import Template
 from cptune.train import TrainResult, TrainSettings, train
 
@@ -61,6 +61,8 @@ class CPTClassifier:
         length_normalize: score labels by mean instead of total token log-likelihood.
         batch_size: texts per forward when predicting.
         progress: show a progress bar while training.
+        dtype: the base model's dtype when it is loaded by name (``float32``, ``bfloat16``,
+            ``float16``, ``float64``); the context corrections stay float32 whatever it is.
 
     Example::
 
@@ -79,6 +81,7 @@ class CPTClassifier:
         length_normalize: bool = False,
         batch_size: int = 8,
         progress: bool = False,
+        dtype: str = "float32",
     ) -> None:
         self.template = template if isinstance(template, Template) else Template(template)
         if labels is not None and not isinstance(labels, Mapping):
@@ -91,6 +94,7 @@ class CPTClassifier:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         self.batch_size = batch_size
         self.progress = progress
+        self.dtype = str(resolve_dtype(dtype)).removeprefix("torch.")
         self.model_name = model if isinstance(model, str) else getattr(model[0], "name_or_path", "custom")
         self._loaded = None if isinstance(model, str) else tuple(model)
         self.cpt_model = None
@@ -108,7 +112,7 @@ class CPTClassifier:
 
     def _base(self):
         if self._loaded is None:
-            self._loaded = load_model(self.model_name)
+            self._loaded = load_model(self.model_name, dtype=self.dtype)
         return self._loaded
 
     # -- training ---------------------------------------------------------------------------
@@ -185,6 +189,7 @@ class CPTClassifier:
             "train": asdict(self.train_settings),
             "cpt": asdict(self.cpt_settings),
             "length_normalize": self.length_normalize,
+            "dtype": self.dtype,
             "examples": [list(pair) for pair in self.examples],
         }
 
@@ -209,7 +214,7 @@ class CPTClassifier:
             train=TrainSettings(**info["train"]),
             cpt=CPTSettings(**info["cpt"]),
             length_normalize=info.get("length_normalize", False),
-            **kwargs,
+            **{"dtype": info.get("dtype", "float32"), **kwargs},
         )
         clf.examples = [tuple(pair) for pair in info.get("examples", [])]
         base, _ = clf._base()

@@ -9,6 +9,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from cptune.demo import DemoSettings, format_table, run_demo
+from cptune.distributed import is_main_process
 from cptune.train import NonFiniteLossError
 
 EXIT_USAGE = 2
@@ -63,8 +64,8 @@ def _run_demo(args) -> int:
 def _add_data_args(p) -> None:
     p.add_argument("--data", default="rotten_tomatoes",
                    help="built-in dataset name or a local file (default: %(default)s)")
-    p.add_argument("--text-column", default="text", help="text column of a local file (default: %(default)s)")
-    p.add_argument("--label-column", default="label", help="label column of a local file (default: %(default)s)")
+    p.add_argument("--text-column", default=None, help="text column of a local file (default: text)")
+    p.add_argument("--label-column", default=None, help="label column of a local file (default: label)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling and of training (default: %(default)s)")
 
 
@@ -81,6 +82,7 @@ def _add_train(sub) -> None:
     p.add_argument("--eps-input", type=float, default=0.2, help="epsilon of input tokens (default: %(default)s)")
     p.add_argument("--eps-format", type=float, default=0.1, help="epsilon of template tokens (default: %(default)s)")
     p.add_argument("--decay", type=float, default=0.95, help="loss decay gamma in (0, 1] (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or float64 (default: %(default)s)")
     p.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every N steps (default: at the end)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUTPUT/checkpoint")
     p.add_argument("--output", required=True, help="folder to write the classifier (a PEFT-loadable adapter)")
@@ -111,12 +113,7 @@ def _dataset_defaults(name: str) -> tuple[str, dict[str, str] | None]:
 def _load(args):
     from cptune.data import load_dataset
 
-    if Path(args.data).suffix:
-        try:
-            return load_dataset(args.data, text_column=args.text_column, label_column=args.label_column)
-        except TypeError:  # a loader without file support
-            pass
-    return load_dataset(args.data)
+    return load_dataset(args.data, text_column=args.text_column, label_column=args.label_column)
 
 
 def _run_train(args) -> int:
@@ -136,16 +133,18 @@ def _run_train(args) -> int:
         raise UserError(f"--checkpoint-every={args.checkpoint_every} must be >= 1")
     dataset = _load(args)
     shots, _, _ = sample_splits(dataset, args.shots, 0, args.seed)
-    clf = CPTClassifier(args.model, template=template, labels=words, train=settings, cpt=cpt, progress=True)
+    clf = CPTClassifier(args.model, template=template, labels=words, train=settings, cpt=cpt, progress=True,
+                        dtype=args.dtype)
     output = Path(args.output)
     checkpoint = output / CHECKPOINT_SUBDIR
     if args.resume and not checkpoint.is_dir():
         raise UserError(f"--resume: no checkpoint in {checkpoint}; run without --resume to start")
     clf.fit([ex.text for ex in shots], [ex.label for ex in shots], checkpoint_dir=checkpoint,
             checkpoint_every=args.checkpoint_every, resume=args.resume)
-    clf.save(output)
-    losses = clf.train_result.losses
-    print(f"trained {len(losses)} steps (final loss {losses[-1]:.4f}); classifier saved to {output}")
+    if is_main_process():  # under data parallelism every process trained the same delta; one writes
+        clf.save(output)
+        losses = clf.train_result.losses
+        print(f"trained {len(losses)} steps (final loss {losses[-1]:.4f}); classifier saved to {output}")
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,6 +16,16 @@ from cptune.prefix import expand_cache, length_buckets
 from cptune.roles import ROLES_PER_EXAMPLE, TokenRole
 
 PREFIX_SHARING_MODES = ("auto", "always", "never")
+
+
+@dataclass
+class CPTOutput(CausalLMOutputWithPast):
+    """A causal-LM output plus the number of label tokens the loss averages over.
+
+    ``loss * num_label_tokens`` is the summed loss, which data-parallel training adds across processes.
+    """
+
+    num_label_tokens: int | None = None
 
 # Forward keywords under which the shared-prefix path cannot reproduce the plain one's output.
 _PLAIN_ONLY_KWARGS = ("output_attentions", "output_hidden_states", "past_key_values", "position_ids")
@@ -108,8 +119,9 @@ class CPTModel(nn.Module):
         input_type_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         return_logits: bool = True,
+        context_embeds: torch.Tensor | None = None,
         **kwargs: Any,
-    ) -> CausalLMOutputWithPast:
+    ) -> CPTOutput:
         """PEFT's CPT forward: the context is prepended to every row of the batch.
 
         Args:
@@ -122,11 +134,14 @@ class CPTModel(nn.Module):
             inputs_embeds: ``(B, T, d)`` query embeddings instead of ``input_ids``.
             return_logits: ``False`` computes logits only where the loss needs them and returns
                 ``logits=None`` (what :func:`cptune.train` uses).
+            context_embeds: ``(1, N, d)`` context embeddings to use instead of computing them from
+                the adapter (data-parallel training differentiates with respect to them).
             **kwargs: passed to the base model.
 
         Returns:
-            ``CausalLMOutputWithPast`` with ``loss`` (when ``labels`` are given) and ``logits`` of
-            shape ``(B, N + T, V)`` over context and query.
+            :class:`CPTOutput` with ``loss`` (when ``labels`` are given), ``logits`` of shape
+            ``(B, N + T, V)`` over context and query, and ``num_label_tokens``. Without labels, the
+            base model's own output.
 
         The caller's tensors are never modified.
         """
@@ -142,9 +157,14 @@ class CPTModel(nn.Module):
             )
         if labels is not None:
             input_type_mask = self._checked_query_codes(input_type_mask, labels)
+        if context_embeds is None:
+            context_embeds = self.context_embeddings()
+        context_embeds = context_embeds.to(inputs_embeds.device)
         if labels is not None and self._use_shared_prefix(batch_size, attention_mask, kwargs):
-            return self._shared_prefix_forward(inputs_embeds, attention_mask, labels, input_type_mask, return_logits)
-        return self._plain_forward(inputs_embeds, attention_mask, labels, input_type_mask, kwargs)
+            return self._shared_prefix_forward(
+                context_embeds, inputs_embeds, attention_mask, labels, input_type_mask, return_logits
+            )
+        return self._plain_forward(context_embeds, inputs_embeds, attention_mask, labels, input_type_mask, kwargs)
 
     def _use_shared_prefix(self, batch_size: int, attention_mask: torch.Tensor | None, kwargs: dict) -> bool:
         if self.prefix_sharing == "never" or any(kwargs.get(k) for k in _PLAIN_ONLY_KWARGS):
@@ -175,10 +195,9 @@ class CPTModel(nn.Module):
         """``(B, T)`` query targets: the caller's labels at label tokens, -100 elsewhere (a new tensor)."""
         return torch.where(codes == TokenRole.LABEL, labels.long(), torch.full_like(labels.long(), IGNORE_INDEX))
 
-    def _plain_forward(self, inputs_embeds, attention_mask, labels, codes, kwargs) -> CausalLMOutputWithPast:
+    def _plain_forward(self, context, inputs_embeds, attention_mask, labels, codes, kwargs) -> CPTOutput:
         batch_size = inputs_embeds.shape[0]
         n = self.num_context_tokens
-        context = self.context_embeddings().to(inputs_embeds.device)  # (1, N, d)
         embeds = torch.cat([context.expand(batch_size, -1, -1), inputs_embeds], dim=1)  # (B, N+T, d)
         if attention_mask is not None:
             ones = torch.ones(batch_size, n, dtype=attention_mask.dtype, device=attention_mask.device)
@@ -196,7 +215,10 @@ class CPTModel(nn.Module):
             [self._context_codes().to(device).expand(batch_size, -1), self._shift_query_codes(codes).to(device)],
             dim=1,
         )
-        return CPTEmbedding.calculate_loss(out, full_labels, full_codes, self.config)
+        out = CPTEmbedding.calculate_loss(out, full_labels, full_codes, self.config)
+        return CPTOutput(loss=out.loss, logits=out.logits, past_key_values=out.get("past_key_values"),
+                         hidden_states=out.get("hidden_states"), attentions=out.get("attentions"),
+                         num_label_tokens=int((full_labels[:, 1:] != IGNORE_INDEX).sum()))
 
     def _context_codes(self) -> torch.Tensor:
         return torch.tensor(self.config.cpt_tokens_type_mask, dtype=torch.long).unsqueeze(0)  # (1, N)
@@ -213,7 +235,7 @@ class CPTModel(nn.Module):
         shift = ROLES_PER_EXAMPLE * self.config.num_examples
         return torch.where(codes > 0, codes + shift, codes)
 
-    def _shared_prefix_forward(self, inputs_embeds, attention_mask, labels, codes, return_logits):
+    def _shared_prefix_forward(self, context, inputs_embeds, attention_mask, labels, codes, return_logits):
         """Encode the context once, attend every query row to its cache; same loss as the plain path."""
         batch_size, query_len = inputs_embeds.shape[:2]
         n = self.num_context_tokens
@@ -224,7 +246,7 @@ class CPTModel(nn.Module):
         ctx_label_pos = (ctx_targets[1:] != IGNORE_INDEX).nonzero().flatten()  # positions p - 1
         ctx_keep = torch.cat([ctx_label_pos, torch.tensor([n - 1], device=ctx_label_pos.device)])  # (Mc + 1,)
         context_out = self.base_model(
-            inputs_embeds=self.context_embeddings().to(inputs_embeds.device),
+            inputs_embeds=context,
             use_cache=True,
             logits_to_keep=0 if return_logits else ctx_keep,
         )
@@ -286,7 +308,7 @@ class CPTModel(nn.Module):
         logits = None
         if return_logits:
             logits = torch.cat([ctx_logits_all.expand(batch_size, -1, -1).to(device), query_out.logits], dim=1)
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
+        return CPTOutput(loss=loss, logits=logits, num_label_tokens=count)
 
     # -- inference -----------------------------------------------------------------------------
 

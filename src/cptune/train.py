@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from cptune.distributed import all_reduce_sum, barrier, process_group
 from cptune.io import read_training_state
 
 SCHEDULES = ("linear", "constant", "cosine")
@@ -129,6 +130,10 @@ def train(
     Each step: forward (context encoded once for the batch), CPT loss, backward, AdamW step,
     then :meth:`CPTModel.project_`. The base model stays frozen and in eval mode (no dropout).
 
+    Launched with N processes (``accelerate launch`` or ``torchrun``), each process takes every
+    N-th row of the global batch and the delta gradient is summed across processes, which gives
+    the single-process result; only rank 0 writes checkpoints and shows progress.
+
     Args:
         model: the CPT model.
         queries: the batch from :func:`cptune.render_queries` (``with_labels=True``).
@@ -153,6 +158,7 @@ def train(
         raise ValueError(f"checkpoint_every={checkpoint_every} must be >= 1 or None")
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir")
+    rank, world = process_group()
     num_queries = int(queries["input_ids"].shape[0])
     total = settings.total_steps(num_queries)
     delta = model.prompt_encoder.delta
@@ -168,7 +174,7 @@ def train(
     result = TrainResult(steps=total, first_step=start)
 
     def checkpoint(step: int) -> None:
-        if checkpoint_dir is not None:
+        if checkpoint_dir is not None and rank == 0:
             model.save_pretrained(
                 checkpoint_dir,
                 training_state={
@@ -178,21 +184,25 @@ def train(
                     "scheduler": scheduler.state_dict(),
                 },
             )
+        barrier()
 
     model.train()
     model.base_model.eval()
-    bar = tqdm(range(start, total), desc="CPT", disable=not progress, initial=start, total=total)
+    bar = tqdm(range(start, total), desc="CPT", disable=not progress or rank != 0, initial=start, total=total)
     for step in bar:
-        batch = _take(queries, batch_indices(num_queries, settings.batch_size, settings.seed, step), device)
-        loss = model(**batch, return_logits=False).loss
+        rows = batch_indices(num_queries, settings.batch_size, settings.seed, step)
+        optimizer.zero_grad(set_to_none=True)
+        if world == 1:
+            loss = model(**_take(queries, rows, device), return_logits=False).loss
+            loss.backward()
+        else:
+            loss = _data_parallel_step(model, queries, rows[rank::world], device)
         if not torch.isfinite(loss):
             checkpoint(step)
             raise NonFiniteLossError(
                 f"loss is {loss.item()} at step {step}; stopped and kept the state after step {step - 1}"
                 + (f" in {checkpoint_dir}" if checkpoint_dir is not None else "")
             )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         if settings.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_([delta], settings.max_grad_norm)
         optimizer.step()
@@ -208,6 +218,31 @@ def train(
     checkpoint(total)
     model.eval()
     return result
+
+
+def _data_parallel_step(model, queries, local_rows: torch.Tensor, device) -> torch.Tensor:
+    """This process's share of the global batch; leaves the global gradient in ``delta.grad``.
+
+    The local summed loss is divided by the global label-token count and differentiated with
+    respect to the context embeddings (in the model's dtype); that gradient is summed across
+    processes and only then carried back to the float32 delta, so rounding is that of one process.
+
+    Returns:
+        The global batch's mean loss (the same on every process).
+    """
+    context = model.context_embeddings().detach().requires_grad_(True)  # (1, N, d) model dtype
+    if len(local_rows):
+        out = model(**_take(queries, local_rows, device), return_logits=False, context_embeds=context)
+        local_sum = out.loss * out.num_label_tokens
+        count = torch.tensor([float(out.num_label_tokens)], dtype=torch.float64)
+    else:  # more processes than rows in this batch: contribute nothing
+        local_sum = (context * 0.0).sum()
+        count = torch.zeros(1, dtype=torch.float64)
+    total_count = max(float(all_reduce_sum(count).item()), 1.0)
+    (grad,) = torch.autograd.grad(local_sum / total_count, context)
+    all_reduce_sum(grad)
+    model.context_embeddings().backward(grad)
+    return all_reduce_sum(local_sum.detach().reshape(1).to(torch.float64))[0] / total_count
 
 
 def _restore(model, optimizer, scheduler, checkpoint_dir, settings: TrainSettings) -> int:

@@ -219,9 +219,68 @@ def _run_predict(args) -> int:
     return 0
 
 
+# -- datasets / compare -----------------------------------------------------------------------
+
+def _add_datasets(sub) -> None:
+    sub.add_parser("datasets", help="list the built-in datasets (offline stand-ins) and hub names")
+
+
+def _run_datasets(args) -> int:
+    from cptune.data import list_datasets
+
+    print("| name | classes | size | stands in for | licence |")
+    print("|---|---|---|---|---|")
+    for d in list_datasets():
+        size = d.get("size") if d.get("size") is not None else "(" + str(d.get("note", "not installed")) + ")"
+        print(f"| {d['name']} | {d.get('num_classes', '')} | {size} | {d.get('stand_in_for') or '(hub)'} | "
+              f"{d.get('licence', '')} |")
+    return 0
+
+
+def _add_compare(sub) -> None:
+    from cptune.methods import METHODS
+
+    p = sub.add_parser("compare", help="a grid of (dataset, shots, seed, method) cells: one JSON line each, "
+                                       "resumable; a Markdown table and plots")
+    p.add_argument("--dataset", nargs="+", default=["rotten_tomatoes"], help="datasets (default: %(default)s)")
+    p.add_argument("--shots", nargs="+", type=int, default=[2, 4, 8], help="shot counts (default: %(default)s)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="seeds (default: %(default)s)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), help="methods (default: all six)")
+    p.add_argument("--model", default="smollm2-135m", help="base model (default: %(default)s)")
+    p.add_argument("--test-size", type=int, default=200, help="balanced test examples (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps of trained methods (default: 40)")
+    p.add_argument("--only", default=None, help="run only matching cells, e.g. dataset=subj,shots=4,seed=0,method=cpt")
+    p.add_argument("--report-only", action="store_true", help="do not run cells; rebuild the table and plots")
+    p.add_argument("--output", required=True, help="folder for results.jsonl, results.md, accuracy.png, gap.png")
+
+
+def _run_compare(args) -> int:
+    from cptune.experiments import RESULTS_NAME, make_grid, read_results, run_grid, summary_table, write_report
+    from cptune.methods import MethodSettings
+
+    settings = MethodSettings() if args.steps is None else MethodSettings(steps=args.steps)
+    if args.test_size < 1:
+        raise UserError(f"--test-size={args.test_size} must be >= 1")
+    output = Path(args.output)
+    if args.report_only:
+        rows, damaged = read_results(output / RESULTS_NAME)
+        if not rows:
+            raise UserError(f"no results in {output / RESULTS_NAME}")
+    else:
+        cells = make_grid(args.dataset, args.shots, args.seeds, args.methods, args.only)
+        rows = run_grid(cells, output, model=args.model, test_size=args.test_size, settings=settings)
+    if not is_main_process():
+        return 0
+    write_report(rows, output)
+    print(summary_table(rows))
+    print(f"results: {output / RESULTS_NAME}; table and plots: {output}/results.md, accuracy.png, gap.png")
+    return 0
+
+
 # -- entry point ------------------------------------------------------------------------------
 
-HANDLERS = {"demo": _run_demo, "train": _run_train, "eval": _run_eval, "predict": _run_predict}
+HANDLERS = {"demo": _run_demo, "train": _run_train, "eval": _run_eval, "predict": _run_predict,
+            "datasets": _run_datasets, "compare": _run_compare}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -233,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_eval(sub)
     _add_predict(sub)
+    _add_datasets(sub)
+    _add_compare(sub)
     return parser
 
 

@@ -1,0 +1,291 @@
+"""Experiment grids: every (dataset, shots, seed, method) cell, one JSON line each, resumable.
+
+Each cell is independent: its test set depends only on (dataset, seed, test size) and its shots on
+(dataset, seed, shots), so a cell gives the same result whether it runs inside a grid, alone
+(``--only``), or on another machine; the report step merges the lines.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from cptune.data import DATASET_DEFAULTS, Dataset, load_dataset, sample_splits
+from cptune.evaluate import classification_metrics
+from cptune.methods import METHODS, MethodSettings, make_method
+from cptune.pretrained import DEFAULT_MODEL, load_model
+from cptune.template import Template
+
+RESULTS_NAME = "results.jsonl"
+CELL_KEYS = ("dataset", "shots", "seed", "method")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One experiment: a method on a dataset with ``shots`` demonstrations and a seed."""
+
+    dataset: str
+    shots: int
+    seed: int
+    method: str
+
+    def key(self) -> tuple:
+        return (self.dataset, self.shots, self.seed, self.method)
+
+
+def make_grid(datasets: Sequence[str], shots: Sequence[int], seeds: Sequence[int], methods: Sequence[str],
+              only: str | None = None) -> list[Cell]:
+    """All cells, optionally filtered by ``only`` (``"dataset=subj,shots=4,seed=0,method=cpt"``, any subset).
+
+    Raises:
+        ValueError: unknown method, empty axis, or a malformed ``only``.
+    """
+    for name, axis in (("datasets", datasets), ("shots", shots), ("seeds", seeds), ("methods", methods)):
+        if not axis:
+            raise ValueError(f"{name} is empty; give at least one")
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise ValueError(f"unknown method {bad[0]!r}; accepted: {', '.join(METHODS)}")
+    bad_shots = [k for k in shots if k < 1]
+    if bad_shots:
+        raise ValueError(f"shots={bad_shots[0]} must be >= 1")
+    cells = [Cell(d, k, s, m) for d in datasets for k in shots for s in seeds for m in methods]
+    if only:
+        wanted = _parse_only(only)
+        cells = [c for c in cells if all(str(getattr(c, k)) == v for k, v in wanted.items())]
+        if not cells:
+            raise ValueError(f"--only {only!r} selects no cell of the grid")
+    return cells
+
+
+def _parse_only(text: str) -> dict[str, str]:
+    out = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or key.strip() not in CELL_KEYS:
+            raise ValueError(f"--only item {item!r} is not key=value with key in {', '.join(CELL_KEYS)}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+# -- the results file ------------------------------------------------------------------------
+
+def read_results(path: Path) -> tuple[list[dict], int]:
+    """Rows of a results JSONL file and the number of damaged lines skipped.
+
+    A line that is not complete JSON (e.g. half-written when a run was killed) is skipped, never
+    parsed as data; :func:`append_result` removes such a tail before it appends.
+    """
+    if not path.is_file():
+        return [], 0
+    rows, damaged = [], 0
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        complete = i < len(lines) - 1  # a last line without newline was cut short
+        try:
+            row = json.loads(line.decode("utf-8")) if complete else None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            row = None
+        if not isinstance(row, dict) or any(k not in row for k in CELL_KEYS):
+            damaged += 1
+            continue
+        rows.append(row)
+    return rows, damaged
+
+
+def append_result(path: Path, row: dict) -> None:
+    """Append one JSON line durably; first drops a half-written last line left by a killed run."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            keep = data[: data.rfind(b"\n") + 1]
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            tmp.write_bytes(keep)
+            os.replace(tmp, path)
+    line = json.dumps(row, sort_keys=True) + "\n"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# -- running cells ---------------------------------------------------------------------------
+
+def _splits(dataset: Dataset, cell: Cell, test_size: int):
+    """Test set from (dataset, seed) only; shots from the rest with (seed, shots)."""
+    _, _, test = sample_splits(dataset, 0, test_size, cell.seed)
+    held_out = {ex.text for ex in test}
+    rest = Dataset(dataset.name, [ex for ex in dataset.examples if ex.text not in held_out], dataset.labels,
+                   dataset.provenance)
+    shots, _, _ = sample_splits(rest, cell.shots, 0, cell.seed)
+    return shots, test
+
+
+def run_cell(cell: Cell, dataset: Dataset, base_model, tokenizer, model_name: str, test_size: int,
+             settings: MethodSettings) -> dict:
+    """Fit and evaluate one cell; returns its result row."""
+    fmt, words = DATASET_DEFAULTS[cell.dataset] if cell.dataset in DATASET_DEFAULTS else (
+        "input: {x} output: {y}", {label: label for label in dataset.labels})
+    template = Template(fmt)
+    shots, test = _splits(dataset, cell, test_size)
+    method = make_method(cell.method, base_model, tokenizer, template, words, settings.replace(seed=cell.seed))
+    fit = method.fit(shots)
+    start = time.perf_counter()
+    scores = method.scores([ex.text for ex in test])
+    score_seconds = time.perf_counter() - start
+    labels = list(words)
+    gold = [labels.index(ex.label) for ex in test]
+    metrics = classification_metrics(scores.argmax(-1).tolist(), gold, len(labels))
+    return {
+        **asdict(cell),
+        **metrics,
+        "labels": labels,
+        "test_size": len(test),
+        "train_loss": method.label_loss([ex.text for ex in shots], [ex.label for ex in shots]),
+        "test_loss": method.label_loss([ex.text for ex in test], [ex.label for ex in test]),
+        "fit_seconds": round(fit.seconds, 2),
+        "score_seconds": round(score_seconds, 2),
+        "trainable_parameters": fit.trainable_parameters,
+        "final_train_step_loss": fit.losses[-1] if fit.losses else None,
+        "model": model_name,
+        "template": fmt,
+        "label_words": words,
+        "settings": asdict(settings.replace(seed=cell.seed)),
+        "data": dataset.provenance,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
+    }
+
+
+def run_grid(cells: Iterable[Cell], output: Path, model: str = DEFAULT_MODEL, test_size: int = 200,
+             settings: MethodSettings | None = None, progress: bool = True) -> list[dict]:
+    """Run every cell not yet in ``output/results.jsonl``; append one line per finished cell.
+
+    Returns:
+        All rows in the file afterwards (earlier ones included).
+    """
+    settings = settings or MethodSettings()
+    output = Path(output)
+    path = output / RESULTS_NAME
+    rows, damaged = read_results(path)
+    if damaged and progress:
+        print(f"skipping {damaged} damaged line(s) in {path} (an interrupted run); their cells will rerun")
+    done = {tuple(r[k] for k in CELL_KEYS) for r in rows}
+    todo = [c for c in cells if c.key() not in done]
+    datasets = {name: load_dataset(name) for name in dict.fromkeys(c.dataset for c in todo)}
+    base_model, tokenizer = load_model(model) if todo else (None, None)
+    bar = tqdm(todo, desc="compare", disable=not progress)
+    for cell in bar:
+        bar.set_postfix_str(f"{cell.dataset} k={cell.shots} seed={cell.seed} {cell.method}")
+        row = run_cell(cell, datasets[cell.dataset], base_model, tokenizer, model, test_size, settings)
+        append_result(path, row)
+        rows.append(row)
+    return rows
+
+
+# -- the report ------------------------------------------------------------------------------
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summary_table(rows: list[dict]) -> str:
+    """Markdown: accuracy mean +- std over seeds, one row per (dataset, method), one column per shot count."""
+    groups: dict[tuple, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        groups[(r["dataset"], r["method"])][r["shots"]].append(r["accuracy"])
+    shots = sorted({r["shots"] for r in rows})
+    lines = ["| dataset | method | " + " | ".join(f"{k} shots" for k in shots) + " |",
+             "|---|---|" + "---|" * len(shots)]
+    order = {m: i for i, m in enumerate(METHODS)}
+    for (dataset, method), by_shots in sorted(groups.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 99))):
+        cells = []
+        for k in shots:
+            if by_shots.get(k):
+                mean, std = _mean_std(by_shots[k])
+                cells.append(f"{mean:.3f} ± {std:.3f} (n={len(by_shots[k])})")
+            else:
+                cells.append("–")
+        lines.append(f"| {dataset} | {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(rows: list[dict], output: Path) -> list[Path]:
+    """Write ``results.md``, ``accuracy.png`` and ``gap.png`` into ``output`` (atomically); return the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cptune.demo import write_text_atomic
+
+    output = Path(output)
+    written = []
+    table = summary_table(rows)
+    write_text_atomic(output / "results.md", table + "\n")
+    written.append(output / "results.md")
+
+    datasets = sorted({r["dataset"] for r in rows})
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets, strict=True):
+        for method in methods:
+            points = defaultdict(list)
+            for r in rows:
+                if r["dataset"] == dataset and r["method"] == method:
+                    points[r["shots"]].append(r["accuracy"])
+            if points:
+                ks = sorted(points)
+                means = [statistics.fmean(points[k]) for k in ks]
+                stds = [statistics.stdev(points[k]) if len(points[k]) > 1 else 0.0 for k in ks]
+                ax.errorbar(ks, means, yerr=stds, marker="o", capsize=3, label=method)
+        ax.set_title(dataset)
+        ax.set_xlabel("shots")
+        ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    fig.tight_layout()
+    written.append(_save_png(fig, output / "accuracy.png"))
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in methods:
+        mine = [r for r in rows if r["method"] == method and _finite(r.get("train_loss"), r.get("test_loss"))]
+        if mine:
+            ax.scatter([r["train_loss"] for r in mine], [r["test_loss"] for r in mine], label=method, alpha=0.7)
+    lim = [0, max([r["test_loss"] for r in rows if _finite(r.get("test_loss"))] + [1.0]) * 1.05]
+    ax.plot(lim, lim, color="grey", linewidth=0.8, linestyle="--", label="train = test")
+    ax.set_xlabel("train loss (label NLL on the shots)")
+    ax.set_ylabel("test loss (label NLL on the test set)")
+    ax.set_title("generalisation gap: distance above the diagonal")
+    ax.legend()
+    fig.tight_layout()
+    written.append(_save_png(fig, output / "gap.png"))
+    plt.close(fig)
+    return written
+
+
+def _finite(*values) -> bool:
+    return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+
+
+def _save_png(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,84 @@
+"""The compare grid on a tiny model: rows, report, resume after a kill, --only, errors."""
+
+import json
+
+import pytest
+
+from cptune.cli import main
+from cptune.experiments import append_result, make_grid, read_results
+from tiny import tiny_model, tiny_tokenizer
+
+GRID = ["--dataset", "rotten_tomatoes", "--shots", "2", "--seeds", "0", "1", "--methods", "zero-shot", "icl", "cpt",
+        "--test-size", "4", "--steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    tiny_model("gpt2").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_grid_report_and_resume(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--model", str(tiny_dir), *GRID, "--output", str(out)]) == 0
+    rows, damaged = read_results(out / "results.jsonl")
+    assert len(rows) == 6 and damaged == 0
+    assert {(r["seed"], r["method"]) for r in rows} == {(s, m) for s in (0, 1) for m in ("zero-shot", "icl", "cpt")}
+    for r in rows:
+        assert 0 <= r["accuracy"] <= 1 and r["test_size"] == 4 and r["data"]["sha256"]
+        assert r["train_loss"] >= 0 and r["test_loss"] >= 0
+    for name in ("results.md", "accuracy.png", "gap.png"):
+        assert (out / name).stat().st_size > 0
+    table = (out / "results.md").read_text()
+    assert "| rotten_tomatoes | cpt |" in table and "(n=2)" in table
+
+    # a killed run: the last line half-written. Rerun: it is discarded and only that cell reruns.
+    text = (out / "results.jsonl").read_bytes()
+    lines = text.splitlines(keepends=True)
+    kept = b"".join(lines[:-1])
+    (out / "results.jsonl").write_bytes(kept + lines[-1][: len(lines[-1]) // 2])
+    rows, damaged = read_results(out / "results.jsonl")
+    assert len(rows) == 5 and damaged == 1
+    capsys.readouterr()
+    assert main(["compare", "--model", str(tiny_dir), *GRID, "--output", str(out)]) == 0
+    after = (out / "results.jsonl").read_bytes()
+    assert after.startswith(kept)  # finished cells were not redone
+    rows, damaged = read_results(out / "results.jsonl")
+    assert len(rows) == 6 and damaged == 0
+    redone = json.loads(after.splitlines()[-1])
+    assert (redone["seed"], redone["method"]) == (json.loads(lines[-1])["seed"], json.loads(lines[-1])["method"])
+    # a cell gives the same result inside the grid and alone (--only)
+    alone = tmp_path / "alone"
+    assert main(["compare", "--model", str(tiny_dir), *GRID, "--only", "seed=1,method=icl", "--output",
+                 str(alone)]) == 0
+    (single,) = read_results(alone / "results.jsonl")[0]
+    (same,) = [r for r in rows if r["seed"] == 1 and r["method"] == "icl"]
+    assert single["accuracy"] == same["accuracy"] and single["test_loss"] == same["test_loss"]
+
+
+def test_append_after_damage_starts_a_new_line(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"dataset": "a", "shots": 1, "seed": 0, "method": "icl"}\n{"dataset": "a", "sh')
+    append_result(path, {"dataset": "b", "shots": 1, "seed": 0, "method": "icl"})
+    rows, damaged = read_results(path)
+    assert [r["dataset"] for r in rows] == ["a", "b"] and damaged == 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--methods", "gpt4"], "unknown method 'gpt4'"), (["--only", "shots"], "key=value"),
+     (["--only", "seed=9"], "selects no cell"), (["--shots", "0"], "shots=0"), (["--dataset", "imdb"], "imdb"),
+     (["--test-size", "0"], "--test-size=0")],
+)
+def test_compare_mistakes(args, message, tiny_dir, tmp_path, capsys):
+    code = main(["compare", "--model", str(tiny_dir), *GRID, *args, "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_only_filters_the_grid():
+    cells = make_grid(["a", "b"], [2, 4], [0, 1], ["icl", "cpt"], only="dataset=b,shots=4")
+    assert {(c.dataset, c.shots) for c in cells} == {("b", 4)} and len(cells) == 4

@@ -171,6 +171,9 @@ class CPTModel(nn.Module):
             return False
         if attention_mask is not None and not _is_right_padded(attention_mask):
             return False  # cached positions would be wrong for left padding; PEFT's layout handles any
+        if self.base_model.training and any(getattr(m, "gradient_checkpointing", False)
+                                            for m in self.base_model.modules()):
+            return False  # checkpointed layers drop past_key_values: the queries would not see the context
         return self.prefix_sharing == "always" or batch_size > 1
 
     def _checked_query_codes(self, input_type_mask: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:

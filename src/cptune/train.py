@@ -34,6 +34,10 @@ class TrainSettings:
         warmup_steps: linear warm-up steps.
         seed: orders the queries; the same seed gives the same batches and the same result.
         max_grad_norm: clip the delta gradient to this norm (``None``: no clipping).
+        gradient_checkpointing: recompute the base model's activations in the backward pass
+            (less memory, about a third more compute). The base model then runs in train mode
+            (dropout, if it has any, is active) and every batch uses PEFT's duplicated-context
+            layout, since checkpointed layers cannot read a shared context cache.
     """
 
     steps: int | None = None
@@ -45,6 +49,7 @@ class TrainSettings:
     warmup_steps: int = 0
     seed: int = 0
     max_grad_norm: float | None = None
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         if self.steps is None and self.epochs is None:
@@ -187,7 +192,10 @@ def train(
         barrier()
 
     model.train()
-    model.base_model.eval()
+    if settings.gradient_checkpointing:
+        model.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.base_model.eval()
     bar = tqdm(range(start, total), desc="CPT", disable=not progress or rank != 0, initial=start, total=total)
     for step in bar:
         rows = batch_indices(num_queries, settings.batch_size, settings.seed, step)
@@ -216,6 +224,8 @@ def train(
         if callback is not None:
             callback(done, result.losses[-1])
     checkpoint(total)
+    if settings.gradient_checkpointing:
+        model.base_model.activation_checkpointing_disable()
     model.eval()
     return result
 

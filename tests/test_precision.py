@@ -1,0 +1,56 @@
+"""Half precisions (bf16 on CPU) and gradient checkpointing: the delta and its projection stay float32."""
+
+import copy
+
+import pytest
+import torch
+
+import cptune
+from cptune.evaluate import score_texts
+from cptune.train import TrainSettings, train
+from tiny import tiny_model
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3_text"])
+def test_bfloat16_base_model_trains_a_float32_delta(arch, context, queries, tok, tmp_path):
+    base = tiny_model(arch, dtype=torch.bfloat16)
+    model = cptune.get_cpt_model(base, context.to_config(opt_projection_epsilon=0.5))
+    enc = model.prompt_encoder
+    assert enc.delta.dtype == torch.float32 and enc.base.dtype == torch.float32
+    assert model.context_embeddings().dtype == torch.bfloat16  # only the sum is cast
+    out = model(**queries, return_logits=False)
+    assert out.loss.dtype == torch.float32  # the loss runs in float32 for half precisions
+    result = train(model, queries, TrainSettings(steps=8, batch_size=3, lr=5e-2), progress=False)
+    assert result.losses[-1] < result.losses[0]
+    assert enc.delta.dtype == torch.float32 and enc.is_feasible()
+    from conftest import LABEL_WORDS, TEMPLATE
+
+    with torch.no_grad():
+        scores = score_texts(base, tok, TEMPLATE, LABEL_WORDS, ["fun", "dull"], model.context_embeddings())
+    assert torch.isfinite(scores).all()
+    model.save_pretrained(tmp_path)
+    loaded = cptune.CPTModel.from_pretrained(tiny_model(arch, dtype=torch.bfloat16), tmp_path)
+    assert torch.equal(loaded.prompt_encoder.delta, enc.delta.detach())
+
+
+def test_bfloat16_shared_prefix_matches_plain_layout(context, queries):
+    base = tiny_model("llama", dtype=torch.bfloat16)
+    losses = []
+    for mode in ("never", "always"):
+        model = cptune.get_cpt_model(copy.deepcopy(base), context.to_config(), prefix_sharing=mode)
+        losses.append(model(**queries).loss.item())
+    assert losses[0] == pytest.approx(losses[1], rel=2e-2)  # bf16 rounding differs with the layout
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradient(context, queries):
+    base = tiny_model("llama", dtype=torch.float64)
+    deltas = []
+    for checkpointing in (False, True):
+        model = cptune.get_cpt_model(copy.deepcopy(base), context.to_config(opt_projection_epsilon=0.5))
+        result = train(model, queries, TrainSettings(steps=3, batch_size=3, lr=1e-3,
+                                                     gradient_checkpointing=checkpointing), progress=False)
+        deltas.append((result.losses, model.prompt_encoder.delta.detach().clone()))
+        assert not any(getattr(m, "gradient_checkpointing", False) for m in model.base_model.modules())
+    (l0, d0), (l1, d1) = deltas
+    assert l0 == pytest.approx(l1, rel=1e-9)
+    assert torch.allclose(d0, d1, atol=1e-7)

@@ -54,3 +54,18 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradient(context, querie
     (l0, d0), (l1, d1) = deltas
     assert l0 == pytest.approx(l1, rel=1e-9)
     assert torch.allclose(d0, d1, atol=1e-7)
+
+
+def test_device_map_auto_keeps_the_context_on_the_embedding_device(context, queries, tmp_path):
+    from tiny import tiny_tokenizer
+
+    from cptune.pretrained import load_model
+
+    tiny_model("qwen2").save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    base, _ = load_model(tmp_path, device_map="auto")
+    model = cptune.get_cpt_model(base, context.to_config())
+    assert model.prompt_encoder.delta.device == base.get_input_embeddings().weight.device
+    assert torch.isfinite(model(**queries).loss)
+    with pytest.raises(ValueError, match="not both"):
+        load_model(tmp_path, device="cpu", device_map="auto")

@@ -200,6 +200,7 @@ def load_model(
     dtype: torch.dtype | str = torch.float32,
     device: str | None = None,
     trust_remote_code: bool = False,
+    device_map: str | dict | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, in eval mode.
 
@@ -215,6 +216,9 @@ def load_model(
             ``"float16"``, ``"float64"``.
         device: Device to move the model to (e.g. ``"cpu"``, ``"cuda"``); ``None`` leaves it on CPU.
         trust_remote_code: Passed to ``from_pretrained`` for models with custom code.
+        device_map: Passed to ``from_pretrained`` (e.g. ``"auto"`` spreads the layers over the
+            available devices through accelerate); exclusive with ``device``. CPT keeps its context
+            on the input-embedding device and computes its loss on the logits' device.
 
     Returns:
         ``(model, tokenizer)``.
@@ -224,6 +228,8 @@ def load_model(
         FileNotFoundError: If a path-like name does not exist or the embedded model is not installed.
     """
     torch_dtype = resolve_dtype(dtype)
+    if device is not None and device_map is not None:
+        raise ValueError(f"give device ({device!r}) or device_map ({device_map!r}), not both")
     name = os.fspath(name_or_path)
     path = Path(name).expanduser()
     kwargs: dict = {"trust_remote_code": trust_remote_code}
@@ -241,7 +247,7 @@ def load_model(
         raise FileNotFoundError(f"model path {name!r} is not an existing folder or .gguf file")
     else:
         source = None
-    model_kwargs: dict = {}
+    model_kwargs: dict = {} if device_map is None else {"device_map": device_map}
     if source is None and _offline_requested():
         # transformers 5.23 probes the hub for adapter_config.json unless told separately.
         kwargs["local_files_only"] = True

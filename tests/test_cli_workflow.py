@@ -124,3 +124,40 @@ def test_sigkill_then_resume_gives_the_uninterrupted_delta(tiny_dir, tmp_path):
     a = load_file(str(reference / "cptune_state.safetensors"))["delta"]
     b = load_file(str(out / "cptune_state.safetensors"))["delta"]
     assert torch.equal(a, b), (a - b).abs().max()
+
+
+@pytest.mark.parametrize(
+    "content, extra, message",
+    [
+        (None, [], "does not exist"),
+        ("text,category\nfun,pos\ndull,neg\n", [], "label"),
+        ("text,label\n", [], "no usable examples"),
+        ("text,label\nfun,pos\ndull,neg\n", ["--label-column", "sentiment"], "sentiment"),
+        ("text,label\nfun,pos\nfine,pos\ndull,neg\n", ["--shots", "4"], "neg"),
+        (b"\xff\xfe\x00garbage\x00\xff", [], "data.csv"),
+    ],
+)
+def test_bad_data_files_are_one_line(content, extra, message, tiny_dir, tmp_path, capsys):
+    path = tmp_path / "data.csv"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    args = ["train", "--model", str(tiny_dir), "--data", str(path), "--shots", "2", "--steps", "1", *extra,
+            "--label-words", "pos=positive,neg=negative", "--output", str(tmp_path / "o")]
+    code = main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_same_seed_same_predictions(tiny_dir, tmp_path):
+    from cptune import CPTClassifier, TrainSettings
+
+    texts, labels = ["a joy", "a bore", "great fun", "too long"], ["pos", "neg", "pos", "neg"]
+    probs = []
+    for _ in range(2):
+        clf = CPTClassifier(str(tiny_dir), labels={"pos": "positive", "neg": "negative"},
+                            train=TrainSettings(steps=3, batch_size=2, lr=1e-2, seed=4))
+        probs.append(clf.fit(texts, labels).predict_proba(["what a film", "dull"]))
+    assert (probs[0] == probs[1]).all()

@@ -112,3 +112,30 @@ def test_peft_adapter_loads_in_cptune(arch, context, queries, tmp_path):
     with torch.no_grad():
         assert torch.equal(ours(**batch).logits, theirs(**batch).logits)
     assert ours.config.cpt_tokens_type_mask == context.type_codes.tolist()
+
+
+def test_transformers_trainer_gives_peft_result(context, queries, tmp_path):
+    """A Trainer script never calls project_(): the training forward keeps the delta feasible, as PEFT's does."""
+    from torch.utils.data import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    class Rows(Dataset):
+        def __len__(self):
+            return queries["input_ids"].shape[0]
+
+        def __getitem__(self, i):
+            return {k: v[i].clone() for k, v in queries.items()}
+
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=10,
+                             learning_rate=2e-2, report_to=[], save_strategy="no", logging_strategy="no", seed=0,
+                             data_seed=0, remove_unused_columns=False, use_cpu=True, disable_tqdm=True)
+    base = tiny_model("llama")
+    ours = cptune.get_cpt_model(copy.deepcopy(base), context.to_config(**CFG))
+    Trainer(model=ours, args=args, train_dataset=Rows()).train()
+    theirs = _peft_model(base, context)
+    Trainer(model=theirs, args=args, train_dataset=Rows()).train()
+    ours.project_()
+    a = ours.prompt_encoder.delta.detach()
+    b = theirs.prompt_encoder["default"].get_projection()
+    assert b.abs().max() > 1e-3
+    assert (a - b).norm() <= 1e-5 * b.norm()

@@ -14,17 +14,14 @@ from safetensors.torch import load_file
 
 from cptune.cli import main
 from cptune.io import read_training_state
-from tiny import tiny_model, tiny_tokenizer
+from tiny import save_tiny_model
 
 TRAIN = ["--data", "rotten_tomatoes", "--shots", "4", "--batch-size", "2", "--lr", "0.01", "--eps-input", "1.0"]
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
 
 
 @pytest.fixture(scope="module")

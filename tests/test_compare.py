@@ -6,7 +6,7 @@ import pytest
 
 from cptune.cli import main
 from cptune.experiments import append_result, make_grid, read_results
-from tiny import tiny_model, tiny_tokenizer
+from tiny import save_tiny_model
 
 GRID = ["--dataset", "rotten_tomatoes", "--shots", "2", "--seeds", "0", "1", "--methods", "zero-shot", "icl", "cpt",
         "--test-size", "4", "--steps", "2"]
@@ -14,10 +14,7 @@ GRID = ["--dataset", "rotten_tomatoes", "--shots", "2", "--seeds", "0", "1", "--
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-gpt2")
-    tiny_model("gpt2").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2")
 
 
 def test_grid_report_and_resume(tiny_dir, tmp_path, capsys):

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from cptune.cli import main
-from tiny import tiny_model, tiny_tokenizer
+from tiny import save_tiny_model
 
 # float64 compute: float32 sums in another order would differ in the last bits, and AdamW turns
 # such differences in near-zero gradient entries into visible steps (it normalises by |g| + 1e-8);
@@ -22,10 +22,7 @@ ARGS = ["--data", "rotten_tomatoes", "--shots", "4", "--batch-size", "4", "--ste
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-qwen2")
-    tiny_model("qwen2").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2")
 
 
 def test_two_processes_give_the_single_process_delta(tiny_dir, tmp_path):

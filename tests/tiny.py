@@ -97,3 +97,10 @@ def tiny_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.fl
     config = tiny_config(arch, len(tiny_tokenizer()))
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
+
+
+def save_tiny_model(path, arch: str = "llama"):
+    """Save a tiny model and its tokenizer as a ``save_pretrained`` folder (a local model for the CLI)."""
+    tiny_model(arch).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path

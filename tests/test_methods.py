@@ -13,7 +13,7 @@ TEXTS = [text for text, _ in QUERIES]
 GOLD = [label for _, label in QUERIES]
 TRAINED = ("cpt", "pt", "ipt", "lora")
 # Large steps so a few full-batch steps (4 shots, batch 4) clearly lower each method's loss on a random tiny model.
-FAST = MethodSettings(steps=12, batch_size=4, cpt_lr=0.1, eps_input=5.0, eps_format=5.0, pt_lr=1.0, pt_tokens=4,
+FAST = MethodSettings(steps=12, batch_size=4, cpt_lr=0.1, eps_input=5.0, eps_format=5.0, pt_lr=0.03, pt_tokens=4,
                       lora_lr=0.02, lora_r=4, lora_alpha=8)
 
 
@@ -125,6 +125,9 @@ def test_label_loss_is_gold_label_nll(tok):
     gold = torch.tensor([list(LABEL_WORDS).index(label) for label in GOLD])
     expected = -scores[torch.arange(len(TEXTS)), gold].mean()
     assert method.label_loss(TEXTS, GOLD) == pytest.approx(float(expected))
+    assert method.label_loss(TEXTS, GOLD, scores=scores) == pytest.approx(float(expected))
+    with pytest.raises(ValueError, match="shape"):
+        method.label_loss(TEXTS, GOLD, scores=scores[:2])
     with pytest.raises(ValueError, match="'meh'"):
         method.label_loss(TEXTS[:1], ["meh"])
     with pytest.raises(ValueError, match="same"):
@@ -188,3 +191,32 @@ def test_first_training_loss_is_the_scored_label_nll(name, tok):
     total_nll = method.label_loss(texts, labels) * len(texts)
     per_token = total_nll / sum(len(lengths[label]) for label in labels)
     assert method.fit(DEMOS).losses[0] == pytest.approx(per_token, rel=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("name", ["pt", "ipt", "lora"])
+def test_fast_label_loss_matches_peft_forward(arch, name, tok):
+    """The shared-prefix, label-positions-only loss equals PEFT's own forward loss, gradients included."""
+    from cptune.methods import label_batch
+    from cptune.peft_baselines import label_token_loss
+
+    method = make_method(name, tiny_model(arch), tok, TEMPLATE, LABEL_WORDS, FAST)
+    method.prepare(DEMOS)
+    peft_model = method.peft_model
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for p in params:  # move off the initial state (LoRA's B is zero there)
+            p.add_(0.05 * torch.randn_like(p))
+    rows = torch.tensor([2, 0, 3])
+    demo_ids = getattr(method, "demo_ids", None)
+    reference = peft_model(**label_batch(method._queries, rows, "cpu", prefix_ids=demo_ids), use_cache=False).loss
+    expected = torch.autograd.grad(reference, params)
+    if name == "lora":
+        loss = label_token_loss(peft_model.get_base_model(), label_batch(method._queries, rows, "cpu"))
+    else:
+        prefix = method.prefix_embeddings(peft_model.get_prompt(batch_size=1))
+        loss = label_token_loss(peft_model.get_base_model(), label_batch(method._queries, rows, "cpu"), prefix)
+    grads = torch.autograd.grad(loss, params)
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)

@@ -162,8 +162,8 @@ class Method(Protocol):
     def scores(self, texts: Sequence[str]) -> torch.Tensor:
         """``(len(texts), C)`` label log-likelihoods, columns in ``labels`` order."""
 
-    def label_loss(self, texts: Sequence[str], labels: Sequence[str]) -> float:
-        """Mean negative log-likelihood of each text's gold label sequence."""
+    def label_loss(self, texts: Sequence[str], labels: Sequence[str], scores: torch.Tensor | None = None) -> float:
+        """Mean negative log-likelihood of each text's gold label sequence (``scores``: reuse these)."""
 
 
 def make_method(
@@ -388,14 +388,19 @@ class BaseMethod:
                            context_embeds=context, batch_size=self.settings.score_batch_size,
                            length_normalize=self.settings.length_normalize)
 
-    def label_loss(self, texts: Sequence[str], labels: Sequence[str]) -> float:
+    def label_loss(self, texts: Sequence[str], labels: Sequence[str], scores: torch.Tensor | None = None) -> float:
         """Mean over texts of ``-scores[i, gold_i]``: the LM's NLL of the gold label tokens.
 
         Per token if ``length_normalize``. Not normalised over the C labels, so it is comparable to
         the training loss (cross-entropy over the vocabulary); used for the train-vs-test gap.
 
+        Args:
+            texts: the texts.
+            labels: their gold labels (keys of ``label_words``).
+            scores: ``self.scores(texts)`` if already computed (saves scoring the texts again).
+
         Raises:
-            ValueError: for unequal lengths or a label not in ``label_words``.
+            ValueError: for unequal lengths, a label not in ``label_words`` or ``scores`` of the wrong shape.
         """
         texts, labels = list(texts), [str(label) for label in labels]
         if len(texts) != len(labels) or not texts:
@@ -403,8 +408,13 @@ class BaseMethod:
         unknown = sorted(set(labels) - set(self.label_words))
         if unknown:
             raise ValueError(f"label {unknown[0]!r} is not in label_words; accepted: {', '.join(self.label_words)}")
-        gold = torch.tensor([self.labels.index(label) for label in labels])
-        return float(-self.scores(texts).gather(1, gold[:, None]).mean())
+        if scores is None:
+            scores = self.scores(texts)
+        elif tuple(scores.shape) != (len(texts), len(self.label_words)):
+            want = (len(texts), len(self.label_words))
+            raise ValueError(f"scores has shape {tuple(scores.shape)}; expected {want} (texts, labels)")
+        gold = torch.tensor([self.labels.index(label) for label in labels], device=scores.device)
+        return float(-scores.gather(1, gold[:, None]).mean())
 
 
 class ZeroShot(BaseMethod):

@@ -1,8 +1,12 @@
 """The PEFT baselines of :mod:`cptune.methods`: prompt tuning, instruction prompt tuning and LoRA.
 
 Each trains on a deep copy of the base model (made with PEFT's ``get_peft_model``), so the caller's
-model is never touched, with the loss on the label tokens only (labels -100 elsewhere; the mean over
-the batch's label tokens, Hugging Face's causal-LM loss). Scoring goes through the same
+model is never touched, with the loss on the label tokens only: the mean cross-entropy over the
+batch's label tokens, the value PEFT's own forward returns for labels that are -100 elsewhere (a test
+checks the two agree). Two things make it cheaper than PEFT's forward: logits are computed only at
+positions that predict a label token, and the prefix (soft prompt, and for ``ipt`` the
+demonstrations) is encoded once per step and its key/value cache shared by the batch's rows, with
+gradients flowing through it (:func:`cptune.prefix.expand_cache`). Scoring goes through the same
 :func:`cptune.evaluate.score_texts` as every other method:
 
 - ``pt``: the trained soft prompt ``(1, n, d)`` is the context of the original base model.
@@ -21,7 +25,8 @@ import copy
 import torch
 
 from cptune.context import build_context
-from cptune.methods import BaseMethod, label_batch, model_device, optimize
+from cptune.methods import IGNORE_INDEX, BaseMethod, label_batch, model_device, optimize
+from cptune.prefix import expand_cache
 
 
 def _peft():
@@ -34,6 +39,37 @@ def _peft():
 
 def _trainable(model) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def label_token_loss(model, batch: dict[str, torch.Tensor], prefix_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy over the label tokens of ``batch``, after an optional shared prefix.
+
+    Args:
+        model: a causal LM (with any LoRA layers active).
+        batch: ``input_ids``, ``attention_mask`` (right-padded) and ``labels`` (-100 where not scored),
+            each ``(B, T)``, from :func:`cptune.methods.label_batch`.
+        prefix_embeds: ``(1, P, d)`` embeddings before every row (encoded once), or ``None``.
+
+    Returns:
+        The scalar loss, the same as the model's own loss on ``[prefix, row]`` with the prefix unscored.
+    """
+    labels, mask = batch["labels"], batch["attention_mask"]
+    embeds = model.get_input_embeddings()(batch["input_ids"])  # (B, T, d)
+    b = labels.shape[0]
+    keep = torch.cat([labels[:, 1:] != IGNORE_INDEX, torch.zeros_like(labels[:, :1], dtype=torch.bool)], dim=1)
+    targets = labels[:, 1:][keep[:, :-1]]  # row-major, the order of the kept logits
+    kwargs = {"use_cache": False}
+    if prefix_embeds is not None:
+        prefix = model(inputs_embeds=prefix_embeds.to(embeds.dtype), use_cache=True, logits_to_keep=1)
+        p = prefix_embeds.shape[1]
+        kwargs = {"use_cache": True, "past_key_values": expand_cache(prefix.past_key_values, b)}
+        mask = torch.cat([torch.ones(b, p, dtype=mask.dtype, device=mask.device), mask], dim=1)  # (B, P+T)
+    logits = model(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=keep, **kwargs).logits  # (M, V)
+    first = labels[:, 0] != IGNORE_INDEX  # a label at position 0 is predicted by the prefix's last position
+    if prefix_embeds is not None and bool(first.any()):
+        logits = torch.cat([prefix.logits[0, -1:].expand(int(first.sum()), -1), logits], dim=0)
+        targets = torch.cat([labels[first, 0], targets])
+    return torch.nn.functional.cross_entropy(logits.float(), targets)
 
 
 class PromptTuning(BaseMethod):
@@ -62,6 +98,8 @@ class PromptTuning(BaseMethod):
         self.peft_model = peft.get_peft_model(copy.deepcopy(self.base_model), config)
         embedding = self.peft_model.prompt_encoder[self.peft_model.active_adapter].embedding
         ids = list(self.tokenizer(self.init_text(), add_special_tokens=False)["input_ids"])
+        if not ids:
+            raise ValueError(f"pt_init_text={self.init_text()!r} tokenizes to nothing; give a text with words")
         ids = (ids * (s.pt_tokens // len(ids) + 1))[: s.pt_tokens]
         word_embeddings = self.peft_model.get_input_embeddings()
         with torch.no_grad():
@@ -82,8 +120,8 @@ class PromptTuning(BaseMethod):
         num = self._queries["input_ids"].shape[0]
 
         def loss_of_rows(rows: torch.Tensor) -> torch.Tensor:
-            batch = label_batch(self._queries, rows, device, prefix_ids=self.demo_ids)
-            return model(**batch, use_cache=False).loss
+            return label_token_loss(model.get_base_model(), label_batch(self._queries, rows, device),
+                                    self.prefix_embeddings(model.get_prompt(batch_size=1)))
 
         losses = optimize(self.name, _trainable(model), loss_of_rows, num, self.settings, self.settings.pt_lr)
         self._keep_prompt()
@@ -94,15 +132,19 @@ class PromptTuning(BaseMethod):
         """``pt_tokens`` times the hidden size."""
         return self.prompt[0].numel()
 
-    def context_embeddings(self) -> torch.Tensor:
-        """``(1, n, d)`` soft prompt (``ipt``: followed by the demonstrations' embeddings)."""
+    def prefix_embeddings(self, prompt: torch.Tensor) -> torch.Tensor:
+        """``(1, n [+ N], d)``: ``prompt`` in the model's dtype, for ``ipt`` followed by the demonstrations."""
         embed = self.base_model.get_input_embeddings()
-        prompt = self.prompt.to(device=embed.weight.device, dtype=embed.weight.dtype)
+        prompt = prompt.to(device=embed.weight.device, dtype=embed.weight.dtype)
         if self.demo_ids is None:
             return prompt
         with torch.no_grad():
             demos = embed(self.demo_ids.to(embed.weight.device))[None]  # (1, N, d)
         return torch.cat([prompt, demos], dim=1)
+
+    def context_embeddings(self) -> torch.Tensor:
+        """``(1, n, d)`` soft prompt (``ipt``: followed by the demonstrations' embeddings)."""
+        return self.prefix_embeddings(self.prompt)
 
 
 class InstructionPromptTuning(PromptTuning):
@@ -141,7 +183,7 @@ class LoRA(BaseMethod):
         num = self._queries["input_ids"].shape[0]
 
         def loss_of_rows(rows: torch.Tensor) -> torch.Tensor:
-            return model(**label_batch(self._queries, rows, device), use_cache=False).loss
+            return label_token_loss(model.get_base_model(), label_batch(self._queries, rows, device))
 
         return optimize(self.name, _trainable(model), loss_of_rows, num, self.settings, self.settings.lora_lr)
 

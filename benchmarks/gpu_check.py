@@ -22,7 +22,7 @@ def check(dtype: str, steps: int) -> dict:
     import cptune
     from cptune.data import load_dataset, sample_splits
     from cptune.pretrained import load_model
-    from cptune.train import TrainSettings, train
+    from cptune.training import TrainSettings, train
 
     base, tok = load_model(dtype=dtype, device="cuda")
     template = cptune.Template("input: {x} output: {y}")

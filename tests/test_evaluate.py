@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -56,3 +58,23 @@ def test_metrics():
     assert m["confusion"] == [[2, 1, 0], [0, 1, 0], [0, 0, 1]]
     f1 = [2 * 2 / (2 * 2 + 0 + 1), 2 * 1 / (2 + 1 + 0), 1.0]
     assert m["macro_f1"] == pytest.approx(sum(f1) / 3)
+
+
+def test_no_texts_give_an_empty_score_matrix(tok):
+    base = tiny_model("llama")
+    assert score_texts(base, tok, TEMPLATE, LABEL_WORDS, [], None).shape == (0, 2)
+
+
+def test_queries_without_context_start_with_bos_when_the_tokenizer_adds_one(tok):
+    from tokenizers import processors
+
+    from cptune.evaluate import query_token_ids
+
+    with_bos = copy.deepcopy(tok)
+    with_bos._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", with_bos.bos_token_id)])
+    assert with_bos("a")["input_ids"][0] == with_bos.bos_token_id
+    ids = query_token_ids(["fun"], TEMPLATE, with_bos, add_bos=True)[0]
+    assert ids[0] == with_bos.bos_token_id and ids[1:] == query_token_ids(["fun"], TEMPLATE, tok)[0]
+    context = cptune.build_context([("fun", "pos")], TEMPLATE, with_bos, LABEL_WORDS)
+    assert context.token_ids[0] == with_bos.bos_token_id  # ICL/CPT contexts start with it too

@@ -8,7 +8,7 @@ import torch
 import cptune
 from conftest import DEMOS, LABEL_WORDS, QUERIES, TEMPLATE
 from cptune.roles import TokenRole
-from cptune.train import TrainSettings, train
+from cptune.training import TrainSettings, train
 from tiny import ARCHITECTURES, tiny_model
 
 

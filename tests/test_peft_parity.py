@@ -9,7 +9,7 @@ import torch
 from peft import PeftModel, get_peft_model
 
 import cptune
-from cptune.train import TrainSettings, batch_indices, train
+from cptune.training import TrainSettings, batch_indices, train
 from tiny import ARCHITECTURES, tiny_model
 
 warnings.filterwarnings("ignore", message=".*loss_type.*")

@@ -7,7 +7,7 @@ import torch
 
 import cptune
 from cptune.evaluate import score_texts
-from cptune.train import TrainSettings, train
+from cptune.training import TrainSettings, train
 from tiny import tiny_model
 
 
@@ -57,9 +57,8 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradient(context, querie
 
 
 def test_device_map_auto_keeps_the_context_on_the_embedding_device(context, queries, tmp_path):
-    from tiny import tiny_tokenizer
-
     from cptune.pretrained import load_model
+    from tiny import tiny_tokenizer
 
     tiny_model("qwen2").save_pretrained(tmp_path)
     tiny_tokenizer().save_pretrained(tmp_path)

@@ -13,7 +13,7 @@ import cptune
 from cptune.data import load_dataset, sample_splits
 from cptune.evaluate import score_texts
 from cptune.pretrained import load_model
-from cptune.train import TrainSettings, train
+from cptune.training import TrainSettings, train
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,7 @@ import torch
 
 import cptune
 from cptune.io import read_training_state
-from cptune.train import NonFiniteLossError, TrainSettings, batch_indices, train
+from cptune.training import NonFiniteLossError, TrainSettings, batch_indices, train
 from tiny import tiny_model
 
 

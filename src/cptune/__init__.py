@@ -7,7 +7,7 @@ from cptune.embedding import CPTEmbedding
 from cptune.model import CPTModel, get_cpt_model
 from cptune.roles import TokenRole
 from cptune.template import Template
-from cptune.train import TrainSettings, train
+from cptune.training import TrainSettings, train
 
 __version__ = "0.1.0"
 

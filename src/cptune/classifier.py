@@ -16,7 +16,7 @@ from cptune.io import load_adapter, save_adapter
 from cptune.model import get_cpt_model
 from cptune.pretrained import DEFAULT_MODEL, load_model, resolve_dtype
 from cptune.template import Template
-from cptune.train import TrainResult, TrainSettings, train
+from cptune.training import TrainResult, TrainSettings, train
 
 CLASSIFIER_FILE = "cptune_classifier.json"
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from cptune.demo import DemoSettings, format_table, run_demo
 from cptune.distributed import is_main_process
-from cptune.train import NonFiniteLossError
+from cptune.training import NonFiniteLossError
 
 EXIT_USAGE = 2
 CHECKPOINT_SUBDIR = "checkpoint"
@@ -119,7 +119,7 @@ def _load(args):
 def _run_train(args) -> int:
     from cptune.classifier import CPTClassifier, CPTSettings
     from cptune.data import sample_splits
-    from cptune.train import TrainSettings
+    from cptune.training import TrainSettings
 
     fmt, words = _dataset_defaults(args.data)
     template = args.template.replace("\\n", "\n") if args.template else fmt

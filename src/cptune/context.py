@@ -99,7 +99,7 @@ def build_context(
     ids: list[int] = []
     roles: list[int] = []
     index: list[int] = []
-    bos = _default_bos(tokenizer)
+    bos = default_bos(tokenizer)
     if bos is not None:
         ids.append(bos)
         roles.append(int(TokenRole.SEPARATOR))
@@ -119,7 +119,7 @@ def build_context(
     )
 
 
-def _default_bos(tokenizer) -> int | None:
+def default_bos(tokenizer) -> int | None:
     """The BOS id if the tokenizer prepends one by default, else None."""
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is None:

@@ -19,7 +19,7 @@ from cptune.evaluate import classification_metrics, score_texts
 from cptune.model import get_cpt_model
 from cptune.pretrained import DEFAULT_MODEL, load_model
 from cptune.template import Template
-from cptune.train import TrainSettings, train
+from cptune.training import TrainSettings, train
 
 DATASET_TEMPLATES = {
     "rotten_tomatoes": ("input: {x} output: {y}", {"negative": "negative", "positive": "positive"}),

@@ -49,6 +49,8 @@ def label_log_likelihoods(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
+    if not query_ids:
+        return torch.zeros(0, len(label_ids))
     single = all(len(ids) == 1 for ids in label_ids)
     scores = []
     for start in range(0, len(query_ids), batch_size):
@@ -123,11 +125,18 @@ def classification_metrics(predicted: Sequence[int], gold: Sequence[int], num_la
     return {"accuracy": accuracy, "macro_f1": sum(f1s) / num_labels, "confusion": confusion.tolist()}
 
 
-def query_token_ids(texts: Sequence[str], template, tokenizer) -> list[list[int]]:
-    """Token ids of each text rendered as a query up to its output template."""
+def query_token_ids(texts: Sequence[str], template, tokenizer, add_bos: bool = False) -> list[list[int]]:
+    """Token ids of each text rendered as a query up to its output template.
+
+    ``add_bos`` starts each query with the BOS token when the tokenizer adds one by default (for
+    queries scored without a context; a context starts with it already).
+    """
+    from cptune.context import default_bos
     from cptune.template import render_example
 
-    return [render_example(template, tokenizer, t, None, with_separator=False)[0] for t in texts]
+    bos = default_bos(tokenizer) if add_bos else None
+    prefix = [bos] if bos is not None else []
+    return [prefix + render_example(template, tokenizer, t, None, with_separator=False)[0] for t in texts]
 
 
 def score_texts(
@@ -161,7 +170,7 @@ def score_texts(
     return label_log_likelihoods(
         base_model,
         cache,
-        query_token_ids(texts, template, tokenizer),
+        query_token_ids(texts, template, tokenizer, add_bos=cache is None),
         [ids[label] for label in label_words],
         batch_size=batch_size,
         length_normalize=length_normalize,

@@ -157,7 +157,7 @@ def run_cell(cell: Cell, dataset: Dataset, base_model, tokenizer, model_name: st
         "labels": labels,
         "test_size": len(test),
         "train_loss": method.label_loss([ex.text for ex in shots], [ex.label for ex in shots]),
-        "test_loss": method.label_loss([ex.text for ex in test], [ex.label for ex in test]),
+        "test_loss": method.label_loss([ex.text for ex in test], [ex.label for ex in test], scores=scores),
         "fit_seconds": round(fit.seconds, 2),
         "score_seconds": round(score_seconds, 2),
         "trainable_parameters": fit.trainable_parameters,

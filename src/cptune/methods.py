@@ -38,7 +38,7 @@ from cptune.evaluate import score_texts
 from cptune.model import get_cpt_model
 from cptune.roles import TokenRole
 from cptune.template import Template, label_token_ids
-from cptune.train import NonFiniteLossError, TrainSettings, batch_indices, train
+from cptune.training import NonFiniteLossError, TrainSettings, batch_indices, train
 
 METHODS = ("zero-shot", "icl", "cpt", "pt", "ipt", "lora")
 """Names accepted by :func:`make_method`."""
@@ -54,7 +54,7 @@ class MethodSettings:
         steps: optimizer steps of every trained method (40: the setting measured in issue 3; with 4
             shots and batch 4 that is 40 passes over the shots).
         batch_size: training queries per step (4: one step sees all 4 shots of the default setting).
-        seed: orders the training batches (:func:`cptune.train.batch_indices`) and seeds random
+        seed: orders the training batches (:func:`cptune.training.batch_indices`) and seeds random
             initialisation (LoRA's A matrices); the same seed gives the same scores.
         cpt_lr: CPT's AdamW learning rate (1e-3: at 40 steps it beat the authors' demo value 1e-4,
             measured in issue 3; the demo used batch 1 and more steps).
@@ -266,7 +266,7 @@ def optimize(
 ) -> list[float]:
     """AdamW (no weight decay) with linear decay to 0 over ``settings.steps`` seeded batches.
 
-    The same schedule and batches as :func:`cptune.train.train`. Returns the loss of each step.
+    The same schedule and batches as :func:`cptune.training.train`. Returns the loss of each step.
 
     Raises:
         NonFiniteLossError: the loss became NaN or infinite.
@@ -442,7 +442,7 @@ class ICL(BaseMethod):
 class CPT(ICL):
     """Context-aware Prompt Tuning: the ICL context with trained, norm-bounded embedding corrections.
 
-    Trained with :func:`cptune.train.train` (decay-weighted loss on every label in context and
+    Trained with :func:`cptune.training.train` (decay-weighted loss on every label in context and
     query; projection after every step). After :meth:`prepare` alone, delta is zero and the scores
     equal ``icl``'s exactly.
     """

@@ -32,3 +32,9 @@ def test_bad_input_one_line_exit_2_no_files(args, message, tmp_path, capsys):
     assert code == 2
     assert len(err) == 1 and err[0].startswith("cptune: error:") and message in err[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["demo", "train", "eval", "predict", "datasets", "compare", "bench"])
+def test_every_command_has_help(command):
+    out = subprocess.run([sys.executable, "-m", "cptune", command, "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "usage:" in out.stdout

@@ -277,10 +277,24 @@ def _run_compare(args) -> int:
     return 0
 
 
+# -- bench -------------------------------------------------------------------------------------
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="cptune vs PEFT side by side on the embedded model; writes "
+                                     "docs/performance.md (see `cptune bench --help`)", add_help=False)
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+
+
+def _run_bench(args) -> int:
+    from cptune.bench import main as bench_main
+
+    return bench_main(args.bench_args)
+
+
 # -- entry point ------------------------------------------------------------------------------
 
 HANDLERS = {"demo": _run_demo, "train": _run_train, "eval": _run_eval, "predict": _run_predict,
-            "datasets": _run_datasets, "compare": _run_compare}
+            "datasets": _run_datasets, "compare": _run_compare, "bench": _run_bench}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -294,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict(sub)
     _add_datasets(sub)
     _add_compare(sub)
+    _add_bench(sub)
     return parser
 
 
@@ -307,6 +322,9 @@ def _quiet_transformers() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cptune`` command."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # the benchmark has its own parser (cptune.bench)
+        return _run_bench(argparse.Namespace(bench_args=argv[1:]))
     args = build_parser().parse_args(argv)
     _quiet_transformers()
     try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -12,7 +11,7 @@ import torch
 
 from cptune.context import build_context, render_queries
 from cptune.evaluate import score_texts
-from cptune.io import load_adapter, save_adapter
+from cptune.io import load_adapter, read_json_object, save_adapter
 from cptune.model import get_cpt_model
 from cptune.pretrained import DEFAULT_MODEL, load_model, resolve_dtype
 from cptune.template import Template
@@ -200,13 +199,7 @@ class CPTClassifier:
     @classmethod
     def load(cls, directory: str | Path, model: str | tuple | None = None, **kwargs) -> CPTClassifier:
         """Load a saved classifier; ``model`` overrides the base model recorded in it."""
-        path = Path(directory) / CLASSIFIER_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"no {CLASSIFIER_FILE} in {directory}; is it a folder saved by CPTClassifier?")
-        try:
-            info = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path} is not valid JSON ({err})") from None
+        info = read_json_object(directory, CLASSIFIER_FILE, "a folder saved by CPTClassifier")
         clf = cls(
             model=model if model is not None else info["model"],
             template=Template(**info["template"]),

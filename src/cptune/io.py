@@ -107,17 +107,30 @@ def save_adapter(
     atomic_write_dir(Path(save_directory), write)
 
 
-def read_config(directory) -> CPTConfig:
-    """Read and validate ``adapter_config.json`` from an adapter folder."""
-    path = Path(directory) / CONFIG_NAME
+def read_json_object(directory, name: str, what: str) -> dict[str, Any]:
+    """``directory/name`` parsed as a JSON object; one-line errors for missing, invalid or non-object files.
+
+    Args:
+        directory: the folder.
+        name: the file name.
+        what: what the folder should be, for the message (e.g. ``"a CPT adapter folder"``).
+    """
+    path = Path(directory) / name
     if not path.is_file():
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}; is it a CPT adapter folder?")
+        raise FileNotFoundError(f"no {name} in {directory}; is it {what}?")
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON ({err})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object")
+    return data
+
+
+def read_config(directory) -> CPTConfig:
+    """Read and validate ``adapter_config.json`` from an adapter folder."""
+    path = Path(directory) / CONFIG_NAME
+    data = read_json_object(directory, CONFIG_NAME, "a CPT adapter folder")
     if data.get("peft_type") != "CPT":
         raise ValueError(f"{path} describes a {data.get('peft_type')!r} adapter; cptune loads 'CPT' adapters")
     return CPTConfig.from_dict(data)

@@ -5,13 +5,17 @@ several batch sizes and context lengths; test-set classification throughput; exe
 FLOPs per step against the machine's measured fp32 matmul peak; loss, gradient and prediction
 agreement. It writes ``docs/performance.md`` and ``docs/performance.png``.
 
-Every measurement runs in a fresh subprocess (``--worker``) that prints one JSON line, so each peak
-RSS belongs to one (implementation, configuration). The driver alternates implementations per
-configuration (A B C, then B C A, ...) so drifts in machine load hit all of them, and records the
-CPU time other processes used during each timed window. PEFT is needed (``pip install 'cptune[test]'``).
+Every measurement runs in a fresh subprocess (``--worker ...``) that prints one JSON line. Step
+times come from one process per configuration that alternates the implementations step by step
+(A B C, B C A, ...), so drifts in machine load hit all of them; each peak RSS comes from its own
+process (one implementation, one configuration). The CPU time other processes used during every
+timed step is recorded. PEFT is needed (``pip install 'cptune[test]'``).
 
-    python benchmarks/bench.py            # full run (~20 min on 2 cores)
+    python benchmarks/bench.py            # full run (~22 min on 2 quiet cores)
     python benchmarks/bench.py --quick    # smoke run, writes to runs/bench-quick/
+
+Sections: worker side (measurements), driver side (spawning, saving), numbers for the report
+(FLOP formulas, goals), the report (markdown and plot), entry points (``main``, ``add_arguments``, ``run``).
 """
 
 from __future__ import annotations
@@ -239,6 +243,7 @@ def worker_train_time(shots: int, batch: int, steps: int, quiet_wait: float) -> 
         with counter:
             step[impl]()
         out[impl]["executed_flops"] = counter.get_total_flops()
+        out[impl]["flops_by_op"] = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
     waited = []
     for r in range(steps):
         waited.append(_wait_for_quiet(quiet_wait))
@@ -384,29 +389,48 @@ def worker_agree(shots: int, batch: int) -> dict:
     return result
 
 
-def worker_profile(shots: int, batch: int, top: int = 14) -> dict:
-    """torch.profiler tables of one training step of cptune and of PEFT (each after a warm-up step)."""
+def _profiled(fn, top: int) -> dict:
+    """Run ``fn`` once under torch.profiler (CPU); its ``top`` ops by self time."""
     from torch.profiler import ProfilerActivity, profile
 
-    from cptune import render_queries
+    _wait_for_quiet(QUIET_WAIT)
+    with _ForeignCPU() as foreign, profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        fn()
+        wall = time.perf_counter() - t0
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    rows = [{"op": e.key, "calls": e.count, "self_ms": e.self_cpu_time_total / 1e3,
+             "share": e.self_cpu_time_total / total} for e in events[:top]]
+    return {"wall_s": wall, "total_ms": total / 1e3, "ops": rows, "foreign_cores": foreign.cores}
 
-    base, tok, template, context, extra, _ = _setup(shots)
+
+def worker_profile(shots: int, batch: int, top: int = 14, classify_batches: int = 5) -> dict:
+    """Profiles: one training step of cptune and of PEFT; label scoring with the cached context and without."""
+    from cptune import render_queries
+    from cptune.evaluate import encode_context, label_log_likelihoods, query_token_ids
+    from cptune.template import label_token_ids
+
+    base, tok, template, context, extra, test = _setup(shots)
     base = _anonymous_copy(base)
     queries = render_queries(extra[:batch], template, tok, LABEL_WORDS)
     result = {"shots": shots, "batch": batch, "impls": {}}
     for impl in TRAIN_IMPLS[:2]:
         step = _step_fn(impl, base, context, queries)
-        step()
-        _wait_for_quiet(QUIET_WAIT)
-        with _ForeignCPU() as foreign, profile(activities=[ProfilerActivity.CPU]) as prof:
-            t0 = time.perf_counter()
-            step()
-            wall = time.perf_counter() - t0
-        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-        total = sum(e.self_cpu_time_total for e in events) or 1
-        rows = [{"op": e.key, "calls": e.count, "self_ms": e.self_cpu_time_total / 1e3,
-                 "share": e.self_cpu_time_total / total} for e in events[:top]]
-        result["impls"][impl] = {"wall_s": wall, "total_ms": total / 1e3, "ops": rows, "foreign_cores": foreign.cores}
+        step()  # warm-up
+        result["impls"][impl] = _profiled(step, top)
+    labels = list(label_token_ids(template, tok, LABEL_WORDS).values())
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    rows = query_token_ids([ex.text for ex in test[:classify_batches * 8]], template, tok)
+    with torch.no_grad():
+        cache = encode_context(base, _cptune_model(base, context).context_embeddings())
+
+    def scorer(context_cache):
+        return lambda: label_log_likelihoods(base, context_cache, rows, labels, 8, pad_id=pad)
+
+    scorer(cache)()  # warm-up
+    result["classify"] = {"examples": len(rows), "impls": {"cptune": _profiled(scorer(cache), top),
+                                                           "floor": _profiled(scorer(None), top)}}
     return result
 
 
@@ -668,9 +692,10 @@ def _plot(results: dict, path: Path) -> None:
         bars = ax.bar([i + (k - 1) * width for i in range(len(cls))],
                       [c["impls"][impl]["examples_per_s"] for c in cls], width, color=color, label=names[impl])
         ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    top = max(c["impls"][impl]["examples_per_s"] for c in cls for impl in CLASSIFY_IMPLS) or 1.0
     ax.set(title=f"classification, {cls[0]['examples']} examples, batch 8", ylabel="examples / s",
-           xticks=range(len(cls)), xticklabels=[f"{c['shots']} shots" for c in cls])
-    ax.legend()
+           xticks=range(len(cls)), xticklabels=[f"{c['shots']} shots" for c in cls], ylim=(0, 1.3 * top))
+    ax.legend(loc="upper center", ncol=3, fontsize=8)
     m = results["machine"]
     fig.suptitle(f"cptune vs PEFT {m['peft']} CPT, SmolLM2-135M fp32, {m['cpu']} ({m['cores']} cores)", fontsize=10)
     fig.tight_layout()
@@ -697,8 +722,9 @@ def _render_training(results: dict) -> list[str]:
                 continue
             lengths = c["query_lengths"]
             foreign = [f for impl in TRAIN_IMPLS for f in c["impls"][impl]["foreign"]]
-            out.append(f"| {s} ({c['context_tokens']}) | {b} | {min(lengths)}-{max(lengths)} (pad to "
-                       f"{c['padded_length']}) | " + " | ".join(f"{_median(c, i):.2f}" for i in TRAIN_IMPLS)
+            span = f"{min(lengths)}-{max(lengths)} (pad to {c['padded_length']})" if b > 1 else str(lengths[0])
+            out.append(f"| {s} ({c['context_tokens']}) | {b} | {span} | "
+                       + " | ".join(f"{_median(c, i):.2f}" for i in TRAIN_IMPLS)
                        + f" | {_paired(c, 'peft'):.2f}x ({_best(c, 'peft'):.2f}x) | "
                        f"{_paired(c, 'peft-nocache'):.2f}x ({_best(c, 'peft-nocache'):.2f}x) | "
                        + " | ".join(f"{_rss(results, i, s, b):.2f}" for i in TRAIN_IMPLS)
@@ -869,15 +895,86 @@ def _render_agreement(results: dict) -> list[str]:
     return out
 
 
-def _render_profile(prof: dict) -> list[str]:
-    impls = prof["impls"]
+def _op_share(prof_side: dict, *names: str) -> float:
+    return sum(o["share"] for o in prof_side["ops"] if any(n in o["op"] for n in names))
+
+
+def _kind_rates(prof_side: dict, timing: dict) -> str:
+    """'impl: matmul x% of time at y GFLOP/s, attention ...' from a profile and the counted FLOPs by op."""
+    by_op = timing.get("flops_by_op", {})
+    kinds = {"matmul": ("aten::mm", "aten::addmm", "aten::bmm"), "flash attention": ("flash_attention",)}
+    parts = []
+    for kind, names in kinds.items():
+        ms = sum(o["self_ms"] for o in prof_side["ops"] if any(n in o["op"] for n in names))
+        flops = sum(n for op, n in by_op.items() if any(k in op.replace("aten.", "aten::", 1) for k in names))
+        rate = f" at {flops / (ms / 1e3) / 1e9:.0f} GFLOP/s" if flops and ms else ""
+        parts.append(f"{kind} {100 * ms / prof_side['total_ms']:.0f}% of the time{rate}")
+    return f"{timing['impl']} " + ", ".join(parts)
+
+
+def _render_misses(results: dict) -> list[str]:
+    """For every missed goal: what bounds it, from this run's FLOP counts, timings and profiles."""
+    missed = [(g, v) for g, v, verdict in _goals(results) if verdict == "missed"]
+    out = ["## Reading the misses", ""]
+    if not missed:
+        return out + ["None: every goal was met in this run."]
+    peak, prof = _peak(results), results.get("profile") or {}
+    _, batches = _axes(results)
+    for goal, value in missed:
+        shots = int(goal.split(" shots")[0].split()[-1])
+        if goal.startswith(f"training step, batch {max(batches)}"):
+            c = _train(results, shots, max(batches))
+            p = _faster_peft(c)
+            ex_c, ex_p = c["impls"]["cptune"]["executed_flops"], c["impls"][p]["executed_flops"]
+            eff_c, eff_p = ex_c / _median(c, "cptune") / peak, ex_p / _median(c, p) / peak
+            target = float(goal.split(">= ")[1].split("x")[0])
+            useful = useful_flops(c["dims"], c["context_tokens"], c["context_labels"], c["query_lengths"])
+            text = (f"- **{goal}: {value}.** The layout cuts the executed FLOPs {ex_p / ex_c:.2f}x "
+                    f"({ex_p / 1e9:.0f} -> {ex_c / 1e9:.0f} GFLOP), but cptune's step runs at {100 * eff_c:.0f}% of "
+                    f"the matmul peak against PEFT's {100 * eff_p:.0f}% (efficiency ratio {eff_c / eff_p:.2f}; "
+                    f"{target:g}x needs {target / (ex_p / ex_c):.2f}). cptune executes "
+                    f"{100 * (ex_c / useful - 1):.0f}% more than the useful {useful / 1e9:.0f} GFLOP (queries padded "
+                    "within its length buckets; masked attention computed densely).")
+            side = prof.get("impls", {})
+            if prof.get("shots") == shots and prof.get("batch") == max(batches) and "cptune" in side:
+                text += " Achieved rates by kind of work (profile time, this run's FLOP counts): " + "; ".join(
+                    _kind_rates(side[impl], c["impls"][impl]) for impl in ("cptune", "peft") if impl in side) + "."
+            out.append(text)
+        elif goal.startswith("training step, batch 1"):
+            c = _train(results, shots, 1)
+            out.append(f"- **{goal}: {value}.** At batch 1 cptune runs PEFT's layout (executed "
+                       f"{c['impls']['cptune']['executed_flops'] / 1e9:.0f} vs "
+                       f"{c['impls']['peft']['executed_flops'] / 1e9:.0f} GFLOP); spreads "
+                       + ", ".join(f"{i} {_spread(c['impls'][i]['times'])} s" for i in TRAIN_IMPLS) + ".")
+        elif goal.startswith("peak RSS"):
+            out.append(f"- **{goal}: {value}.** See the peak RSS table above: the loaded model is a floor for both.")
+        elif goal.startswith("classification") and "queries alone" in goal:
+            c = _classify(results, shots)
+            f = classify_flops(c["dims"], c["context_tokens"], c["query_lengths"], c["batch"])
+            text = (f"- **{goal}: {value}.** FLOPs alone bound it at {f['cptune'] / f['floor']:.2f}x: the "
+                    f"{c['context_tokens']}-token context is encoded once and every query token attends to "
+                    f"{c['context_tokens']} more keys. The rest is work that the FLOP count does not see")
+            cls = prof.get("classify", {}).get("impls", {})
+            if prof.get("shots") == shots and "cptune" in cls and "floor" in cls:
+                mine, floor = cls["cptune"], cls["floor"]
+                text += (f"; in the scoring profile, copies (`aten::cat`, `aten::copy_`) take "
+                         f"{100 * _op_share(mine, 'aten::cat', 'aten::copy_'):.0f}% of cptune's time against "
+                         f"{100 * _op_share(floor, 'aten::cat', 'aten::copy_'):.0f}% of the floor's (each batch "
+                         "concatenates the expanded context keys/values into a new cache, per layer) and flash "
+                         f"attention {100 * _op_share(mine, 'flash_attention'):.0f}% against "
+                         f"{100 * _op_share(floor, 'flash_attention'):.0f}%")
+            out.append(text + ".")
+        elif goal.startswith("classification"):
+            c = _classify(results, shots)
+            f = classify_flops(c["dims"], c["context_tokens"], c["query_lengths"], c["batch"])
+            out.append(f"- **{goal}: {value}.** The FLOP ratio is {f['peft'] / f['cptune']:.2f}x.")
+    return out
+
+
+def _profile_table(impls: dict) -> list[str]:
     ops = list(dict.fromkeys(o["op"] for x in impls.values() for o in x["ops"]))
     by_op = {impl: {o["op"]: o for o in x["ops"]} for impl, x in impls.items()}
-    out = [f"## Profile: one training step, {prof['shots']} shots, batch {prof['batch']}", "",
-           "`torch.profiler` (CPU), self time per op, each implementation's most expensive ops; wall time under",
-           "the profiler: " + ", ".join(f"{i} {x['wall_s']:.2f} s (other CPU {x['foreign_cores']:.2f})"
-                                        for i, x in impls.items()) + ".", "",
-           "| op | " + " | ".join(f"{i} calls | {i} self ms | {i} share" for i in impls) + " |",
+    out = ["| op | " + " | ".join(f"{i} calls | {i} self ms | {i} share" for i in impls) + " |",
            "|---|" + "---|---|---|" * len(impls)]
     for op in ops:
         cells = []
@@ -888,13 +985,31 @@ def _render_profile(prof: dict) -> list[str]:
     return out
 
 
+def _walls(impls: dict) -> str:
+    return ", ".join(f"{i} {x['wall_s']:.2f} s (other CPU {x['foreign_cores']:.2f})" for i, x in impls.items())
+
+
+def _render_profile(prof: dict) -> list[str]:
+    out = [f"## Profiles ({prof['shots']} shots)", "",
+           "`torch.profiler` (CPU), self time per op, each side's most expensive ops.", "",
+           f"One training step at batch {prof['batch']}; wall time under the profiler: {_walls(prof['impls'])}.", ""]
+    out += _profile_table(prof["impls"])
+    if cls := prof.get("classify"):
+        out += ["", f"Label scoring of {cls['examples']} test examples, batch 8, with the cached context (cptune) and",
+                f"without a context (floor); wall time under the profiler: {_walls(cls['impls'])}.", ""]
+        out += _profile_table(cls["impls"])
+    return out
+
+
 def render_report(results: dict) -> str:
     m = results["machine"]
     threads = results["train"][0]["threads"]
     out = [
         "# Performance: cptune vs PEFT's CPT", "",
-        "Generated by `cptune.bench` (`benchmarks/bench.py`) from one run; rerun it with:", "",
+        "Generated by `cptune.bench` (`benchmarks/bench.py`) from one run, measured with:", "",
         f"    {results['command']}", "",
+        "Rerun it, rewriting this file and `performance.png`, with `python benchmarks/bench.py` (or `cptune bench`;",
+        "`--help` lists the options; `--report-only runs/bench/results.json` re-renders saved results).", "",
         "Model: the embedded SmolLM2-135M-Instruct (llama, 30 layers, hidden 576, vocabulary 49,152), float32.",
         "Data: Rotten Tomatoes snippets (a stand-in for SST-2/MR; seeded splits, seed 0), template",
         "`input: {x} output: {y}`, labels `negative`/`positive`, loss decay 0.95.", "",
@@ -929,7 +1044,7 @@ def render_report(results: dict) -> str:
     out += [""] + _render_training(results) + [""] + _render_flops(results)
     if results["classify"]:
         out += [""] + _render_classify(results)
-    out += [""] + _render_agreement(results) + [""] + _render_bounds(results)
+    out += [""] + _render_agreement(results) + [""] + _render_bounds(results) + [""] + _render_misses(results)
     if prof := results.get("profile"):
         out += [""] + _render_profile(prof)
     out += ["", "![step time vs batch, classification throughput](performance.png)", ""]

@@ -63,6 +63,28 @@ def test_train_eval_predict(tiny_dir, tmp_path, capsys):
         assert abs(sum(row["probabilities"].values()) - 1) < 1e-5
         assert row["label"] == max(row["probabilities"], key=row["probabilities"].get)
 
+    # --calibrate: the probabilities divided by the content-free ones after the same context
+    from cptune import CPTClassifier
+    from cptune.evaluate import CONTENT_FREE_TEXTS, contextual_calibration
+
+    assert main(["predict", str(out), *texts, "--calibrate"]) == 0
+    calibrated = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    clf = CPTClassifier.load(out)
+    expected = contextual_calibration(clf.decision_scores(texts), clf.decision_scores(list(CONTENT_FREE_TEXTS))).exp()
+    for row, probs in zip(calibrated, expected.tolist(), strict=True):
+        assert [row["probabilities"][c] for c in clf.classes_] == pytest.approx(probs, abs=2e-6)
+    assert [r["probabilities"] for r in calibrated] != [r["probabilities"] for r in from_args]
+    # saved with calibration on (train --calibrate): predict calibrates unless told --no-calibrate
+    assert json.loads((out / "cptune_classifier.json").read_text())["calibrate"] is False
+    on = tmp_path / "clf-calibrated"
+    assert main(["train", "--model", str(tiny_dir), *TRAIN, "--steps", "4", "--calibrate", "--output", str(on)]) == 0
+    assert json.loads((on / "cptune_classifier.json").read_text())["calibrate"] is True
+    capsys.readouterr()
+    assert main(["predict", str(on), *texts]) == 0
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == calibrated
+    assert main(["predict", str(on), *texts, "--no-calibrate"]) == 0
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == from_args
+
 
 @pytest.mark.parametrize(
     "args, message",

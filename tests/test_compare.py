@@ -5,7 +5,7 @@ import json
 import pytest
 
 from cptune.cli import main
-from cptune.experiments import append_result, make_grid, read_results
+from cptune.experiments import append_result, loss_table, make_grid, paired_table, read_results, summary_table
 from tiny import save_tiny_model
 
 GRID = ["--dataset", "rotten_tomatoes", "--shots", "2", "--seeds", "0", "1", "--methods", "zero-shot", "icl", "cpt",
@@ -26,10 +26,13 @@ def test_grid_report_and_resume(tiny_dir, tmp_path, capsys):
     for r in rows:
         assert 0 <= r["accuracy"] <= 1 and r["test_size"] == 4 and r["data"]["sha256"]
         assert r["train_loss"] >= 0 and r["test_loss"] >= 0
+        assert 0 <= r["calibrated"]["accuracy"] <= 1 and sum(map(sum, r["calibrated"]["confusion"])) == 4
+        assert abs(sum(r["content_free_probs"]) - 1) < 1e-5
     for name in ("results.md", "accuracy.png", "gap.png"):
         assert (out / name).stat().st_size > 0
     table = (out / "results.md").read_text()
     assert "| rotten_tomatoes | cpt |" in table and "(n=2)" in table
+    assert "## Accuracy with contextual calibration" in table and "| icl | 2 |" in table  # paired: cpt vs icl
 
     # a killed run: the last line half-written. Rerun: it is discarded and only that cell reruns.
     text = (out / "results.jsonl").read_bytes()
@@ -79,3 +82,21 @@ def test_compare_mistakes(args, message, tiny_dir, tmp_path, capsys):
 def test_only_filters_the_grid():
     cells = make_grid(["a", "b"], [2, 4], [0, 1], ["icl", "cpt"], only="dataset=b,shots=4")
     assert {(c.dataset, c.shots) for c in cells} == {("b", 4)} and len(cells) == 4
+
+
+def _row(seed, method, accuracy, calibrated, train_loss=0.5, test_loss=0.7):
+    return {"dataset": "d", "shots": 2, "seed": seed, "method": method, "accuracy": accuracy,
+            "calibrated": {"accuracy": calibrated}, "train_loss": train_loss, "test_loss": test_loss}
+
+
+def test_report_tables_from_known_rows():
+    rows = [_row(0, "cpt", 0.8, 0.9, 0.2, 0.6), _row(1, "cpt", 0.6, 0.7, 0.4, 0.8),
+            _row(0, "icl", 0.7, 0.9, 0.9, 0.9), _row(1, "icl", 0.6, 0.5, 0.7, 0.7),
+            _row(2, "icl", 0.9, 0.9)]  # seed 2 has no cpt cell: not paired
+    assert "| d | cpt | 0.700 ± 0.141 (n=2) |" in summary_table(rows)
+    assert "| d | icl | 0.733 ± 0.153 (n=3) |" in summary_table(rows)
+    assert "| d | cpt | 0.800 ± 0.141 (n=2) |" in summary_table(rows, "calibrated_accuracy")
+    # cpt - icl on seeds 0 and 1: +0.1 and 0.0 -> mean +0.050, 1 win, 1 tie, 0 losses
+    assert "| icl | 2 | +0.050 | 1 / 1 / 0 |" in paired_table(rows)
+    assert "| icl | 2 | +0.100 | 1 / 1 / 0 |" in paired_table(rows, metric="calibrated_accuracy")
+    assert "| cpt | 2 | 0.300 | 0.700 | +0.400 |" in loss_table(rows)

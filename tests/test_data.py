@@ -586,8 +586,7 @@ def test_zero_shots_and_empty_splits(rt):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"shots": 3}, "shots=3 must be a non-negative multiple of the number of classes \\(2\\)"),
-        ({"test_size": 5}, "test_size=5"),
+        ({"test_size": 5}, "test_size=5 must be a non-negative multiple of the number of classes \\(2\\)"),
         ({"extra_train": 1}, "extra_train=1"),
         ({"shots": -2}, "shots=-2"),
         ({"shots": 2.0}, "shots=2.0"),
@@ -597,6 +596,24 @@ def test_bad_counts(rt, kwargs, message):
     args = {"shots": 2, "test_size": 2, "seed": 0, **kwargs}
     with pytest.raises(ValueError, match=message):
         sample_splits(rt, **args)
+
+
+def test_shots_not_a_multiple_of_the_classes(builtins):
+    """k shots of a C-class task: k // C per class, a seeded choice of k % C classes gets one more."""
+    sentiment = builtins["movie_sentiment_5"]
+    seen = set()
+    for seed in range(6):
+        shots, _, test = sample_splits(sentiment, shots=7, test_size=10, seed=seed)
+        counts = sorted(sum(ex.label == label for ex in shots) for label in sentiment.labels)
+        assert counts == [1, 1, 1, 2, 2]
+        assert not {ex.text for ex in shots} & {ex.text for ex in test}
+        # Rounds: every class once (seeded order), then the two extra classes.
+        assert len({ex.label for ex in shots[:5]}) == 5 and len({ex.label for ex in shots[5:]}) == 2
+        assert sample_splits(sentiment, shots=7, test_size=10, seed=seed)[0] == shots  # seeded
+        seen.add(frozenset(ex.label for ex in shots[5:]))
+    assert len(seen) > 1  # the extra classes depend on the seed
+    two = sample_splits(sentiment, shots=2, test_size=0, seed=0)[0]
+    assert len(two) == 2 and two[0].label != two[1].label
 
 
 def test_too_many_shots(rt, builtins):

@@ -5,7 +5,7 @@ import torch
 
 import cptune
 from conftest import LABEL_WORDS, TEMPLATE
-from cptune.evaluate import classification_metrics, score_texts
+from cptune.evaluate import CONTENT_FREE_TEXTS, classification_metrics, contextual_calibration, score_texts
 from cptune.template import label_token_ids, render_example
 from tiny import ARCHITECTURES, tiny_model
 
@@ -78,3 +78,43 @@ def test_queries_without_context_start_with_bos_when_the_tokenizer_adds_one(tok)
     assert ids[0] == with_bos.bos_token_id and ids[1:] == query_token_ids(["fun"], TEMPLATE, tok)[0]
     context = cptune.build_context([("fun", "pos")], TEMPLATE, with_bos, LABEL_WORDS)
     assert context.token_ids[0] == with_bos.bos_token_id  # ICL/CPT contexts start with it too
+
+
+def test_contextual_calibration_divides_by_the_content_free_probabilities():
+    # Zhao et al.: p = (0.7, 0.3), content-free p_cf = mean of (0.9, 0.1) and (0.7, 0.3) = (0.8, 0.2);
+    # p / p_cf = (0.875, 1.5) -> (0.368..., 0.631...): the prediction flips to the second label.
+    scores = torch.log(torch.tensor([[0.7, 0.3]])) + 5.0  # any offset: scores are renormalised
+    content_free = torch.log(torch.tensor([[0.9, 0.1], [0.7, 0.3]]))
+    calibrated = contextual_calibration(scores, content_free).exp()
+    expected = torch.tensor([[0.875, 1.5]]) / 2.375
+    torch.testing.assert_close(calibrated, expected)
+    # An unbiased context (uniform p_cf) changes nothing but the normalisation.
+    uniform = torch.zeros(3, 2)
+    torch.testing.assert_close(contextual_calibration(scores, uniform), torch.log_softmax(scores, dim=-1))
+
+
+@pytest.mark.parametrize(
+    ("scores", "content_free", "message"),
+    [
+        (torch.zeros(2, 2), torch.zeros(0, 2), "content_free_scores must be \\(m, C\\) with m >= 1; got \\(0, 2\\)"),
+        (torch.zeros(2, 3), torch.zeros(1, 2), "scores \\(2, 3\\) and content_free_scores \\(1, 2\\)"),
+    ],
+)
+def test_contextual_calibration_rejects_mismatched_shapes(scores, content_free, message):
+    with pytest.raises(ValueError, match=message):
+        contextual_calibration(scores, content_free)
+
+
+@pytest.mark.parametrize("with_context", [False, True])
+def test_score_texts_calibrate_uses_the_content_free_inputs_after_the_same_context(tok, with_context):
+    base = tiny_model("llama")
+    context = None
+    if with_context:
+        ctx = cptune.build_context([("fun", "pos"), ("dull", "neg")], TEMPLATE, tok, LABEL_WORDS)
+        context = base.get_input_embeddings()(ctx.token_ids.view(1, -1)).detach()
+    raw = score_texts(base, tok, TEMPLATE, LABEL_WORDS, TEXTS, context)
+    content_free = score_texts(base, tok, TEMPLATE, LABEL_WORDS, list(CONTENT_FREE_TEXTS), context)
+    calibrated = score_texts(base, tok, TEMPLATE, LABEL_WORDS, TEXTS, context, calibrate=True)
+    torch.testing.assert_close(calibrated, contextual_calibration(raw, content_free))
+    assert not torch.allclose(calibrated, torch.log_softmax(raw, dim=-1))  # the tiny model is biased
+    torch.testing.assert_close(calibrated.exp().sum(-1), torch.ones(len(TEXTS)))

@@ -58,6 +58,9 @@ class CPTClassifier:
         train: optimizer settings (default: 40 steps, batch 4, AdamW lr 1e-3, linear decay).
         cpt: CPT's settings (epsilons, loss decay).
         length_normalize: score labels by mean instead of total token log-likelihood.
+        calibrate: contextual calibration (Zhao et al. 2021) of the label probabilities: divide them
+            by those of content-free inputs after the same learned context
+            (:func:`cptune.evaluate.contextual_calibration`).
         batch_size: texts per forward when predicting.
         progress: show a progress bar while training.
         dtype: the base model's dtype when it is loaded by name (``float32``, ``bfloat16``,
@@ -78,6 +81,7 @@ class CPTClassifier:
         train: TrainSettings | None = None,
         cpt: CPTSettings | None = None,
         length_normalize: bool = False,
+        calibrate: bool = False,
         batch_size: int = 8,
         progress: bool = False,
         dtype: str = "float32",
@@ -89,6 +93,9 @@ class CPTClassifier:
         self.train_settings = train or TrainSettings(steps=40, batch_size=4, lr=1e-3)
         self.cpt_settings = cpt or CPTSettings()
         self.length_normalize = length_normalize
+        if not isinstance(calibrate, bool):
+            raise ValueError(f"calibrate={calibrate!r} must be True or False")
+        self.calibrate = calibrate
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         self.batch_size = batch_size
@@ -161,13 +168,15 @@ class CPTClassifier:
         return self.cpt_model
 
     def decision_scores(self, texts: Sequence[str]) -> torch.Tensor:
-        """``(n, C)`` label log-likelihoods after the learned context."""
+        """``(n, C)`` label log-likelihoods after the learned context (calibrated log-probabilities
+        when :attr:`calibrate` is set)."""
         model = self._require_fitted()
         base, tokenizer = self._base()
         with torch.no_grad():
             context = model.context_embeddings()
         return score_texts(base, tokenizer, self.template, self.label_words, list(texts), context,
-                           batch_size=self.batch_size, length_normalize=self.length_normalize)
+                           batch_size=self.batch_size, length_normalize=self.length_normalize,
+                           calibrate=self.calibrate)
 
     def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
         """``(n, C)`` class probabilities (softmax over the label scores), columns as :attr:`classes_`."""
@@ -188,6 +197,7 @@ class CPTClassifier:
             "train": asdict(self.train_settings),
             "cpt": asdict(self.cpt_settings),
             "length_normalize": self.length_normalize,
+            "calibrate": self.calibrate,
             "dtype": self.dtype,
             "examples": [list(pair) for pair in self.examples],
         }
@@ -207,6 +217,7 @@ class CPTClassifier:
             train=TrainSettings(**info["train"]),
             cpt=CPTSettings(**info["cpt"]),
             length_normalize=info.get("length_normalize", False),
+            calibrate=info.get("calibrate", False),
             **{"dtype": info.get("dtype", "float32"), **kwargs},
         )
         clf.examples = [tuple(pair) for pair in info.get("examples", [])]

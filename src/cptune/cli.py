@@ -85,6 +85,8 @@ def _add_train(sub) -> None:
     p.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or float64 (default: %(default)s)")
     p.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every N steps (default: at the end)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUTPUT/checkpoint")
+    p.add_argument("--calibrate", action="store_true",
+                   help="save the classifier with contextual calibration on (Zhao et al. 2021; default: off)")
     p.add_argument("--output", required=True, help="folder to write the classifier (a PEFT-loadable adapter)")
 
 
@@ -134,7 +136,7 @@ def _run_train(args) -> int:
     dataset = _load(args)
     shots, _, _ = sample_splits(dataset, args.shots, 0, args.seed)
     clf = CPTClassifier(args.model, template=template, labels=words, train=settings, cpt=cpt, progress=True,
-                        dtype=args.dtype)
+                        dtype=args.dtype, calibrate=args.calibrate)
     output = Path(args.output)
     checkpoint = output / CHECKPOINT_SUBDIR
     if args.resume and not checkpoint.is_dir():
@@ -154,15 +156,17 @@ def _add_eval(sub) -> None:
     _add_data_args(p)
     p.add_argument("--test-size", type=int, default=200, help="balanced test examples (default: %(default)s)")
     p.add_argument("--output", default=None, help="also write the metrics as JSON to this file")
+    p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=None,
+                   help="contextual calibration of the label probabilities (Zhao et al. 2021); "
+                        "default: as the classifier was saved")
 
 
 def _run_eval(args) -> int:
-    from cptune.classifier import CPTClassifier
     from cptune.data import Dataset, sample_splits
     from cptune.demo import write_json_atomic
     from cptune.evaluate import classification_metrics
 
-    clf = CPTClassifier.load(args.classifier)
+    clf = _load_classifier(args)
     dataset = _load(args)
     seen = {text for text, _ in clf.examples}
     unseen = Dataset(dataset.name, [ex for ex in dataset.examples if ex.text not in seen], dataset.labels,
@@ -175,11 +179,20 @@ def _run_eval(args) -> int:
     metrics = classification_metrics([clf.classes_.index(p) for p in predicted],
                                      [clf.classes_.index(ex.label) for ex in test], len(clf.classes_))
     report = {"classifier": str(args.classifier), "data": dataset.name, "test_size": len(test), "seed": args.seed,
-              **metrics, "labels": clf.classes_}
+              "calibrated": clf.calibrate, **metrics, "labels": clf.classes_}
     print(json.dumps({k: report[k] for k in ("accuracy", "macro_f1", "confusion", "labels")}))
     if args.output:
         write_json_atomic(Path(args.output), report)
     return 0
+
+
+def _load_classifier(args):
+    from cptune.classifier import CPTClassifier
+
+    clf = CPTClassifier.load(args.classifier)
+    if args.calibrate is not None:
+        clf.calibrate = args.calibrate
+    return clf
 
 
 def _add_predict(sub) -> None:
@@ -188,10 +201,12 @@ def _add_predict(sub) -> None:
     p.add_argument("classifier", help="folder written by `cptune train`")
     p.add_argument("texts", nargs="*", help="texts to classify (default: read --file or standard input)")
     p.add_argument("--file", default=None, help="a text file, one text per line")
+    p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=None,
+                   help="contextual calibration of the label probabilities (Zhao et al. 2021); "
+                        "default: as the classifier was saved")
 
 
 def _run_predict(args) -> int:
-    from cptune.classifier import CPTClassifier
 
     if args.texts and args.file:
         raise UserError("give texts as arguments or --file, not both")
@@ -203,7 +218,7 @@ def _run_predict(args) -> int:
             texts = path.read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError:
             raise UserError(f"--file {path} is not UTF-8 text") from None
-    clf = CPTClassifier.load(args.classifier)  # a wrong folder fails before waiting on standard input
+    clf = _load_classifier(args)  # a wrong folder fails before waiting on standard input
     if args.texts:
         texts = list(args.texts)
     elif not args.file:

@@ -377,7 +377,9 @@ def sample_splits(
 
     Args:
         dataset: The dataset to sample from.
-        shots: Total number of demonstrations, a multiple of the number of classes.
+        shots: Total number of demonstrations. When it is not a multiple of the number of classes C,
+            every class gets ``shots // C`` and a seeded random choice of ``shots % C`` classes one
+            more (2 shots of a 5-class task show 2 of the classes, as in true k-shot sampling).
         test_size: Total number of test examples, a multiple of the number of classes.
         seed: Random seed; the same seed gives the same splits.
         extra_train: Total number of extra labelled training queries, a multiple of the number of classes.
@@ -386,16 +388,19 @@ def sample_splits(
         ``(shots, extra_train, test)`` lists of examples.
 
     Raises:
-        ValueError: If a count is not a non-negative multiple of the number of classes, or a class has
+        ValueError: If shots is negative, test_size or extra_train is not a non-negative multiple of
+            the number of classes, or a class has
             too few distinct texts.
     """
     labels = dataset.labels
-    sizes = [
-        _per_class(n, what, len(labels))
-        for n, what in ((shots, "shots"), (extra_train, "extra_train"), (test_size, "test_size"))
-    ]
-    wanted = sum(sizes)
+    if not isinstance(shots, int) or isinstance(shots, bool) or shots < 0:
+        raise ValueError(f"shots={shots!r} must be a non-negative integer")
+    extra_size, test_per_class = (_per_class(n, what, len(labels))
+                                  for n, what in ((extra_train, "extra_train"), (test_size, "test_size")))
     rng = random.Random(seed)
+    base_shots, remainder = divmod(shots, len(labels))
+    lucky = set(rng.sample(list(labels), remainder)) if remainder else set()  # no draw when balanced
+    shot_counts = {label: base_shots + (label in lucky) for label in labels}
     pools: dict[str, list[Example]] = {label: [] for label in labels}
     for ex in dataset.examples:
         pools[ex.label].append(ex)
@@ -403,6 +408,8 @@ def sample_splits(
     picked: dict[str, list[list[Example]]] = {}
     for label in labels:
         pool = pools[label]
+        sizes = (shot_counts[label], extra_size, test_per_class)
+        wanted = sum(sizes)
         distinct = len({ex.text for ex in pool})
         if distinct < wanted:
             raise ValueError(
@@ -427,10 +434,10 @@ def sample_splits(
             chosen[sizes[0] + sizes[1] :],
         ]
     demos: list[Example] = []
-    for round_index in range(sizes[0]):
+    for round_index in range(base_shots + (remainder > 0)):
         order = list(labels)
         rng.shuffle(order)
-        demos.extend(picked[label][0][round_index] for label in order)
+        demos.extend(picked[label][0][round_index] for label in order if shot_counts[label] > round_index)
     extra = _shuffled([ex for label in labels for ex in picked[label][1]], rng)
     test = _shuffled([ex for label in labels for ex in picked[label][2]], rng)
     return demos, extra, test

@@ -4,15 +4,25 @@ The context is encoded once; its key/value cache is reused, expanded without cop
 batch of queries. A label is scored by the log-likelihood of its full token sequence after the
 query (optionally divided by its length). When every label is a single token, one forward of the
 query prefix gives all scores at once.
+
+Contextual calibration (Zhao et al. 2021, "Calibrate Before Use") is available on top of any scores:
+score a few content-free inputs (:data:`CONTENT_FREE_TEXTS`) after the same context, average their
+label probabilities into ``p_cf``, and divide every query's label probabilities by ``p_cf``
+(:func:`contextual_calibration`). It removes the bias a context gives some labels (the majority or
+the last demonstration's label, or a label word the model simply prefers).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
 from cptune.prefix import expand_cache
+
+CONTENT_FREE_TEXTS = ("N/A", "", "[MASK]")
+"""The content-free inputs of Zhao et al. (2021), scored to estimate the context's label bias."""
 
 
 @torch.no_grad()
@@ -109,6 +119,29 @@ def _score_sequences(base_model, cache, rows, label_ids, pad_id, length_normaliz
     return out.view(len(rows), len(label_ids))
 
 
+def contextual_calibration(scores: torch.Tensor, content_free_scores: torch.Tensor) -> torch.Tensor:
+    """Calibrated label log-probabilities (Zhao et al. 2021).
+
+    Both inputs are label scores from the same context (``(n, C)`` and ``(m, C)``); each row is turned
+    into label probabilities with a softmax over the C labels. With ``p_cf`` the mean probability
+    of the ``m`` content-free rows, every row ``p`` becomes ``p / p_cf``, renormalised.
+
+    Returns:
+        ``(n, C)`` log-probabilities; each row's exponentials sum to 1.
+
+    Raises:
+        ValueError: if the label counts differ or there is no content-free row.
+    """
+    if content_free_scores.ndim != 2 or content_free_scores.shape[0] == 0:
+        raise ValueError(f"content_free_scores must be (m, C) with m >= 1; got {tuple(content_free_scores.shape)}")
+    if scores.ndim != 2 or scores.shape[1] != content_free_scores.shape[1]:
+        raise ValueError(f"scores {tuple(scores.shape)} and content_free_scores {tuple(content_free_scores.shape)} "
+                         "must have the same number of labels")
+    log_p_cf = torch.logsumexp(torch.log_softmax(content_free_scores.float(), dim=-1), dim=0) - math.log(
+        content_free_scores.shape[0])  # (C,) log of the mean probability
+    return torch.log_softmax(torch.log_softmax(scores.float(), dim=-1) - log_p_cf, dim=-1)
+
+
 def classification_metrics(predicted: Sequence[int], gold: Sequence[int], num_labels: int) -> dict:
     """Accuracy, macro-F1 and the confusion matrix (rows gold, columns predicted)."""
     confusion = torch.zeros(num_labels, num_labels, dtype=torch.long)
@@ -148,6 +181,7 @@ def score_texts(
     context_embeds: torch.Tensor | None = None,
     batch_size: int = 8,
     length_normalize: bool = False,
+    calibrate: bool = False,
 ) -> torch.Tensor:
     """``(len(texts), num_labels)`` label log-likelihoods after an optional context.
 
@@ -161,18 +195,24 @@ def score_texts(
             embeddings for ICL); ``None`` for zero-shot.
         batch_size: queries per forward.
         length_normalize: divide each label's score by its token count.
+        calibrate: apply :func:`contextual_calibration` with :data:`CONTENT_FREE_TEXTS` scored after
+            the same context; the result is then calibrated log-probabilities over the labels.
     """
     from cptune.template import label_token_ids
 
     ids = label_token_ids(template, tokenizer, label_words)
     cache = encode_context(base_model, context_embeds)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return label_log_likelihoods(
+    texts = list(texts)
+    scores = label_log_likelihoods(
         base_model,
         cache,
-        query_token_ids(texts, template, tokenizer, add_bos=cache is None),
+        query_token_ids(texts + list(CONTENT_FREE_TEXTS) * calibrate, template, tokenizer, add_bos=cache is None),
         [ids[label] for label in label_words],
         batch_size=batch_size,
         length_normalize=length_normalize,
         pad_id=pad,
     )
+    if not calibrate:
+        return scores
+    return contextual_calibration(scores[: len(texts)], scores[len(texts) :])

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cptune.data import DATASET_DEFAULTS, Dataset, load_dataset, sample_splits
-from cptune.evaluate import classification_metrics
+from cptune.evaluate import CONTENT_FREE_TEXTS, classification_metrics, contextual_calibration
 from cptune.methods import METHODS, MethodSettings, make_method
 from cptune.pretrained import DEFAULT_MODEL, load_model
 from cptune.template import Template
@@ -146,14 +146,18 @@ def run_cell(cell: Cell, dataset: Dataset, base_model, tokenizer, model_name: st
     method = make_method(cell.method, base_model, tokenizer, template, words, settings.replace(seed=cell.seed))
     fit = method.fit(shots)
     start = time.perf_counter()
-    scores = method.scores([ex.text for ex in test])
+    scores = method.scores([ex.text for ex in test] + list(CONTENT_FREE_TEXTS))
     score_seconds = time.perf_counter() - start
+    scores, content_free = scores[: len(test)], scores[len(test) :]
+    calibrated = contextual_calibration(scores, content_free)
     labels = list(words)
     gold = [labels.index(ex.label) for ex in test]
     metrics = classification_metrics(scores.argmax(-1).tolist(), gold, len(labels))
     return {
         **asdict(cell),
         **metrics,
+        "calibrated": classification_metrics(calibrated.argmax(-1).tolist(), gold, len(labels)),
+        "content_free_probs": torch.softmax(content_free.float(), dim=-1).mean(0).tolist(),
         "labels": labels,
         "test_size": len(test),
         "train_loss": method.label_loss([ex.text for ex in shots], [ex.label for ex in shots]),
@@ -203,11 +207,23 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def summary_table(rows: list[dict]) -> str:
-    """Markdown: accuracy mean +- std over seeds, one row per (dataset, method), one column per shot count."""
+def _metric(row: dict, metric: str) -> float | None:
+    """``accuracy``/``macro_f1`` of a row, or ``calibrated_accuracy``/``calibrated_macro_f1`` (None if absent)."""
+    if metric.startswith("calibrated_"):
+        return row.get("calibrated", {}).get(metric.removeprefix("calibrated_"))
+    return row.get(metric)
+
+
+def summary_table(rows: list[dict], metric: str = "accuracy") -> str:
+    """Markdown: ``metric`` mean +- std over seeds, one row per (dataset, method), one column per shot count.
+
+    ``metric``: ``accuracy``, ``macro_f1``, ``calibrated_accuracy`` or ``calibrated_macro_f1``.
+    """
     groups: dict[tuple, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
-        groups[(r["dataset"], r["method"])][r["shots"]].append(r["accuracy"])
+        value = _metric(r, metric)
+        if value is not None:
+            groups[(r["dataset"], r["method"])][r["shots"]].append(value)
     shots = sorted({r["shots"] for r in rows})
     lines = ["| dataset | method | " + " | ".join(f"{k} shots" for k in shots) + " |",
              "|---|---|" + "---|" * len(shots)]
@@ -224,6 +240,50 @@ def summary_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def paired_table(rows: list[dict], reference: str = "cpt", metric: str = "accuracy") -> str:
+    """Markdown: ``reference`` minus each other method on the same (dataset, shots, seed) cells.
+
+    Columns: cells compared, mean difference, and wins / ties / losses of ``reference``.
+    """
+    by_key = {(r["dataset"], r["shots"], r["seed"], r["method"]): _metric(r, metric) for r in rows}
+    lines = [f"| {reference} vs | cells | mean difference | {reference} wins / ties / losses |", "|---|---|---|---|"]
+    for other in METHODS:
+        if other == reference:
+            continue
+        diffs = [v - by_key[(d, k, s, other)] for (d, k, s, m), v in by_key.items()
+                 if m == reference and v is not None and by_key.get((d, k, s, other)) is not None]
+        if diffs:
+            wins, losses = sum(x > 1e-12 for x in diffs), sum(x < -1e-12 for x in diffs)
+            lines.append(f"| {other} | {len(diffs)} | {statistics.fmean(diffs):+.3f} | "
+                         f"{wins} / {len(diffs) - wins - losses} / {losses} |")
+    return "\n".join(lines)
+
+
+def loss_table(rows: list[dict]) -> str:
+    """Markdown: mean train loss (label NLL on the shots), test loss and their gap, per method."""
+    lines = ["| method | cells | train loss | test loss | gap (test - train) |", "|---|---|---|---|---|"]
+    for method in METHODS:
+        mine = [r for r in rows if r["method"] == method and _finite(r.get("train_loss"), r.get("test_loss"))]
+        if mine:
+            train = statistics.fmean(r["train_loss"] for r in mine)
+            test = statistics.fmean(r["test_loss"] for r in mine)
+            lines.append(f"| {method} | {len(mine)} | {train:.3f} | {test:.3f} | {test - train:+.3f} |")
+    return "\n".join(lines)
+
+
+def report_markdown(rows: list[dict]) -> str:
+    """The ``results.md`` of a grid: accuracy tables (raw and calibrated), paired differences, losses."""
+    parts = ["## Accuracy (mean ± std over seeds)", "", summary_table(rows, "accuracy"), ""]
+    if any("calibrated" in r for r in rows):
+        parts += ["## Accuracy with contextual calibration (Zhao et al. 2021)", "",
+                  summary_table(rows, "calibrated_accuracy"), ""]
+    parts += ["## Macro-F1", "", summary_table(rows, "macro_f1"), ""]
+    if any(r["method"] == "cpt" for r in rows):
+        parts += ["## CPT against each method, same cells (accuracy)", "", paired_table(rows), ""]
+    parts += ["## Train vs test loss (label NLL; the generalisation gap)", "", loss_table(rows), ""]
+    return "\n".join(parts)
+
+
 def write_report(rows: list[dict], output: Path) -> list[Path]:
     """Write ``results.md``, ``accuracy.png`` and ``gap.png`` into ``output`` (atomically); return the paths."""
     import matplotlib
@@ -235,8 +295,7 @@ def write_report(rows: list[dict], output: Path) -> list[Path]:
 
     output = Path(output)
     written = []
-    table = summary_table(rows)
-    write_text_atomic(output / "results.md", table + "\n")
+    write_text_atomic(output / "results.md", report_markdown(rows))
     written.append(output / "results.md")
 
     datasets = sorted({r["dataset"] for r in rows})

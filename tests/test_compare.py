@@ -70,13 +70,42 @@ def test_append_after_damage_starts_a_new_line(tmp_path):
     "args, message",
     [(["--methods", "gpt4"], "unknown method 'gpt4'"), (["--only", "shots"], "key=value"),
      (["--only", "seed=9"], "selects no cell"), (["--shots", "0"], "shots=0"), (["--dataset", "imdb"], "imdb"),
-     (["--test-size", "0"], "--test-size=0")],
+     (["--test-size", "0"], "--test-size=0"), (["--set", "cpt_lr"], "NAME=VALUE"),
+     (["--set", "lr=1"], "NAME=VALUE with NAME one of: steps"),
+     (["--set", "cpt_lr=fast"], "'fast' is not a valid float"),
+     (["--set", "cpt_lr=-1"], "cpt_lr=-1.0 must be a finite number > 0"),
+     (["--set", "length_normalize=maybe"], "not a valid bool"), (["--template", "{x}"], "{y}"),
+     (["--label-words", "negative=bad"], "label 'positive' of dataset 'rotten_tomatoes' has no label word")],
 )
 def test_compare_mistakes(args, message, tiny_dir, tmp_path, capsys):
     code = main(["compare", "--model", str(tiny_dir), *GRID, *args, "--output", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0], err
     assert not (tmp_path / "o").exists()
+
+
+def test_settings_template_and_label_words_reach_the_cells_and_guard_resume(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "tuned"
+    grid = ["compare", "--model", str(tiny_dir), "--dataset", "rotten_tomatoes", "--shots", "2", "--seeds", "0",
+            "--methods", "cpt", "--test-size", "4", "--output", str(out)]
+    tuned = ["--set", "cpt_lr=1e-4", "--set", "decay=1", "--set", "steps=2",
+             "--template", "Review: {x}\\nSentiment: {y}", "--label-words", "negative=bad,positive=good"]
+    assert main([*grid, *tuned]) == 0
+    (row,) = read_results(out / "results.jsonl")[0]
+    assert row["settings"]["cpt_lr"] == 1e-4 and row["settings"]["decay"] == 1.0 and row["settings"]["steps"] == 2
+    assert row["template"] == "Review: {x}\nSentiment: {y}"
+    assert row["label_words"] == {"negative": "bad", "positive": "good"}
+    capsys.readouterr()
+    # the same output with other settings: refused, one line, nothing appended
+    before = (out / "results.jsonl").read_bytes()
+    assert main([*grid, *tuned[:-2]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "label_words={'negative': 'bad', 'positive': 'good'}" in err[0], err
+    assert main([*grid, *tuned[2:]]) == 2
+    assert "cpt_lr=0.0001, this run has cpt_lr=0.001;" in capsys.readouterr().err
+    assert (out / "results.jsonl").read_bytes() == before
+    assert main([*grid, *tuned]) == 0  # same settings: the done cell is skipped
+    assert (out / "results.jsonl").read_bytes() == before
 
 
 def test_only_filters_the_grid():

@@ -264,16 +264,49 @@ def _add_compare(sub) -> None:
     p.add_argument("--model", default="smollm2-135m", help="base model (default: %(default)s)")
     p.add_argument("--test-size", type=int, default=200, help="balanced test examples (default: %(default)s)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps of trained methods (default: 40)")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="a method setting, e.g. cpt_lr=1e-4 or decay=1 (repeatable; names: cptune.MethodSettings)")
+    p.add_argument("--template", default=None, help="{x} and {y} format; \\n for newline (default: each dataset's)")
+    p.add_argument("--label-words", default=None, help="label=word,label=word (default: each dataset's)")
     p.add_argument("--only", default=None, help="run only matching cells, e.g. dataset=subj,shots=4,seed=0,method=cpt")
     p.add_argument("--report-only", action="store_true", help="do not run cells; rebuild the table and plots")
     p.add_argument("--output", required=True, help="folder for results.jsonl, results.md, accuracy.png, gap.png")
+
+
+def _method_settings(settings, items: list[str]):
+    """``settings`` with each ``NAME=VALUE`` of ``--set`` applied, the value read as the field's type."""
+    types = {f.name: type(getattr(settings, f.name)) for f in fields(settings)}
+    changes = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        name = name.strip()
+        if not sep or name not in types:
+            raise UserError(f"--set {item!r} is not NAME=VALUE with NAME one of: {', '.join(types)}")
+        kind = types[name]
+        try:
+            if kind is bool:
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                value = text.lower() in ("true", "1")
+            elif text.lower() == "none" and kind is type(None):
+                value = None
+            elif kind is type(None):
+                value = text
+            else:
+                value = kind(text)
+        except ValueError:
+            raise UserError(f"--set {item!r}: {text!r} is not a valid {kind.__name__}") from None
+        changes[name] = value
+    return settings.replace(**changes)
 
 
 def _run_compare(args) -> int:
     from cptune.experiments import RESULTS_NAME, make_grid, read_results, run_grid, summary_table, write_report
     from cptune.methods import MethodSettings
 
-    settings = MethodSettings() if args.steps is None else MethodSettings(steps=args.steps)
+    settings = _method_settings(MethodSettings(), args.set)
+    if args.steps is not None:
+        settings = settings.replace(steps=args.steps)
     if args.test_size < 1:
         raise UserError(f"--test-size={args.test_size} must be >= 1")
     output = Path(args.output)
@@ -283,7 +316,13 @@ def _run_compare(args) -> int:
             raise UserError(f"no results in {output / RESULTS_NAME}")
     else:
         cells = make_grid(args.dataset, args.shots, args.seeds, args.methods, args.only)
-        rows = run_grid(cells, output, model=args.model, test_size=args.test_size, settings=settings)
+        from cptune.template import Template
+
+        template = args.template.replace("\\n", "\n") if args.template else None
+        if template is not None:
+            Template(template)  # check it before loading anything
+        rows = run_grid(cells, output, model=args.model, test_size=args.test_size, settings=settings,
+                        template=template, label_words=_parse_label_words(args.label_words))
     if not is_main_process():
         return 0
     write_report(rows, output)

@@ -136,11 +136,27 @@ def _splits(dataset: Dataset, cell: Cell, test_size: int):
     return shots, test
 
 
+def cell_format(dataset: Dataset, template: str | None = None,
+                label_words: dict[str, str] | None = None) -> tuple[str, dict[str, str]]:
+    """The template and label words a cell uses: the given ones, else the dataset's defaults.
+
+    Raises:
+        ValueError: if ``label_words`` misses a label of the dataset.
+    """
+    fmt, words = DATASET_DEFAULTS.get(dataset.name, ("input: {x} output: {y}", None))
+    words = dict(label_words) if label_words is not None else (
+        dict(words) if words is not None else {label: label for label in dataset.labels})
+    missing = [label for label in dataset.labels if label not in words]
+    if missing:
+        raise ValueError(f"label {missing[0]!r} of dataset {dataset.name!r} has no label word; "
+                         f"its labels: {', '.join(dataset.labels)}")
+    return (template if template is not None else fmt), {label: words[label] for label in dataset.labels}
+
+
 def run_cell(cell: Cell, dataset: Dataset, base_model, tokenizer, model_name: str, test_size: int,
-             settings: MethodSettings) -> dict:
-    """Fit and evaluate one cell; returns its result row."""
-    fmt, words = DATASET_DEFAULTS[cell.dataset] if cell.dataset in DATASET_DEFAULTS else (
-        "input: {x} output: {y}", {label: label for label in dataset.labels})
+             settings: MethodSettings, template: str | None = None, label_words: dict[str, str] | None = None) -> dict:
+    """Fit and evaluate one cell; returns its result row (``template``/``label_words``: see :func:`cell_format`)."""
+    fmt, words = cell_format(dataset, template, label_words)
     template = Template(fmt)
     shots, test = _splits(dataset, cell, test_size)
     method = make_method(cell.method, base_model, tokenizer, template, words, settings.replace(seed=cell.seed))
@@ -175,12 +191,44 @@ def run_cell(cell: Cell, dataset: Dataset, base_model, tokenizer, model_name: st
     }
 
 
+def _run_config(row: dict) -> dict:
+    """What, besides the cell, decides a row's result (compared when a grid resumes)."""
+    settings = {k: v for k, v in row.get("settings", {}).items() if k != "seed"}
+    return {"model": row.get("model"), "test_size": row.get("test_size"), "template": row.get("template"),
+            "label_words": row.get("label_words"), "settings": settings}
+
+
+def _check_same_config(rows: list[dict], expected: dict[str, dict], path: Path) -> None:
+    for r in rows:
+        want = expected.get(r["dataset"])
+        if want is None:
+            continue
+        have = _run_config(r)
+        diff = [k for k in want if have[k] != want[k]]
+        if diff:
+            key = diff[0]
+            if key == "settings":
+                key = next(k for k in want["settings"] if have["settings"].get(k) != want["settings"][k])
+                there, now = have["settings"].get(key), want["settings"][key]
+            else:
+                there, now = have[key], want[key]
+            raise ValueError(f"{path} holds cells run with {key}={there!r}, this run has {key}={now!r}; "
+                             "use another --output (cells are only resumed under the same settings)")
+
+
 def run_grid(cells: Iterable[Cell], output: Path, model: str = DEFAULT_MODEL, test_size: int = 200,
-             settings: MethodSettings | None = None, progress: bool = True) -> list[dict]:
+             settings: MethodSettings | None = None, progress: bool = True, template: str | None = None,
+             label_words: dict[str, str] | None = None) -> list[dict]:
     """Run every cell not yet in ``output/results.jsonl``; append one line per finished cell.
+
+    ``template`` and ``label_words`` replace the datasets' defaults (see :func:`cell_format`).
 
     Returns:
         All rows in the file afterwards (earlier ones included).
+
+    Raises:
+        ValueError: if the file holds cells of the same datasets run with other settings, template,
+            label words, model or test size (resuming would mix them).
     """
     settings = settings or MethodSettings()
     output = Path(output)
@@ -188,14 +236,22 @@ def run_grid(cells: Iterable[Cell], output: Path, model: str = DEFAULT_MODEL, te
     rows, damaged = read_results(path)
     if damaged and progress:
         print(f"skipping {damaged} damaged line(s) in {path} (an interrupted run); their cells will rerun")
+    cells = list(cells)
+    datasets = {name: load_dataset(name) for name in dict.fromkeys(c.dataset for c in cells)}
+    expected = {}
+    for name, dataset in datasets.items():
+        fmt, words = cell_format(dataset, template, label_words)
+        expected[name] = _run_config({"model": model, "test_size": test_size, "template": fmt, "label_words": words,
+                                      "settings": asdict(settings)})
+    _check_same_config(rows, expected, path)
     done = {tuple(r[k] for k in CELL_KEYS) for r in rows}
     todo = [c for c in cells if c.key() not in done]
-    datasets = {name: load_dataset(name) for name in dict.fromkeys(c.dataset for c in todo)}
     base_model, tokenizer = load_model(model) if todo else (None, None)
     bar = tqdm(todo, desc="compare", disable=not progress)
     for cell in bar:
         bar.set_postfix_str(f"{cell.dataset} k={cell.shots} seed={cell.seed} {cell.method}")
-        row = run_cell(cell, datasets[cell.dataset], base_model, tokenizer, model, test_size, settings)
+        row = run_cell(cell, datasets[cell.dataset], base_model, tokenizer, model, test_size, settings,
+                       template, label_words)
         append_result(path, row)
         rows.append(row)
     return rows

@@ -356,23 +356,29 @@ def write_report(rows: list[dict], output: Path) -> list[Path]:
 
     datasets = sorted({r["dataset"] for r in rows})
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), squeeze=False)
-    for ax, dataset in zip(axes[0], datasets, strict=True):
-        for method in methods:
-            points = defaultdict(list)
-            for r in rows:
-                if r["dataset"] == dataset and r["method"] == method:
-                    points[r["shots"]].append(r["accuracy"])
-            if points:
-                ks = sorted(points)
-                means = [statistics.fmean(points[k]) for k in ks]
-                stds = [statistics.stdev(points[k]) if len(points[k]) > 1 else 0.0 for k in ks]
-                ax.errorbar(ks, means, yerr=stds, marker="o", capsize=3, label=method)
-        ax.set_title(dataset)
-        ax.set_xlabel("shots")
-        ax.set_ylabel("test accuracy")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend()
+    metrics = ["accuracy"] + (["calibrated_accuracy"] if any("calibrated" in r for r in rows) else [])
+    fig, axes = plt.subplots(len(metrics), len(datasets), figsize=(5 * len(datasets), 4 * len(metrics)),
+                             squeeze=False, sharey=True)
+    for axes_row, metric in zip(axes, metrics, strict=True):
+        for ax, dataset in zip(axes_row, datasets, strict=True):
+            for offset, method in enumerate(methods):
+                points = defaultdict(list)
+                for r in rows:
+                    if r["dataset"] == dataset and r["method"] == method and _metric(r, metric) is not None:
+                        points[r["shots"]].append(_metric(r, metric))
+                if points:
+                    ks = sorted(points)
+                    means = [statistics.fmean(points[k]) for k in ks]
+                    stds = [statistics.stdev(points[k]) if len(points[k]) > 1 else 0.0 for k in ks]
+                    shift = 1 + 0.025 * (offset - (len(methods) - 1) / 2)  # spread the error bars apart
+                    ax.errorbar([k * shift for k in ks], means, yerr=stds, marker="o", capsize=3, label=method)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(sorted({r["shots"] for r in rows}), [str(k) for k in sorted({r["shots"] for r in rows})])
+            ax.set_title(dataset if metric == "accuracy" else f"{dataset}, contextual calibration")
+            ax.set_xlabel("shots")
+            ax.set_ylabel("test accuracy (mean ± std over seeds)")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     written.append(_save_png(fig, output / "accuracy.png"))
     plt.close(fig)

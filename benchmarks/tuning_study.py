@@ -2,9 +2,10 @@
 
 Each variant is one ``cptune compare`` run (its own output folder, so resuming never mixes settings)
 on one dataset and shot count, 5 seeds, 100 test examples: the same cells (splits) as
-``benchmarks/results_grid.sh``. Variants run ``--jobs`` at a time, one thread each; rerunning
-resumes. The table (CPT accuracy, raw and calibrated, mean +- std over the seeds; zero-shot and ICL
-where the variant changes what they see) is printed and written to ``OUT/tuning.md``.
+``benchmarks/results_grid.sh``, whose results (``--baseline``, default ``runs/compare``) are the
+"defaults" row. Variants run ``--jobs`` at a time, one thread each; rerunning resumes. The table
+(CPT accuracy, raw and calibrated, mean +- std over the seeds; zero-shot and ICL where the variant
+changes what they see) is printed and written to ``OUT/tuning.md``.
 
     python benchmarks/tuning_study.py --dataset rotten_tomatoes --shots 4
     python benchmarks/tuning_study.py --report-only --dataset rotten_tomatoes --shots 4
@@ -28,14 +29,12 @@ SEEDS = ["0", "1", "2", "3", "4"]
 
 
 def variants(dataset: str) -> list[tuple[str, list[str], list[str]]]:
-    """(name, methods, extra compare arguments) of every variant."""
+    """(name, methods, extra compare arguments) of every variant (the defaults come from the grid)."""
     cpt = ["cpt"]
     out = [
-        ("default", cpt, []),
         ("lr 1e-4", cpt, ["--set", "cpt_lr=1e-4"]),
         ("lr 3e-3", cpt, ["--set", "cpt_lr=3e-3"]),
         ("80 steps", cpt, ["--set", "steps=80"]),
-        ("eps 0.05 / 0.025", cpt, ["--set", "eps_input=0.05", "--set", "eps_format=0.025"]),
         ("eps 1.0 / 0.5", cpt, ["--set", "eps_input=1", "--set", "eps_format=0.5"]),
         ("no loss decay (1.0)", cpt, ["--set", "decay=1"]),
         ("template Review/Sentiment", ["zero-shot", "icl", "cpt"], ["--template", "Review: {x}\\nSentiment: {y}"]),
@@ -75,8 +74,12 @@ def report(args) -> str:
              "seeds; *cal.*: with contextual calibration.", "",
              "| variant | CPT | CPT cal. | ICL | ICL cal. | zero-shot | zero-shot cal. | CPT seeds |",
              "|---|---|---|---|---|---|---|---|"]
-    for name, _, extra in variants(args.dataset):
-        rows, _ = read_results(Path(args.out) / folder(name) / "results.jsonl")
+    baseline = Path(args.baseline)
+    grid = [r for path in [baseline / "results.jsonl", *sorted(baseline.glob("parts/*/results.jsonl"))]
+            for r in read_results(path)[0] if r["dataset"] == args.dataset and r["shots"] == args.shots]
+    grid = list({(r["seed"], r["method"]): r for r in grid}.values())  # parts and their merge hold the same cells
+    for name, _, extra in [("defaults, from the grid", None, []), *variants(args.dataset)]:
+        rows = grid if _ is None else read_results(Path(args.out) / folder(name) / "results.jsonl")[0]
         cells = []
         for method in ("cpt", "icl", "zero-shot"):
             mine = [r for r in rows if r["method"] == method]
@@ -93,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shots", type=int, default=4)
     parser.add_argument("--jobs", type=int, default=2, help="variants run at a time (default: %(default)s)")
     parser.add_argument("--out", default=None, help="folder (default: runs/tuning/DATASET-SHOTS)")
+    parser.add_argument("--baseline", default="runs/compare", help="the grid's folder (default: %(default)s)")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args(argv)
     args.out = args.out or f"runs/tuning/{args.dataset}-{args.shots}"

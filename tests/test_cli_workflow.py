@@ -180,3 +180,19 @@ def test_same_seed_same_predictions(tiny_dir, tmp_path):
                             train=TrainSettings(steps=3, batch_size=2, lr=1e-2, seed=4))
         probs.append(clf.fit(texts, labels).predict_proba(["what a film", "dull"]))
     assert (probs[0] == probs[1]).all()
+
+
+def test_train_on_a_file_with_fewer_shots_than_classes_knows_every_class(tiny_dir, tmp_path, capsys):
+    data = tmp_path / "three.csv"
+    rows = [f"{word} text {i},{label}" for i in range(6) for word, label in
+            (("sunny", "weather"), ("goal", "sport"), ("vote", "politics"))]
+    data.write_text("text,label\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "clf"
+    assert main(["train", "--model", str(tiny_dir), "--data", str(data), "--shots", "2", "--steps", "1",
+                 "--output", str(out)]) == 0
+    info = json.loads((out / "cptune_classifier.json").read_text())
+    assert len(info["examples"]) == 2 and len({label for _, label in info["examples"]}) == 2
+    assert set(info["label_words"]) == {"weather", "sport", "politics"}  # not only the two the shots show
+    capsys.readouterr()
+    assert main(["eval", str(out), "--data", str(data), "--test-size", "3"]) == 0
+    assert json.loads(capsys.readouterr().out)["labels"] == ["politics", "sport", "weather"]

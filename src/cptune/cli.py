@@ -73,7 +73,8 @@ def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a CPT classifier on k balanced shots and save it")
     _add_data_args(p)
     p.add_argument("--model", default="smollm2-135m", help="base model (default: %(default)s)")
-    p.add_argument("--shots", type=int, default=4, help="demonstrations, balanced (default: %(default)s)")
+    p.add_argument("--shots", type=int, default=4,
+                   help="demonstrations, balanced over the classes as far as the count allows (default: %(default)s)")
     p.add_argument("--template", default=None, help="format with {x} and {y}; \\n for newline (default: the dataset's)")
     p.add_argument("--label-words", default=None, help="label=word,label=word (default: the dataset's)")
     p.add_argument("--steps", type=int, default=40, help="optimizer steps (default: %(default)s)")
@@ -134,6 +135,8 @@ def _run_train(args) -> int:
     if args.checkpoint_every is not None and args.checkpoint_every < 1:
         raise UserError(f"--checkpoint-every={args.checkpoint_every} must be >= 1")
     dataset = _load(args)
+    if words is None:  # every class of the data, also those the shots happen not to show
+        words = {label: label for label in dataset.labels}
     shots, _, _ = sample_splits(dataset, args.shots, 0, args.seed)
     clf = CPTClassifier(args.model, template=template, labels=words, train=settings, cpt=cpt, progress=True,
                         dtype=args.dtype, calibrate=args.calibrate)
@@ -207,7 +210,6 @@ def _add_predict(sub) -> None:
 
 
 def _run_predict(args) -> int:
-
     if args.texts and args.file:
         raise UserError("give texts as arguments or --file, not both")
     if args.file:
@@ -280,18 +282,19 @@ def _method_settings(settings, items: list[str]):
     for item in items:
         name, sep, text = item.partition("=")
         name = name.strip()
+        if name == "seed":
+            raise UserError(f"--set {item!r}: each cell's seed comes from --seeds; give --seeds {text or 'N'}")
         if not sep or name not in types:
-            raise UserError(f"--set {item!r} is not NAME=VALUE with NAME one of: {', '.join(types)}")
+            names = ", ".join(n for n in types if n != "seed")
+            raise UserError(f"--set {item!r} is not NAME=VALUE with NAME one of: {names}")
         kind = types[name]
         try:
             if kind is bool:
                 if text.lower() not in ("true", "false", "1", "0"):
                     raise ValueError
                 value = text.lower() in ("true", "1")
-            elif text.lower() == "none" and kind is type(None):
-                value = None
-            elif kind is type(None):
-                value = text
+            elif kind is type(None):  # a text field whose default is None (pt_init_text)
+                value = None if text.lower() == "none" else text
             else:
                 value = kind(text)
         except ValueError:

@@ -208,8 +208,9 @@ def _check_same_config(rows: list[dict], expected: dict[str, dict], path: Path) 
         if diff:
             key = diff[0]
             if key == "settings":
-                key = next(k for k in want["settings"] if have["settings"].get(k) != want["settings"][k])
-                there, now = have["settings"].get(key), want["settings"][key]
+                names = sorted(set(have["settings"]) | set(want["settings"]))
+                key = next(k for k in names if have["settings"].get(k) != want["settings"].get(k))
+                there, now = have["settings"].get(key), want["settings"].get(key)
             else:
                 there, now = have[key], want[key]
             raise ValueError(f"{path} holds cells run with {key}={there!r}, this run has {key}={now!r}; "

@@ -1,0 +1,16 @@
+"""The benchmark's fixed settings: data, CPT fields, implementations compared, measuring defaults."""
+
+TEMPLATE_TEXT = "input: {x} output: {y}"
+LABEL_WORDS = {"negative": "negative", "positive": "positive"}
+CPT_FIELDS = dict(opt_weighted_loss_type="decay", opt_loss_decay_factor=0.95, opt_projection_epsilon=0.2,
+                  opt_projection_format_epsilon=0.1)
+SEED = 0
+TEST_SIZE = 200
+NUM_TRAIN_QUERIES = 8  # real Rotten Tomatoes examples used as training queries (the largest batch)
+LR = 1e-3
+TRAIN_IMPLS = ("cptune", "peft", "peft-nocache")
+CLASSIFY_IMPLS = ("cptune", "peft", "floor")
+GIB = 1024**3
+PEAK_SIZE = 2048  # fp32 matmul peak: (PEAK_SIZE x PEAK_SIZE) @ (PEAK_SIZE x PEAK_SIZE)
+QUIET_WAIT = 10.0  # default longest wait (s) for other processes to go quiet before a measured round
+BATCH1_NOISE = 0.95  # batch-1 ratio at or above this counts as "no slower" within run-to-run noise

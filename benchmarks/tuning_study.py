@@ -34,9 +34,9 @@ def variants(dataset: str) -> list[tuple[str, list[str], list[str]]]:
     out = [
         ("lr 1e-4", cpt, ["--set", "cpt_lr=1e-4"]),
         ("lr 3e-3", cpt, ["--set", "cpt_lr=3e-3"]),
+        ("template Review/Sentiment", ["zero-shot", "icl", "cpt"], ["--template", "Review: {x}\\nSentiment: {y}"]),
         ("eps 1.0 / 0.5", cpt, ["--set", "eps_input=1", "--set", "eps_format=0.5"]),
         ("no loss decay (1.0)", cpt, ["--set", "decay=1"]),
-        ("template Review/Sentiment", ["zero-shot", "icl", "cpt"], ["--template", "Review: {x}\\nSentiment: {y}"]),
     ]
     return out
 

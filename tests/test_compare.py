@@ -5,7 +5,15 @@ import json
 import pytest
 
 from cptune.cli import main
-from cptune.experiments import append_result, loss_table, make_grid, paired_table, read_results, summary_table
+from cptune.experiments import (
+    append_result,
+    calibration_table,
+    loss_table,
+    make_grid,
+    paired_table,
+    read_results,
+    summary_table,
+)
 from tiny import save_tiny_model
 
 GRID = ["--dataset", "rotten_tomatoes", "--shots", "2", "--seeds", "0", "1", "--methods", "zero-shot", "icl", "cpt",
@@ -129,3 +137,6 @@ def test_report_tables_from_known_rows():
     assert "| icl | 2 | +0.050 | 1 / 1 / 0 |" in paired_table(rows)
     assert "| icl | 2 | +0.100 | 1 / 1 / 0 |" in paired_table(rows, metric="calibrated_accuracy")
     assert "| cpt | 2 | 0.300 | 0.700 | +0.400 |" in loss_table(rows)
+    # calibrated - raw: cpt +0.1, +0.1; icl +0.2, -0.1, 0.0
+    assert "| cpt | 2 | +0.100 | 2 / 0 / 0 |" in calibration_table(rows)
+    assert "| icl | 3 | +0.033 | 1 / 1 / 1 |" in calibration_table(rows)

@@ -316,6 +316,19 @@ def paired_table(rows: list[dict], reference: str = "cpt", metric: str = "accura
     return "\n".join(lines)
 
 
+def calibration_table(rows: list[dict]) -> str:
+    """Markdown: per method, calibrated minus raw accuracy over the cells that have both."""
+    lines = ["| method | cells | mean (calibrated - raw) | calibration helps / same / hurts |", "|---|---|---|---|"]
+    for method in METHODS:
+        diffs = [r["calibrated"]["accuracy"] - r["accuracy"] for r in rows
+                 if r["method"] == method and _metric(r, "calibrated_accuracy") is not None]
+        if diffs:
+            helps, hurts = sum(x > 1e-12 for x in diffs), sum(x < -1e-12 for x in diffs)
+            lines.append(f"| {method} | {len(diffs)} | {statistics.fmean(diffs):+.3f} | "
+                         f"{helps} / {len(diffs) - helps - hurts} / {hurts} |")
+    return "\n".join(lines)
+
+
 def loss_table(rows: list[dict]) -> str:
     """Markdown: mean train loss (label NLL on the shots), test loss and their gap, per method."""
     lines = ["| method | cells | train loss | test loss | gap (test - train) |", "|---|---|---|---|---|"]
@@ -334,6 +347,7 @@ def report_markdown(rows: list[dict]) -> str:
     if any("calibrated" in r for r in rows):
         parts += ["## Accuracy with contextual calibration (Zhao et al. 2021)", "",
                   summary_table(rows, "calibrated_accuracy"), ""]
+        parts += ["## What contextual calibration changes (accuracy, same cells)", "", calibration_table(rows), ""]
     parts += ["## Macro-F1", "", summary_table(rows, "macro_f1"), ""]
     if any(r["method"] == "cpt" for r in rows):
         parts += ["## CPT against each method, same cells (accuracy)", "", paired_table(rows), ""]

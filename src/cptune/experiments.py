@@ -274,7 +274,8 @@ def _metric(row: dict, metric: str) -> float | None:
 def summary_table(rows: list[dict], metric: str = "accuracy") -> str:
     """Markdown: ``metric`` mean +- std over seeds, one row per (dataset, method), one column per shot count.
 
-    ``metric``: ``accuracy``, ``macro_f1``, ``calibrated_accuracy`` or ``calibrated_macro_f1``.
+    ``metric``: ``accuracy``, ``macro_f1``, ``calibrated_accuracy``, ``calibrated_macro_f1`` or any other
+    numeric field of the rows (e.g. ``fit_seconds``).
     """
     groups: dict[tuple, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
@@ -352,6 +353,8 @@ def report_markdown(rows: list[dict]) -> str:
     if any(r["method"] == "cpt" for r in rows):
         parts += ["## CPT against each method, same cells (accuracy)", "", paired_table(rows), ""]
     parts += ["## Train vs test loss (label NLL; the generalisation gap)", "", loss_table(rows), ""]
+    parts += ["## Seconds to fit a cell (set-up and training; scoring not included)", "",
+              summary_table(rows, "fit_seconds"), ""]
     return "\n".join(parts)
 
 

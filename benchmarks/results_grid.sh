@@ -15,16 +15,16 @@ JOBS=${JOBS:-2}
 PYTHON=${PYTHON:-.venv/bin/python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT/parts"
-# one line per job: output folder, dataset, seed
+# one job per (dataset, seed): output folder, dataset, seed (NUL-separated: any folder name works)
 for seed in 0 1 2 3 4; do
   for dataset in rotten_tomatoes subj movie_sentiment_5; do
-    echo "$OUT/parts/$dataset-seed$seed $dataset $seed"
+    printf '%s\0' "$OUT/parts/$dataset-seed$seed" "$dataset" "$seed"
   done
-done | xargs -P "$JOBS" -L 1 sh -c '
+done | xargs -0 -n 3 -P "$JOBS" sh -c '
   "$0" -m cptune compare --dataset "$2" --seeds "$3" --shots 2 4 8 --test-size 100 --output "$1" \
     > "$1.log" 2>&1 || { echo "failed: $2 seed $3 (see $1.log)" >&2; exit 255; }
   echo "done: $2 seed $3"' "$PYTHON"
-# merge (atomically) and report
+# merge (atomically; OUT/results.jsonl is always rebuilt from the parts) and report
 cat "$OUT"/parts/*/results.jsonl > "$OUT/.results.jsonl.tmp"
 mv "$OUT/.results.jsonl.tmp" "$OUT/results.jsonl"
 "$PYTHON" -m cptune compare --report-only --output "$OUT"

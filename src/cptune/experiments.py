@@ -311,10 +311,15 @@ def paired_table(rows: list[dict], reference: str = "cpt", metric: str = "accura
         diffs = [v - by_key[(d, k, s, other)] for (d, k, s, m), v in by_key.items()
                  if m == reference and v is not None and by_key.get((d, k, s, other)) is not None]
         if diffs:
-            wins, losses = sum(x > 1e-12 for x in diffs), sum(x < -1e-12 for x in diffs)
-            lines.append(f"| {other} | {len(diffs)} | {statistics.fmean(diffs):+.3f} | "
-                         f"{wins} / {len(diffs) - wins - losses} / {losses} |")
+            lines.append(_difference_row(other, diffs))
     return "\n".join(lines)
+
+
+def _difference_row(name: str, diffs: list[float]) -> str:
+    """``| name | cells | mean difference | above / equal / below zero |`` for paired differences."""
+    above, below = sum(x > 1e-12 for x in diffs), sum(x < -1e-12 for x in diffs)
+    return (f"| {name} | {len(diffs)} | {statistics.fmean(diffs):+.3f} | "
+            f"{above} / {len(diffs) - above - below} / {below} |")
 
 
 def calibration_table(rows: list[dict]) -> str:
@@ -324,9 +329,7 @@ def calibration_table(rows: list[dict]) -> str:
         diffs = [r["calibrated"]["accuracy"] - r["accuracy"] for r in rows
                  if r["method"] == method and _metric(r, "calibrated_accuracy") is not None]
         if diffs:
-            helps, hurts = sum(x > 1e-12 for x in diffs), sum(x < -1e-12 for x in diffs)
-            lines.append(f"| {method} | {len(diffs)} | {statistics.fmean(diffs):+.3f} | "
-                         f"{helps} / {len(diffs) - helps - hurts} / {hurts} |")
+            lines.append(_difference_row(method, diffs))
     return "\n".join(lines)
 
 

@@ -40,6 +40,11 @@ def project_l2_ball(delta: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
     ``delta_i <- delta_i * r_i / max(||delta_i||_2, r_i)``: rows inside their ball are returned
     unchanged (bit for bit), rows outside land on the sphere, rows with radius 0 become zero.
 
+    In floating point the scaled row's norm can round to a few ulps above ``r_i``; such a row's
+    scale is lowered until its computed norm is at most ``r_i``. The result is therefore inside
+    every ball as :func:`torch.linalg.vector_norm` measures it, and projecting it again returns it
+    bit for bit (the projection is idempotent, not only up to rounding).
+
     Args:
         delta: ``(N, d)`` corrections.
         radii: ``(N,)`` non-negative radii.
@@ -50,5 +55,15 @@ def project_l2_ball(delta: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
     norms = torch.linalg.vector_norm(delta, ord=2, dim=-1)  # (N,)
     radii = radii.to(delta.dtype)
     outside = norms > radii
-    scale = torch.where(outside, radii / torch.where(outside, norms, torch.ones_like(norms)), torch.ones_like(norms))
-    return delta * scale.unsqueeze(-1)  # (N, d)
+    ones = torch.ones_like(norms)
+    scale = torch.where(outside, radii / torch.where(outside, norms, ones), ones)  # (N,)
+    projected = delta * scale.unsqueeze(-1)  # (N, d)
+    while True:
+        out_norms = torch.linalg.vector_norm(projected, ord=2, dim=-1)  # (N,)
+        over = outside & (out_norms > radii)
+        if not bool(over.any()):
+            return projected
+        # Shrink by the overshoot, then one more ulp: the scale strictly decreases, so this ends.
+        shrunk = torch.nextafter(scale * (radii / torch.where(over, out_norms, ones)), torch.zeros_like(scale))
+        scale = torch.where(over, shrunk, scale)
+        projected = delta * scale.unsqueeze(-1)

@@ -17,6 +17,34 @@ FAST = MethodSettings(steps=12, batch_size=4, cpt_lr=0.1, eps_input=5.0, eps_for
                       lora_lr=0.02, lora_r=4, lora_alpha=8)
 
 
+def _reference_scores(method, scoring_model, tok, texts):
+    """``(len(texts), C)`` label log-likelihoods from one plain forward per (text, label) pair.
+
+    Each sequence is the method's context embeddings (if any), the query up to its output template
+    and the label's tokens; a label's score is the sum of the log-softmax at the positions before
+    its tokens. No cache, no batching, no padding: what ``scores()`` must reproduce.
+    """
+    from cptune.evaluate import query_token_ids
+    from cptune.template import label_token_ids
+
+    context = method.context_embeddings()
+    n = 0 if context is None else context.shape[1]
+    label_ids = label_token_ids(TEMPLATE, tok, LABEL_WORDS)
+    embed = scoring_model.get_input_embeddings()
+    out = torch.zeros(len(texts), len(LABEL_WORDS))
+    with torch.no_grad():
+        for i, query in enumerate(query_token_ids(texts, TEMPLATE, tok, add_bos=context is None)):
+            for j, label in enumerate(LABEL_WORDS):
+                target = label_ids[label]
+                x = embed(torch.tensor(query + target))[None]  # (1, T, d)
+                if context is not None:
+                    x = torch.cat([context.to(x.dtype), x], dim=1)  # (1, N + T, d)
+                logp = torch.log_softmax(scoring_model(inputs_embeds=x).logits[0].float(), dim=-1)
+                before = n + len(query) - 1 + torch.arange(len(target))  # positions predicting the label
+                out[i, j] = logp[before, torch.tensor(target)].sum()
+    return out
+
+
 def _snapshot(model):
     return ({k: v.clone() for k, v in model.state_dict().items()},
             [p.requires_grad for p in model.parameters()], [m.training for m in model.modules()])
@@ -44,7 +72,10 @@ def test_fit_scores_and_base_model_untouched(arch, name, tok):
     scores = method.scores(TEXTS)
     assert isinstance(method, Method) and isinstance(info, FitInfo)
     assert scores.shape == (len(TEXTS), len(LABEL_WORDS)) and scores.dtype == torch.float32
-    assert torch.isfinite(scores).all() and (scores <= 0).all()
+    scoring_model = method.peft_model.get_base_model() if name == "lora" else base  # LoRA scores its own copy
+    expected = _reference_scores(method, scoring_model, tok, TEXTS)
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-5,
+                               msg=lambda m: f"{arch}/{name}: scores() != plain-forward log-likelihoods\n{m}")
     assert method.labels == list(LABEL_WORDS)
     if name in TRAINED:
         assert len(info.losses) == FAST.steps and info.trainable_parameters > 0
@@ -55,9 +86,23 @@ def test_fit_scores_and_base_model_untouched(arch, name, tok):
 
 @pytest.mark.parametrize("name", ["zero-shot", "icl"])
 def test_untrained_methods_need_no_training(name, tok):
-    method = make_method(name, tiny_model(), tok, TEMPLATE, LABEL_WORDS, FAST)
+    """Fitting an untrained method runs no forward of the model; scoring runs one per query batch
+    (plus one to encode the context), so the texts are scored once."""
+    base = tiny_model()
+    forwards = []
+    base.register_forward_hook(lambda module, args, kwargs, output: forwards.append(kwargs), with_kwargs=True)
+    method = make_method(name, base, tok, TEMPLATE, LABEL_WORDS, FAST)
     info = method.fit(DEMOS)
-    assert info.losses == [] and info.trainable_parameters == 0 and info.seconds < 2.0
+    assert info.losses == [] and info.trainable_parameters == 0, info
+    assert forwards == [], f"{name}: fit() ran {len(forwards)} forwards; it has nothing to train"
+    texts = TEXTS * 3  # 18 texts: 3 batches of at most 8
+    method.scores(texts)
+    batches = -(-len(texts) // FAST.score_batch_size)
+    query_rows = [kw["input_ids"].shape[0] for kw in forwards if kw.get("input_ids") is not None]
+    context_forwards = len(forwards) - len(query_rows)
+    assert sum(query_rows) == len(texts) and len(query_rows) == batches, (name, query_rows)
+    expected_context_forwards = 1 if name == "icl" else 0
+    assert context_forwards == expected_context_forwards, f"{name}: the context was encoded {context_forwards} times"
 
 
 @pytest.mark.parametrize("name", TRAINED)

@@ -10,6 +10,9 @@ from cptune.evaluate import score_texts
 from cptune.training import TrainSettings, train
 from tiny import tiny_model
 
+BF16_RTOL = 2**-8
+"""bfloat16's unit roundoff (8 significant bits): how far a bf16 score may be from the float32 one."""
+
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3_text"])
 def test_bfloat16_base_model_trains_a_float32_delta(arch, context, queries, tok, tmp_path):
@@ -25,9 +28,13 @@ def test_bfloat16_base_model_trains_a_float32_delta(arch, context, queries, tok,
     assert enc.delta.dtype == torch.float32 and enc.is_feasible()
     from conftest import LABEL_WORDS, TEMPLATE
 
+    # Reference: the same (bf16-rounded) weights and the float32 context, scored in float32.
+    reference = copy.deepcopy(base).float()
     with torch.no_grad():
         scores = score_texts(base, tok, TEMPLATE, LABEL_WORDS, ["fun", "dull"], model.context_embeddings())
-    assert torch.isfinite(scores).all()
+        expected = score_texts(reference, tok, TEMPLATE, LABEL_WORDS, ["fun", "dull"], enc()[None])
+    torch.testing.assert_close(scores, expected, rtol=BF16_RTOL, atol=0.0,
+                               msg=lambda m: f"{arch}: bf16 scores too far from float32 ones\n{m}")
     model.save_pretrained(tmp_path)
     loaded = cptune.CPTModel.from_pretrained(tiny_model(arch, dtype=torch.bfloat16), tmp_path)
     assert torch.equal(loaded.prompt_encoder.delta, enc.delta.detach())
@@ -65,6 +72,9 @@ def test_device_map_auto_keeps_the_context_on_the_embedding_device(context, quer
     base, _ = load_model(tmp_path, device_map="auto")
     model = cptune.get_cpt_model(base, context.to_config())
     assert model.prompt_encoder.delta.device == base.get_input_embeddings().weight.device
-    assert torch.isfinite(model(**queries).loss)
+    plain = cptune.get_cpt_model(tiny_model("qwen2"), context.to_config())  # the same weights, no device map
+    with torch.no_grad():
+        loss, expected = model(**queries).loss, plain(**queries).loss
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6), "device_map='auto' changed the loss"
     with pytest.raises(ValueError, match="not both"):
         load_model(tmp_path, device="cpu", device_map="auto")

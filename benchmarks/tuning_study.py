@@ -22,8 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from cptune.data import DATASET_DEFAULTS
-from cptune.demo import write_text_atomic
 from cptune.experiments import read_results
+from cptune.saving import write_text_atomic
 
 SEEDS = ["0", "1", "2", "3", "4"]
 

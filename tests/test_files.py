@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 import cptune
 from cptune import CPTConfig
 from cptune.io import CONFIG_NAME, STATE_NAME, WEIGHTS_NAME, read_config
+from cptune.saving import MANIFEST_NAME, IncompleteSaveError
 from tiny import tiny_model
 
 
@@ -24,32 +25,33 @@ def saved(context, tmp_path):
     return path
 
 
-def test_folder_holds_exactly_peft_files_plus_state(saved):
-    assert sorted(p.name for p in saved.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME, STATE_NAME])
+def test_folder_holds_exactly_peft_files_plus_state_and_manifest(saved):
+    assert sorted(p.name for p in saved.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME, STATE_NAME, MANIFEST_NAME])
     cfg = json.loads((saved / CONFIG_NAME).read_text())
     assert cfg["inference_mode"] is True and cfg["peft_type"] == "CPT" and list(cfg) == sorted(cfg)
 
 
-def test_save_over_an_existing_folder_replaces_it_whole(saved, context):
-    (saved / "stale.txt").write_text("old")
+def test_save_over_an_existing_adapter_keeps_other_files(saved, context):
+    (saved / "notes.txt").write_text("mine")
     model = cptune.get_cpt_model(tiny_model("llama"), context.to_config())
     model.save_pretrained(saved)
-    assert not (saved / "stale.txt").exists()
-    assert not [p for p in saved.parent.iterdir() if p.name.startswith(".")]  # no temporary left
+    assert (saved / "notes.txt").read_text() == "mine"
+    loaded = cptune.CPTModel.from_pretrained(tiny_model("llama"), saved)
+    assert torch.equal(loaded.prompt_encoder.delta, torch.zeros_like(loaded.prompt_encoder.delta))  # the new one
+    assert not [p for p in saved.iterdir() if p.name.startswith(".")]  # no temporary left
 
 
 def test_failed_save_leaves_the_old_folder(saved, context, monkeypatch):
-    before = (saved / WEIGHTS_NAME).read_bytes()
+    before = {p.name: p.read_bytes() for p in saved.iterdir()}
     model = cptune.get_cpt_model(tiny_model("llama"), context.to_config())
 
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("cptune.io.save_file", boom)
+    monkeypatch.setattr("cptune.io.safetensors_bytes", boom)
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(saved)
-    assert (saved / WEIGHTS_NAME).read_bytes() == before
-    assert not [p for p in saved.parent.iterdir() if p.name.startswith(".")]
+    assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
 
 
 @pytest.mark.parametrize(
@@ -69,6 +71,11 @@ def test_failed_save_leaves_the_old_folder(saved, context, monkeypatch):
 )
 def test_corrupted_files_give_clear_errors(saved, corrupt, error, match):
     corrupt(saved)
+    # cptune's own folder: the manifest catches the change before any file is parsed
+    with pytest.raises(IncompleteSaveError, match="does not match|is missing"):
+        cptune.CPTModel.from_pretrained(tiny_model("llama"), saved)
+    # a folder without a manifest (as PEFT writes them): the readers' own errors
+    (saved / MANIFEST_NAME).unlink()
     with pytest.raises(error, match=match):
         cptune.CPTModel.from_pretrained(tiny_model("llama"), saved)
 
@@ -95,6 +102,7 @@ def test_token_ids_out_of_vocabulary_are_refused(saved):
     data = json.loads((saved / CONFIG_NAME).read_text())
     data["cpt_token_ids"][0] = 10_000
     (saved / CONFIG_NAME).write_text(json.dumps(data))
+    (saved / MANIFEST_NAME).unlink()  # edited by hand, as a PEFT folder could be
     with pytest.raises(ValueError, match="vocabulary"):
         cptune.CPTModel.from_pretrained(tiny_model("llama"), saved)
 

@@ -11,9 +11,10 @@ import torch
 
 from cptune.context import build_context, render_queries
 from cptune.evaluate import score_texts
-from cptune.io import load_adapter, read_json_object, save_adapter
+from cptune.io import CONFIG_NAME, load_adapter, read_config, read_json_object, save_adapter
 from cptune.model import get_cpt_model
 from cptune.pretrained import DEFAULT_MODEL, load_model, resolve_dtype
+from cptune.saving import check_manifest
 from cptune.template import Template
 from cptune.training import TrainResult, TrainSettings, train
 
@@ -203,12 +204,29 @@ class CPTClassifier:
         }
 
     def save(self, directory: str | Path) -> None:
-        """Write the adapter (PEFT format, loadable by PEFT) plus ``cptune_classifier.json``."""
+        """Write the adapter (PEFT format, loadable by PEFT) plus ``cptune_classifier.json``.
+
+        The folder is created if needed; files in it that the save does not write are left alone.
+        """
         save_adapter(self._require_fitted(), directory, extra_json={CLASSIFIER_FILE: self._description()})
 
     @classmethod
     def load(cls, directory: str | Path, model: str | tuple | None = None, **kwargs) -> CPTClassifier:
-        """Load a saved classifier; ``model`` overrides the base model recorded in it."""
+        """Load a saved classifier; ``model`` overrides the base model recorded in it.
+
+        Raises:
+            FileNotFoundError: no such folder, or a folder without ``cptune_classifier.json`` (for
+                a plain CPT adapter folder the message says to use :meth:`from_adapter`).
+            cptune.saving.IncompleteSaveError: an interrupted or altered save.
+        """
+        directory = _existing_folder(directory, "classifier folder")
+        check_manifest(directory, reading=(CLASSIFIER_FILE,))
+        if not (directory / CLASSIFIER_FILE).is_file() and (directory / CONFIG_NAME).is_file():
+            raise FileNotFoundError(
+                f"{directory} holds a CPT adapter but no {CLASSIFIER_FILE} (the template and label words a "
+                f"classifier needs); use it with CPTClassifier.from_adapter({str(directory)!r}, template=..., "
+                f"labels=...) or `cptune eval/predict {directory} --template ... --label-words ...`"
+            )
         info = read_json_object(directory, CLASSIFIER_FILE, "a folder saved by CPTClassifier")
         clf = cls(
             model=model if model is not None else info["model"],
@@ -224,3 +242,42 @@ class CPTClassifier:
         base, _ = clf._base()
         clf.cpt_model = load_adapter(base, directory)
         return clf
+
+    @classmethod
+    def from_adapter(
+        cls,
+        directory: str | Path,
+        template: Template | str,
+        labels: Mapping[str, str] | Sequence[str],
+        model: str | tuple | None = None,
+        **kwargs,
+    ) -> CPTClassifier:
+        """A classifier from a CPT adapter folder (e.g. written by PEFT) and the template and label
+        words its context was built with.
+
+        Args:
+            directory: the adapter folder.
+            template: the template of the context's demonstrations.
+            labels: ``{label: label word}`` (or labels written as themselves), in the order the
+                probability columns should take.
+            model: the base model; default: the adapter's ``base_model_name_or_path``.
+            **kwargs: other :class:`CPTClassifier` arguments (``calibrate``, ``dtype``, ...).
+        """
+        directory = _existing_folder(directory, "adapter folder")
+        if model is None:
+            model = read_config(directory).base_model_name_or_path
+            if not model:
+                raise ValueError(f"{directory / CONFIG_NAME} names no base model; pass model=")
+        clf = cls(model=model, template=template, labels=labels, **kwargs)
+        base, _ = clf._base()
+        clf.cpt_model = load_adapter(base, directory)
+        return clf
+
+
+def _existing_folder(directory: str | Path, what: str) -> Path:
+    directory = Path(directory)
+    if not directory.exists():
+        raise FileNotFoundError(f"{what} {directory} does not exist")
+    if not directory.is_dir():
+        raise NotADirectoryError(f"{directory} is a file, not a {what}")
+    return directory

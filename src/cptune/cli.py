@@ -1,23 +1,53 @@
-"""Command line: a thin shell over the public functions. Mistakes print one line and exit 2."""
+"""Command line: a thin shell over the public functions.
+
+Every failure prints one line, ``cptune: error: ...``: a mistake of the user's (a bad argument,
+bad data, a bad or missing file) exits with status 2, a failure at run time (a NaN loss, out of
+memory, an I/O error, a bug) with status 1. ``--debug`` or ``CPTUNE_DEBUG=1`` also prints the
+traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 from dataclasses import fields
 from pathlib import Path
 
-from cptune.demo import DemoSettings, format_table, run_demo
+from cptune.demo import CLASSIFIER_SUBDIR, DemoSettings, format_table, run_demo
 from cptune.distributed import is_main_process
 from cptune.training import NonFiniteLossError
 
+EXIT_RUNTIME = 1
 EXIT_USAGE = 2
 CHECKPOINT_SUBDIR = "checkpoint"
+DEBUG_ENV = "CPTUNE_DEBUG"
 
 
 class UserError(Exception):
     """A mistake in the user's input, reported as one line."""
+
+
+# The user's mistakes: a bad value (ValueError, which includes a damaged or mismatched file:
+# cptune.saving.IncompleteSaveError) or a path that is missing, of the wrong kind or not writable.
+# Everything else (NonFiniteLossError, out of memory, other OSError such as a full disk) is a run
+# time failure.
+USER_ERRORS = (UserError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError,
+               PermissionError)
+
+
+def exit_status(err: BaseException) -> int:
+    """2 for a mistake of the user's, 1 for a failure at run time."""
+    return EXIT_USAGE if isinstance(err, USER_ERRORS) else EXIT_RUNTIME
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with its mistakes reported as one line like cptune's own."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"cptune: error: {message} (see `{self.prog} --help`)\n")
 
 
 # -- demo --------------------------------------------------------------------------------------
@@ -34,7 +64,7 @@ _DEMO_HELP = {
     "eps_input": "projection epsilon of input-text tokens",
     "eps_format": "projection epsilon of template tokens",
     "decay": "loss decay factor gamma in (0, 1]",
-    "output": "folder for adapter/ and results.json",
+    "output": f"folder for {CLASSIFIER_SUBDIR}/ and results.json",
 }
 
 
@@ -55,7 +85,9 @@ def _run_demo(args) -> int:
     print(f"{settings.dataset}, {settings.shots} shots, {settings.test_size} test examples, seed {settings.seed}, "
           f"model {settings.model}")
     print(format_table(report))
-    print(f"adapter saved to {settings.output}/adapter; results in {settings.output}/results.json")
+    print(f"classifier (a PEFT adapter folder) saved to {settings.output}/{CLASSIFIER_SUBDIR}; results in "
+          f"{settings.output}/results.json")
+    print(f"next: cptune predict {settings.output}/{CLASSIFIER_SUBDIR} \"a gripping film\"")
     return 0
 
 
@@ -122,6 +154,7 @@ def _load(args):
 def _run_train(args) -> int:
     from cptune.classifier import CPTClassifier, CPTSettings
     from cptune.data import sample_splits
+    from cptune.saving import check_can_save, remove_saved_files
     from cptune.training import TrainSettings
 
     fmt, words = _dataset_defaults(args.data)
@@ -134,6 +167,7 @@ def _run_train(args) -> int:
     CPTConfig(**cpt.config_fields())  # check the values before loading anything
     if args.checkpoint_every is not None and args.checkpoint_every < 1:
         raise UserError(f"--checkpoint-every={args.checkpoint_every} must be >= 1")
+    check_can_save(args.output)
     dataset = _load(args)
     if words is None:  # every class of the data, also those the shots happen not to show
         words = {label: label for label in dataset.labels}
@@ -148,14 +182,25 @@ def _run_train(args) -> int:
             checkpoint_every=args.checkpoint_every, resume=args.resume)
     if is_main_process():  # under data parallelism every process trained the same delta; one writes
         clf.save(output)
+        remove_saved_files(checkpoint)  # the classifier holds the final state; only our own files go
         losses = clf.train_result.losses
         print(f"trained {len(losses)} steps (final loss {losses[-1]:.4f}); classifier saved to {output}")
     return 0
 
 
+def _add_classifier_args(p) -> None:
+    p.add_argument("classifier", help="folder written by `cptune train`, `cptune demo` (OUTPUT/classifier) or "
+                                      "CPTClassifier.save; or a CPT adapter folder with --template and --label-words")
+    p.add_argument("--model", default=None, help="base model (default: the one the classifier was trained on)")
+    p.add_argument("--template", default=None,
+                   help="for an adapter folder without cptune_classifier.json: its context's template")
+    p.add_argument("--label-words", default=None,
+                   help="for an adapter folder without cptune_classifier.json: label=word,label=word")
+
+
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="accuracy and macro-F1 of a saved classifier on a balanced test set")
-    p.add_argument("classifier", help="folder written by `cptune train`")
+    _add_classifier_args(p)
     _add_data_args(p)
     p.add_argument("--test-size", type=int, default=200, help="balanced test examples (default: %(default)s)")
     p.add_argument("--output", default=None, help="also write the metrics as JSON to this file")
@@ -166,8 +211,8 @@ def _add_eval(sub) -> None:
 
 def _run_eval(args) -> int:
     from cptune.data import Dataset, sample_splits
-    from cptune.demo import write_json_atomic
     from cptune.evaluate import classification_metrics
+    from cptune.saving import write_json_atomic
 
     clf = _load_classifier(args)
     dataset = _load(args)
@@ -190,9 +235,21 @@ def _run_eval(args) -> int:
 
 
 def _load_classifier(args):
-    from cptune.classifier import CPTClassifier
+    from cptune.classifier import CLASSIFIER_FILE, CPTClassifier
 
-    clf = CPTClassifier.load(args.classifier)
+    folder = Path(args.classifier)
+    if not folder.exists():
+        raise UserError(f"classifier folder {folder} does not exist")
+    if args.template is None and args.label_words is None:
+        clf = CPTClassifier.load(folder, model=args.model)
+    elif (folder / CLASSIFIER_FILE).is_file():
+        raise UserError(f"--template and --label-words are for adapter folders; {folder} is a classifier and has "
+                        f"its own ({CLASSIFIER_FILE})")
+    elif args.template is None or args.label_words is None:
+        raise UserError("an adapter folder needs both --template and --label-words")
+    else:
+        clf = CPTClassifier.from_adapter(folder, args.template.replace("\\n", "\n"),
+                                         _parse_label_words(args.label_words), model=args.model)
     if args.calibrate is not None:
         clf.calibrate = args.calibrate
     return clf
@@ -201,7 +258,7 @@ def _load_classifier(args):
 def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="labels and probabilities as JSON lines, for texts from arguments, a file "
                                        "(one per line) or standard input")
-    p.add_argument("classifier", help="folder written by `cptune train`")
+    _add_classifier_args(p)
     p.add_argument("texts", nargs="*", help="texts to classify (default: read --file or standard input)")
     p.add_argument("--file", default=None, help="a text file, one text per line")
     p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=None,
@@ -356,8 +413,8 @@ HANDLERS = {"demo": _run_demo, "train": _run_train, "eval": _run_eval, "predict"
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``cptune`` argument parser."""
-    parser = argparse.ArgumentParser(prog="cptune", description="Context-aware Prompt Tuning for few-shot "
-                                                                "classification")
+    parser = OneLineParser(prog="cptune", description="Context-aware Prompt Tuning for few-shot classification")
+    parser.add_argument("--debug", action="store_true", help=f"print the traceback of an error (or set {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_demo(sub)
     _add_train(sub)
@@ -366,6 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_datasets(sub)
     _add_compare(sub)
     _add_bench(sub)
+    for command in sub.choices.values():  # `cptune train ... --debug` as well as `cptune --debug train ...`
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
@@ -383,16 +442,23 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bench"]:  # the benchmark has its own parser (cptune.bench)
         return _run_bench(argparse.Namespace(bench_args=argv[1:]))
     args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     _quiet_transformers()
     try:
         return HANDLERS[args.command](args)
-    except (ValueError, OSError, UserError, NonFiniteLossError) as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"cptune: error: {message}", file=sys.stderr)
-        return EXIT_USAGE
     except KeyboardInterrupt:
         print("cptune: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - every failure becomes one line (and a status) for the user
+        if debug:
+            traceback.print_exc()
+        status = exit_status(err)
+        text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        if status == EXIT_RUNTIME and not isinstance(err, (OSError, NonFiniteLossError)):
+            text = f"{type(err).__name__}: {text}" if text else type(err).__name__
+        hint = "" if debug or status == EXIT_USAGE else " (run with --debug for the traceback)"
+        print(f"cptune: error: {text or type(err).__name__}{hint}", file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":

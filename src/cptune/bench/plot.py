@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 from cptune.bench.numbers import _axes, _median, _train
 from cptune.bench.settings import CLASSIFY_IMPLS
+from cptune.saving import write_file_atomic
 
 
 def _plot(results: dict, path: Path) -> None:
@@ -43,5 +45,7 @@ def _plot(results: dict, path: Path) -> None:
     m = results["machine"]
     fig.suptitle(f"cptune vs PEFT {m['peft']} CPT, SmolLM2-135M fp32, {m['cpu']} ({m['cores']} cores)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=110)
+    write_file_atomic(path, image.getvalue())
     plt.close(fig)

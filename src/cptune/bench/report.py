@@ -24,6 +24,7 @@ from cptune.bench.numbers import (
 )
 from cptune.bench.plot import _plot
 from cptune.bench.settings import CLASSIFY_IMPLS, PEAK_SIZE, TRAIN_IMPLS
+from cptune.saving import write_text_atomic
 
 
 def _spread(times: list[float]) -> str:
@@ -356,6 +357,5 @@ def render_report(results: dict) -> str:
 
 def write_report(results: dict, out_dir: Path) -> None:
     """Write ``performance.md`` and ``performance.png`` into ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     _plot(results, out_dir / "performance.png")
-    (out_dir / "performance.md").write_text(render_report(results))
+    write_text_atomic(out_dir / "performance.md", render_report(results))

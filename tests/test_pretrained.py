@@ -13,6 +13,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from cptune import pretrained
 from cptune.pretrained import DEFAULT_MODEL, default_cache_dir, load_model, resolve_dtype
 
+BF16_RTOL = 2**-8
+"""bfloat16's unit roundoff (8 significant bits)."""
+
 _WORDS = ["<unk>", "<eos>", "the", "movie", "was", "great", "bad", "sentiment", ":", "positive", "negative"]
 
 
@@ -104,8 +107,13 @@ def test_load_local_folder(tiny_dir):
     assert batch.input_ids[1, -1].item() == tokenizer.pad_token_id
     with torch.no_grad():
         logits = model(**batch).logits
+        same_weights = _tiny_model().to(torch.bfloat16).eval()(**batch).logits
+        full_precision = _tiny_model().eval()(**batch).logits
     assert logits.shape == (2, 4, len(_WORDS))
-    assert torch.isfinite(logits.float()).all()
+    assert torch.equal(logits, same_weights), "the loaded model is not the saved one cast to bfloat16"
+    real = batch.attention_mask.bool()
+    torch.testing.assert_close(logits.float()[real], full_precision[real], rtol=BF16_RTOL, atol=BF16_RTOL,
+                               msg=lambda m: f"bf16 logits too far from the float32 model's\n{m}")
 
 
 def test_embedded_model_path_found_or_explained(monkeypatch):
@@ -202,15 +210,31 @@ def test_incomplete_cache_folder_is_reported(fake_gguf, tmp_path):
 @pytest.mark.slow
 def test_embedded_default_model(monkeypatch, tmp_path):
     monkeypatch.setenv("CPTUNE_CACHE", str(tmp_path))
+    # Keep what the conversion reads from the GGUF (the real loaders run; they are only watched): the
+    # converted folder must give the same tokens and logits, without paying for a second GGUF load.
+    from_gguf = {}
+    for loader in (pretrained.AutoModelForCausalLM, pretrained.AutoTokenizer):
+        def watched(*args, _real=loader.from_pretrained, _name=loader.__name__, **kwargs):
+            loaded = _real(*args, **kwargs)
+            if "gguf_file" in kwargs:
+                from_gguf[_name] = loaded
+            return loaded
+
+        monkeypatch.setattr(loader, "from_pretrained", watched)
     model, tokenizer = load_model()
+    assert sorted(from_gguf) == ["AutoModelForCausalLM", "AutoTokenizer"], "the GGUF was not read"
     (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     stamp = (folder.stat().st_mtime_ns, (folder / "model.safetensors").stat().st_mtime_ns)
     assert model.config.hidden_size == 576 and model.config.vocab_size == 49152
     assert not model.training and model.dtype == torch.float32
     batch = tokenizer(["Review: a wonderful film.\nSentiment:"], return_tensors="pt")
+    gguf_batch = from_gguf["AutoTokenizer"](["Review: a wonderful film.\nSentiment:"], return_tensors="pt")
+    assert batch.input_ids.tolist() == gguf_batch.input_ids.tolist(), "the converted tokenizer tokenizes differently"
     with torch.no_grad():
         logits = model(**batch).logits
-    assert logits.shape[-1] == 49152 and torch.isfinite(logits).all()
+        gguf_logits = from_gguf["AutoModelForCausalLM"].eval()(**batch).logits
+    assert logits.shape == (1, batch.input_ids.shape[1], 49152)
+    assert torch.equal(logits, gguf_logits), f"converted != GGUF logits: {(logits - gguf_logits).abs().max()}"
 
     again, _ = load_model(DEFAULT_MODEL)
     assert (folder.stat().st_mtime_ns, (folder / "model.safetensors").stat().st_mtime_ns) == stamp

@@ -16,6 +16,8 @@ from cptune.cli import main
 from cptune.io import read_training_state
 from tiny import save_tiny_model
 
+KILL_SEED = 10
+"""Seeds the step after which the interrupted run is killed (reproducible; change it to try another step)."""
 TRAIN = ["--data", "rotten_tomatoes", "--shots", "4", "--batch-size", "2", "--lr", "0.01", "--eps-input", "1.0"]
 
 
@@ -113,17 +115,17 @@ def test_cli_mistakes_are_one_line(args, message, tiny_dir, trained, tmp_path, c
 
 
 def test_sigkill_then_resume_gives_the_uninterrupted_delta(tiny_dir, tmp_path):
+    kill_after = random.Random(KILL_SEED).randint(6, 60)
     steps = 120
     args = ["train", "--model", tiny_dir, *TRAIN, "--steps", steps, "--checkpoint-every", "3"]
     reference = tmp_path / "reference"
     done = _cli(*args, "--output", reference)
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 0, f"uninterrupted run failed (kill_after={kill_after})\n{done.stderr}"
 
     out = tmp_path / "killed"
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.Popen([sys.executable, "-m", "cptune", *map(str, args), "--output", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    kill_after = random.Random().randint(6, 60)
     deadline = time.time() + 240
     step = 0
     while time.time() < deadline and proc.poll() is None:
@@ -136,13 +138,14 @@ def test_sigkill_then_resume_gives_the_uninterrupted_delta(tiny_dir, tmp_path):
             break
         time.sleep(0.02)
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
-    assert not (out / "cptune_classifier.json").exists()
+    where = f"kill_after={kill_after} (seed {KILL_SEED}), killed at checkpoint step {step}"
+    assert proc.returncode == -signal.SIGKILL, f"training finished before it could be killed; {where}"
+    assert not (out / "cptune_classifier.json").exists(), f"a killed run wrote its classifier; {where}"
     resumed = _cli(*args, "--output", out, "--resume")
-    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.returncode == 0, f"{where}\n{resumed.stderr}"
     a = load_file(str(reference / "cptune_state.safetensors"))["delta"]
     b = load_file(str(out / "cptune_state.safetensors"))["delta"]
-    assert torch.equal(a, b), (a - b).abs().max()
+    assert torch.equal(a, b), f"resumed delta differs by {(a - b).abs().max()}; {where}"
 
 
 @pytest.mark.parametrize(

@@ -208,7 +208,8 @@ def train(
         if not torch.isfinite(loss):
             checkpoint(step)
             raise NonFiniteLossError(
-                f"loss is {loss.item()} at step {step}; stopped and kept the state after step {step - 1}"
+                f"loss is {loss.item()} at step {step + 1} of {total}; stopped and kept the state after {step} "
+                f"step{'s' if step != 1 else ''}"
                 + (f" in {checkpoint_dir}" if checkpoint_dir is not None else "")
             )
         if settings.max_grad_norm is not None:

@@ -123,6 +123,27 @@ def test_context_longer_than_the_model_is_refused(tok):
         cptune.get_cpt_model(tiny_model("gpt2"), context.to_config())
 
 
+def test_context_plus_query_too_long_is_refused_in_training_and_scoring(tok):
+    from cptune.evaluate import query_token_ids, score_texts
+    from cptune.template import label_token_ids
+
+    base = tiny_model("gpt2")  # 512 positions
+    context = cptune.build_context([(" ".join(["film"] * 100), "a")], cptune.Template(), tok, {"a": "yes"})
+    model = cptune.get_cpt_model(base, context.to_config())
+    batch = cptune.render_queries([(" ".join(["film"] * 200), "a")], cptune.Template(), tok, {"a": "yes"})
+    with pytest.raises(ValueError, match=r"plus query \(\d+ tokens\) exceeds the model's 512 positions"):
+        model(**batch)
+    # scoring: the longest text that fits scores; one word more is refused (GPT-2 would raise IndexError)
+    embeds = model.context_embeddings().detach()
+    label_inputs = len(label_token_ids(cptune.Template(), tok, {"a": "yes"})["a"]) - 1  # the last is only predicted
+    fits = max(n for n in range(1, 400) if len(context) + len(
+        query_token_ids([" ".join(["film"] * n)], cptune.Template(), tok)[0]) + label_inputs <= 512)
+    scores = score_texts(base, tok, cptune.Template(), {"a": "yes"}, [" ".join(["film"] * fits)], embeds)
+    assert scores.shape == (1, 1)
+    with pytest.raises(ValueError, match=r"text 1 needs 51[3-9] positions .* more than the model.s 512"):
+        score_texts(base, tok, cptune.Template(), {"a": "yes"}, ["short", " ".join(["film"] * (fits + 1))], embeds)
+
+
 FIELD_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-5, 10), st.floats(allow_nan=True),
                          st.text(max_size=5), st.lists(st.integers(-2, 12), max_size=6),
                          st.lists(st.text(max_size=2), max_size=3), st.dictionaries(st.text(max_size=3), st.integers()))

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from cptune.prefix import expand_cache
+from cptune.prefix import expand_cache, max_positions
 
 CONTENT_FREE_TEXTS = ("N/A", "", "[MASK]")
 """The content-free inputs of Zhao et al. (2021), scored to estimate the context's label bias."""
@@ -97,17 +97,16 @@ def _score_single_token(base_model, cache, rows, label_ids, pad_id) -> torch.Ten
 
 
 def _score_sequences(base_model, cache, rows, label_ids, pad_id, length_normalize) -> torch.Tensor:
-    seqs, spans = [], []
+    seqs, spans, targets = [], [], []
     for r in rows:
         for lab in label_ids:
-            seqs.append(list(r) + list(lab))
+            seqs.append(list(r) + list(lab[:-1]))  # the last label token is only predicted, never read
             spans.append((len(r), len(lab)))
+            targets.extend(lab)
     width = max(len(s) for s in seqs)
     keep = torch.zeros(len(seqs), width, dtype=torch.bool)  # positions predicting a label token
-    targets = []
     for i, (start, length) in enumerate(spans):
         keep[i, start - 1 : start - 1 + length] = True
-        targets.extend(seqs[i][start : start + length])
     logits = _forward(base_model, cache, seqs, pad_id, keep)  # (M, V), row-major over keep
     logp = torch.log_softmax(logits.float(), dim=-1)
     token_logp = logp.gather(1, torch.tensor(targets, device=logp.device).unsqueeze(1)).squeeze(1)
@@ -204,10 +203,14 @@ def score_texts(
     cache = encode_context(base_model, context_embeds)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     texts = list(texts)
+    queries = query_token_ids(texts + list(CONTENT_FREE_TEXTS) * calibrate, template, tokenizer,
+                              add_bos=cache is None)
+    _check_lengths(base_model, 0 if context_embeds is None else context_embeds.shape[1], queries,
+                   max(len(ids[label]) for label in label_words))
     scores = label_log_likelihoods(
         base_model,
         cache,
-        query_token_ids(texts + list(CONTENT_FREE_TEXTS) * calibrate, template, tokenizer, add_bos=cache is None),
+        queries,
         [ids[label] for label in label_words],
         batch_size=batch_size,
         length_normalize=length_normalize,
@@ -216,3 +219,18 @@ def score_texts(
     if not calibrate:
         return scores
     return contextual_calibration(scores[: len(texts)], scores[len(texts) :])
+
+
+def _check_lengths(base_model, context_len: int, queries: Sequence[Sequence[int]], label_len: int) -> None:
+    """Refuse a query that, after the context and with its longest label, needs more positions than
+    the model has (GPT-2 style models would fail with an IndexError, rotary ones silently degrade)."""
+    limit = max_positions(base_model.config)
+    if limit is None or not queries:
+        return
+    longest = max(range(len(queries)), key=lambda i: len(queries[i]))
+    needed = context_len + len(queries[longest]) + label_len - 1  # the last label token is only predicted
+    if needed > limit:
+        raise ValueError(
+            f"text {longest} needs {needed} positions (context {context_len} + query {len(queries[longest])} + "
+            f"label {label_len} - 1 tokens), more than the model's {limit}; shorten the text or the context"
+        )

@@ -12,7 +12,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from cptune.config import CPTConfig
 from cptune.embedding import CPTEmbedding
 from cptune.loss import IGNORE_INDEX, decay_weights, loss_dtype, weighted_token_loss_sum
-from cptune.prefix import expand_cache, length_buckets
+from cptune.prefix import expand_cache, length_buckets, max_positions
 from cptune.roles import ROLES_PER_EXAMPLE, TokenRole
 
 PREFIX_SHARING_MODES = ("auto", "always", "never")
@@ -358,15 +358,6 @@ class CPTModel(nn.Module):
         from cptune.io import load_adapter
 
         return load_adapter(base_model, model_id, is_trainable=is_trainable, **kwargs)
-
-
-def max_positions(model_config) -> int | None:
-    """The longest sequence the model's position scheme supports, if it states one."""
-    for name in ("max_position_embeddings", "n_positions"):
-        value = getattr(model_config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def _is_right_padded(attention_mask: torch.Tensor) -> bool:

@@ -69,3 +69,12 @@ def length_buckets(lengths: list[int], overhead_tokens: int = 32) -> list[list[i
         runs.append(order[cut[j] : j])
         j = cut[j]
     return runs[::-1]
+
+
+def max_positions(model_config) -> int | None:
+    """The longest sequence the model's position scheme supports, if it states one."""
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(model_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

@@ -33,7 +33,7 @@ from safetensors.torch import save_file  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 import cptune  # noqa: E402
-from cptune import saving  # noqa: E402
+from cptune.cpt import saving  # noqa: E402
 
 
 class Tripwire:

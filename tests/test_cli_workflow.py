@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from cptune.cli import main
-from cptune.io import read_training_state
+from cptune.cpt.files import read_training_state
 from tiny import save_tiny_model
 
 KILL_SEED = 10

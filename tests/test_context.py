@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import cptune
-from cptune.roles import NO_EXAMPLE, TokenRole, from_peft_codes
+from cptune.cpt.roles import NO_EXAMPLE, TokenRole, from_peft_codes
 from tiny import TOKENIZER_FAMILIES, tiny_tokenizer
 
 texts = st.one_of(st.text(min_size=0, max_size=40), st.text(min_size=300, max_size=1500))

@@ -37,7 +37,7 @@ from cptune.data import (
     sample_splits,
     truncate_text,
 )
-from cptune.template import Template
+from cptune.text.template import Template
 
 COUNTS = {
     "rotten_tomatoes": {"negative": 5384, "positive": 7368},

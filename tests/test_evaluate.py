@@ -6,7 +6,7 @@ import torch
 import cptune
 from conftest import LABEL_WORDS, TEMPLATE
 from cptune.evaluate import CONTENT_FREE_TEXTS, classification_metrics, contextual_calibration, score_texts
-from cptune.template import label_token_ids, render_example
+from cptune.text.template import label_token_ids, render_example
 from tiny import ARCHITECTURES, tiny_model
 
 TEXTS = ["a waste of time", "great actors shine in this one", "bad", "the plot is thin but fun"]

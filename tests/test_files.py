@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 import cptune
 from cptune import CPTConfig
-from cptune.io import CONFIG_NAME, STATE_NAME, WEIGHTS_NAME, read_config
-from cptune.saving import MANIFEST_NAME, IncompleteSaveError
+from cptune.cpt.files import CONFIG_NAME, STATE_NAME, WEIGHTS_NAME, read_config
+from cptune.cpt.saving import MANIFEST_NAME, IncompleteSaveError
 from tiny import tiny_model
 
 
@@ -48,7 +48,7 @@ def test_failed_save_leaves_the_old_folder(saved, context, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("cptune.io.safetensors_bytes", boom)
+    monkeypatch.setattr("cptune.cpt.files.safetensors_bytes", boom)
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(saved)
     assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
@@ -125,7 +125,7 @@ def test_context_longer_than_the_model_is_refused(tok):
 
 def test_context_plus_query_too_long_is_refused_in_training_and_scoring(tok):
     from cptune.evaluate import query_token_ids, score_texts
-    from cptune.template import label_token_ids
+    from cptune.text.template import label_token_ids
 
     base = tiny_model("gpt2")  # 512 positions
     context = cptune.build_context([(" ".join(["film"] * 100), "a")], cptune.Template(), tok, {"a": "yes"})

@@ -7,7 +7,7 @@ from peft.tuners.cpt.model import CPTEmbedding as PeftCPTEmbedding
 from transformers.modeling_outputs import CausalLMOutput
 
 from cptune import CPTConfig, CPTEmbedding
-from cptune.loss import label_group_rank
+from cptune.cpt.loss import label_group_rank
 
 
 def _loop_rank(codes):

@@ -7,7 +7,7 @@ import torch
 
 import cptune
 from conftest import LABEL_WORDS, QUERIES, TEMPLATE
-from cptune.roles import TokenRole
+from cptune.cpt.roles import TokenRole
 from cptune.training import TrainSettings, train
 from tiny import ARCHITECTURES, tiny_model
 
@@ -201,7 +201,7 @@ def test_generate_returns_prompt_then_new_tokens(context, tok):
 
 
 def test_length_buckets_partition_and_save_padding():
-    from cptune.prefix import length_buckets
+    from cptune.cpt.engine import length_buckets
 
     lengths = [60, 20, 22, 58, 21, 59, 40, 41]
     buckets = length_buckets(lengths, overhead_tokens=16)
@@ -229,7 +229,7 @@ def test_left_padded_queries_fall_back_to_plain_layout(context, tok):
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text", "opt"])
 def test_every_row_in_its_own_bucket_gives_the_same_loss_and_gradient(arch, context, queries, monkeypatch):
-    import cptune.model
+    import cptune.cpt.model
 
     base = tiny_model(arch, dtype=torch.float64)
     d0 = torch.randn(len(context), base.get_input_embeddings().weight.shape[-1]) * 0.02
@@ -239,7 +239,7 @@ def test_every_row_in_its_own_bucket_gives_the_same_loss_and_gradient(arch, cont
             def one_per_bucket(lengths):
                 return [[i] for i in range(len(lengths))][::-1]
 
-            monkeypatch.setattr(cptune.model, "length_buckets", one_per_bucket)
+            monkeypatch.setattr(cptune.cpt.model, "length_buckets", one_per_bucket)
         model = cptune.get_cpt_model(copy.deepcopy(base), context.to_config(opt_weighted_loss_type="decay",
                                                                           opt_loss_decay_factor=0.7),
                                      prefix_sharing="never" if not split else "always")

@@ -25,7 +25,7 @@ def _reference_scores(method, scoring_model, tok, texts):
     its tokens. No cache, no batching, no padding: what ``scores()`` must reproduce.
     """
     from cptune.evaluate import query_token_ids
-    from cptune.template import label_token_ids
+    from cptune.text.template import label_token_ids
 
     context = method.context_embeddings()
     n = 0 if context is None else context.shape[1]
@@ -226,7 +226,7 @@ def test_settings_replace_and_bad_inputs(tok):
 def test_first_training_loss_is_the_scored_label_nll(name, tok):
     """Training and scoring see the same sequence: step 0's loss (full batch, untrained state) equals the
     gold-label NLL that scores() gives after prepare(), per label token (labels only, nothing else)."""
-    from cptune.template import label_token_ids
+    from cptune.text.template import label_token_ids
 
     base = tiny_model()
     method = make_method(name, base, tok, TEMPLATE, LABEL_WORDS, FAST)

@@ -4,8 +4,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cptune.projection import RADIUS_REFERENCE_DIM, project_l2_ball, token_radii
-from cptune.roles import TokenRole
+from cptune.cpt.projection import RADIUS_REFERENCE_DIM, project_l2_ball, token_radii
+from cptune.cpt.roles import TokenRole
 
 RADII = st.one_of(st.just(0.0), st.floats(1e-6, 2.0))
 

@@ -14,7 +14,7 @@ import cptune
 from cptune.data import load_dataset, sample_splits
 from cptune.evaluate import query_token_ids, score_texts
 from cptune.pretrained import load_model
-from cptune.template import label_token_ids
+from cptune.text.template import label_token_ids
 from cptune.training import TrainSettings, train
 
 pytestmark = pytest.mark.slow

@@ -3,7 +3,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cptune.roles import NO_EXAMPLE, TokenRole, from_peft_codes, to_peft_codes
+from cptune.cpt.roles import NO_EXAMPLE, TokenRole, from_peft_codes, to_peft_codes
 
 
 @st.composite

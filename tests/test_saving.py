@@ -22,10 +22,9 @@ import cptune
 from conftest import DEMOS, LABEL_WORDS, TEMPLATE
 from cptune.classifier import CPTClassifier
 from cptune.cli import main
-from cptune.demo import DemoSettings, run_demo
-from cptune.experiments import append_result, write_report
-from cptune.io import CONFIG_NAME, STATE_NAME, WEIGHTS_NAME, load_adapter
-from cptune.saving import (
+from cptune.cpt.files import CONFIG_NAME, STATE_NAME, WEIGHTS_NAME
+from cptune.cpt.model import load_adapter
+from cptune.cpt.saving import (
     MANIFEST_NAME,
     IncompleteSaveError,
     check_manifest,
@@ -34,6 +33,8 @@ from cptune.saving import (
     save_files,
     write_json_atomic,
 )
+from cptune.demo import DemoSettings, run_demo
+from cptune.experiments import append_result, write_report
 from tiny import save_tiny_model, tiny_model, tiny_tokenizer
 
 TRAIN = ["--data", "rotten_tomatoes", "--shots", "4", "--batch-size", "2", "--steps", "2"]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import cptune
-from cptune.io import read_training_state
+from cptune.cpt.files import read_training_state
 from cptune.training import NonFiniteLossError, TrainSettings, batch_indices, train
 from tiny import tiny_model
 

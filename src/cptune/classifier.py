@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cptune.context import build_context, render_queries
+from cptune.cpt.files import CONFIG_NAME, read_config, read_json_object, save_adapter
+from cptune.cpt.model import get_cpt_model, load_adapter
+from cptune.cpt.saving import check_manifest
 from cptune.evaluate import score_texts
-from cptune.io import CONFIG_NAME, load_adapter, read_config, read_json_object, save_adapter
-from cptune.model import get_cpt_model
 from cptune.pretrained import DEFAULT_MODEL, load_model, resolve_dtype
-from cptune.saving import check_manifest
-from cptune.template import Template
+from cptune.text.context import build_context, render_queries
+from cptune.text.template import Template
 from cptune.training import TrainResult, TrainSettings, train
 
 CLASSIFIER_FILE = "cptune_classifier.json"
@@ -217,7 +217,7 @@ class CPTClassifier:
         Raises:
             FileNotFoundError: no such folder, or a folder without ``cptune_classifier.json`` (for
                 a plain CPT adapter folder the message says to use :meth:`from_adapter`).
-            cptune.saving.IncompleteSaveError: an interrupted or altered save.
+            cptune.cpt.saving.IncompleteSaveError: an interrupted or altered save.
         """
         directory = _existing_folder(directory, "classifier folder")
         check_manifest(directory, reading=(CLASSIFIER_FILE,))

@@ -31,7 +31,7 @@ class UserError(Exception):
 
 
 # The user's mistakes: a bad value (ValueError, which includes a damaged or mismatched file:
-# cptune.saving.IncompleteSaveError) or a path that is missing, of the wrong kind or not writable.
+# cptune.cpt.saving.IncompleteSaveError) or a path that is missing, of the wrong kind or not writable.
 # Everything else (NonFiniteLossError, out of memory, other OSError such as a full disk) is a run
 # time failure.
 USER_ERRORS = (UserError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError,
@@ -153,8 +153,8 @@ def _load(args):
 
 def _run_train(args) -> int:
     from cptune.classifier import CPTClassifier, CPTSettings
+    from cptune.cpt.saving import check_can_save, remove_saved_files
     from cptune.data import sample_splits
-    from cptune.saving import check_can_save, remove_saved_files
     from cptune.training import TrainSettings
 
     fmt, words = _dataset_defaults(args.data)
@@ -162,7 +162,7 @@ def _run_train(args) -> int:
     words = _parse_label_words(args.label_words) or words
     settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     cpt = CPTSettings(eps_input=args.eps_input, eps_format=args.eps_format, decay=args.decay)
-    from cptune.config import CPTConfig
+    from cptune.cpt.config import CPTConfig
 
     CPTConfig(**cpt.config_fields())  # check the values before loading anything
     if args.checkpoint_every is not None and args.checkpoint_every < 1:
@@ -210,9 +210,9 @@ def _add_eval(sub) -> None:
 
 
 def _run_eval(args) -> int:
+    from cptune.cpt.saving import write_json_atomic
     from cptune.data import Dataset, sample_splits
     from cptune.evaluate import classification_metrics
-    from cptune.saving import write_json_atomic
 
     clf = _load_classifier(args)
     dataset = _load(args)
@@ -376,7 +376,7 @@ def _run_compare(args) -> int:
             raise UserError(f"no results in {output / RESULTS_NAME}")
     else:
         cells = make_grid(args.dataset, args.shots, args.seeds, args.methods, args.only)
-        from cptune.template import Template
+        from cptune.text.template import Template
 
         template = args.template.replace("\\n", "\n") if args.template else None
         if template is not None:

@@ -11,13 +11,13 @@ from pathlib import Path
 import torch
 
 from cptune.classifier import CPTClassifier, CPTSettings
-from cptune.config import CPTConfig
-from cptune.context import build_context
+from cptune.cpt.config import CPTConfig
+from cptune.cpt.saving import check_can_save, write_json_atomic
 from cptune.data import load_dataset, sample_splits
 from cptune.evaluate import classification_metrics, score_texts
 from cptune.pretrained import DEFAULT_MODEL, load_model
-from cptune.saving import check_can_save, write_json_atomic
-from cptune.template import Template
+from cptune.text.context import build_context
+from cptune.text.template import Template
 from cptune.training import TrainSettings
 
 CLASSIFIER_SUBDIR = "classifier"  # OUTPUT/classifier: a PEFT adapter folder and a cptune classifier

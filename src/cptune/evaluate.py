@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from cptune.prefix import expand_cache, max_positions
+from cptune.cpt.engine import expand_cache, max_positions
 
 CONTENT_FREE_TEXTS = ("N/A", "", "[MASK]")
 """The content-free inputs of Zhao et al. (2021), scored to estimate the context's label bias."""
@@ -163,8 +163,8 @@ def query_token_ids(texts: Sequence[str], template, tokenizer, add_bos: bool = F
     ``add_bos`` starts each query with the BOS token when the tokenizer adds one by default (for
     queries scored without a context; a context starts with it already).
     """
-    from cptune.context import default_bos
-    from cptune.template import render_example
+    from cptune.text.context import default_bos
+    from cptune.text.template import render_example
 
     bos = default_bos(tokenizer) if add_bos else None
     prefix = [bos] if bos is not None else []
@@ -197,7 +197,7 @@ def score_texts(
         calibrate: apply :func:`contextual_calibration` with :data:`CONTENT_FREE_TEXTS` scored after
             the same context; the result is then calibrated log-probabilities over the labels.
     """
-    from cptune.template import label_token_ids
+    from cptune.text.template import label_token_ids
 
     ids = label_token_ids(template, tokenizer, label_words)
     cache = encode_context(base_model, context_embeds)

@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from cptune.cpt.saving import prepare_folder, write_file_atomic, write_text_atomic
 from cptune.data import DATASET_DEFAULTS, Dataset, load_dataset, sample_splits
 from cptune.evaluate import CONTENT_FREE_TEXTS, classification_metrics, contextual_calibration
 from cptune.methods import METHODS, MethodSettings, make_method
 from cptune.pretrained import DEFAULT_MODEL, load_model
-from cptune.saving import prepare_folder, write_file_atomic, write_text_atomic
-from cptune.template import Template
+from cptune.text.template import Template
 
 RESULTS_NAME = "results.jsonl"
 CELL_KEYS = ("dataset", "shots", "seed", "method")

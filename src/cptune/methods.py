@@ -33,11 +33,11 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from cptune.context import build_context, render_queries
+from cptune.cpt.model import get_cpt_model
+from cptune.cpt.roles import TokenRole
 from cptune.evaluate import score_texts
-from cptune.model import get_cpt_model
-from cptune.roles import TokenRole
-from cptune.template import Template, label_token_ids
+from cptune.text.context import build_context, render_queries
+from cptune.text.template import Template, label_token_ids
 from cptune.training import NonFiniteLossError, TrainSettings, batch_indices, train
 
 METHODS = ("zero-shot", "icl", "cpt", "pt", "ipt", "lora")

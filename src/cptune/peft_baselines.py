@@ -6,7 +6,7 @@ batch's label tokens, the value PEFT's own forward returns for labels that are -
 checks the two agree). Two things make it cheaper than PEFT's forward: logits are computed only at
 positions that predict a label token, and the prefix (soft prompt, and for ``ipt`` the
 demonstrations) is encoded once per step and its key/value cache shared by the batch's rows, with
-gradients flowing through it (:func:`cptune.prefix.expand_cache`). Scoring goes through the same
+gradients flowing through it (:func:`cptune.cpt.engine.expand_cache`). Scoring goes through the same
 :func:`cptune.evaluate.score_texts` as every other method:
 
 - ``pt``: the trained soft prompt ``(1, n, d)`` is the context of the original base model.
@@ -24,9 +24,9 @@ import copy
 
 import torch
 
-from cptune.context import build_context
+from cptune.cpt.engine import expand_cache
 from cptune.methods import IGNORE_INDEX, BaseMethod, label_batch, model_device, optimize
-from cptune.prefix import expand_cache
+from cptune.text.context import build_context
 
 
 def _peft():

@@ -22,7 +22,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from cptune.saving import current_umask, write_json_atomic
+from cptune.cpt.saving import current_umask, write_json_atomic
 
 DEFAULT_MODEL = "smollm2-135m"
 

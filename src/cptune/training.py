@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from cptune.cpt.files import read_training_state
 from cptune.distributed import all_reduce_sum, barrier, process_group
-from cptune.io import read_training_state
 
 SCHEDULES = ("linear", "constant", "cosine")
 
@@ -260,7 +260,7 @@ def _restore(model, optimizer, scheduler, checkpoint_dir, settings: TrainSetting
     """Load delta, optimizer and schedule state from ``checkpoint_dir``; return the step to resume at."""
     from safetensors.torch import load_file
 
-    from cptune.io import STATE_NAME
+    from cptune.cpt.files import STATE_NAME
 
     state = read_training_state(checkpoint_dir)
     if state is None or "step" not in state:

@@ -15,7 +15,7 @@ import torch
 from cptune.bench.numbers import _classify, _train
 from cptune.bench.settings import GIB, TRAIN_IMPLS
 from cptune.bench.workers import _rotate
-from cptune.saving import write_text_atomic
+from cptune.cpt.saving import write_text_atomic
 
 
 def _spawn(log, *worker_args: str) -> dict:

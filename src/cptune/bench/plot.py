@@ -7,7 +7,7 @@ from pathlib import Path
 
 from cptune.bench.numbers import _axes, _median, _train
 from cptune.bench.settings import CLASSIFY_IMPLS
-from cptune.saving import write_file_atomic
+from cptune.cpt.saving import write_file_atomic
 
 
 def _plot(results: dict, path: Path) -> None:

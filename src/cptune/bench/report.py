@@ -24,7 +24,7 @@ from cptune.bench.numbers import (
 )
 from cptune.bench.plot import _plot
 from cptune.bench.settings import CLASSIFY_IMPLS, PEAK_SIZE, TRAIN_IMPLS
-from cptune.saving import write_text_atomic
+from cptune.cpt.saving import write_text_atomic
 
 
 def _spread(times: list[float]) -> str:

@@ -53,7 +53,7 @@ def _setup(shots: int):
 
 def _probe_delta(context, hidden: int) -> torch.Tensor:
     """A fixed nonzero delta inside every projection ball (half the smallest radius), zero on frozen rows."""
-    from cptune.roles import is_trainable
+    from cptune.cpt.roles import is_trainable
 
     gen = torch.Generator().manual_seed(SEED)
     delta = torch.randn(len(context), hidden, generator=gen)
@@ -176,7 +176,7 @@ def worker_train_rss(impl: str, shots: int, batch: int) -> dict:
 
 
 def _context_label_count(context) -> int:
-    from cptune.roles import TokenRole
+    from cptune.cpt.roles import TokenRole
 
     return int((context.roles == TokenRole.LABEL).sum())
 
@@ -207,7 +207,7 @@ def worker_classify(shots: int, batch: int, test_size: int, quiet_wait: float) -
     floor) and must give the same scores.
     """
     from cptune.evaluate import encode_context, label_log_likelihoods, query_token_ids, score_texts
-    from cptune.template import label_token_ids
+    from cptune.text.template import label_token_ids
 
     base, tok, template, context, _, test = _setup(shots)
     base = _anonymous_copy(base)  # shared by all three; neither wrapper changes it
@@ -311,7 +311,7 @@ def worker_profile(shots: int, batch: int, top: int = 14, classify_batches: int 
     """Profiles: one training step of cptune and of PEFT; label scoring with the cached context and without."""
     from cptune import render_queries
     from cptune.evaluate import encode_context, label_log_likelihoods, query_token_ids
-    from cptune.template import label_token_ids
+    from cptune.text.template import label_token_ids
 
     base, tok, template, context, extra, test = _setup(shots)
     base = _anonymous_copy(base)

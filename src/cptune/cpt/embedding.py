@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cptune.config import CPTConfig
-from cptune.loss import cpt_loss_from_logits
-from cptune.projection import project_l2_ball, token_radii
-from cptune.roles import is_trainable
+from cptune.cpt.config import CPTConfig
+from cptune.cpt.loss import cpt_loss_from_logits
+from cptune.cpt.projection import project_l2_ball, token_radii
+from cptune.cpt.roles import is_trainable
 
 FEASIBLE_RTOL = 1e-6
 """Relative slack under which a row counts as inside its ball (a projected row's norm may exceed

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from cptune.roles import TokenRole, from_peft_codes
+from cptune.cpt.roles import TokenRole, from_peft_codes
 
 PEFT_FORMAT_VERSION = "0.21.2"
 """The PEFT release whose adapter format cptune reads and writes (recorded as ``peft_version``)."""
@@ -29,7 +29,7 @@ class CPTConfig:
     Args:
         cpt_token_ids: Token ids of the context (demonstrations). ``None`` gives PEFT's ``[0]``.
         cpt_mask: Attention mask of the context; PEFT only checks its length. ``None`` gives ones.
-        cpt_tokens_type_mask: PEFT's packed type code per context token (see :mod:`cptune.roles`).
+        cpt_tokens_type_mask: PEFT's packed type code per context token (see :mod:`cptune.cpt.roles`).
             ``None`` gives ones.
         opt_weighted_loss_type: ``"none"`` (every label token weight 1) or ``"decay"``.
         opt_loss_decay_factor: gamma of the decay weighting, in (0, 1].

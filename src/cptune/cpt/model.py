@@ -9,11 +9,12 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from cptune.config import CPTConfig
-from cptune.embedding import CPTEmbedding
-from cptune.loss import IGNORE_INDEX, decay_weights, loss_dtype, weighted_token_loss_sum
-from cptune.prefix import expand_cache, length_buckets, max_positions
-from cptune.roles import ROLES_PER_EXAMPLE, TokenRole
+from cptune.cpt.config import CPTConfig
+from cptune.cpt.embedding import CPTEmbedding
+from cptune.cpt.engine import expand_cache, length_buckets, max_positions
+from cptune.cpt.files import check_frozen_rows, read_adapter, save_adapter
+from cptune.cpt.loss import IGNORE_INDEX, decay_weights, loss_dtype, weighted_token_loss_sum
+from cptune.cpt.roles import ROLES_PER_EXAMPLE, TokenRole
 
 PREFIX_SHARING_MODES = ("auto", "always", "never")
 
@@ -319,7 +320,7 @@ class CPTModel(nn.Module):
     def context_cache(self):
         """Encode the context once (no gradients) and return its batch-1 key/value cache.
 
-        Reuse it for any number of query batches through :func:`cptune.prefix.expand_cache`.
+        Reuse it for any number of query batches through :func:`cptune.cpt.engine.expand_cache`.
         """
         out = self.base_model(inputs_embeds=self.context_embeddings(), use_cache=True, logits_to_keep=1)
         return out.past_key_values
@@ -347,16 +348,12 @@ class CPTModel(nn.Module):
     # -- files ---------------------------------------------------------------------------------
 
     def save_pretrained(self, save_directory, **kwargs) -> None:
-        """Write PEFT's adapter folder plus cptune's resume state (see :mod:`cptune.io`)."""
-        from cptune.io import save_adapter
-
+        """Write PEFT's adapter folder plus cptune's resume state (see :mod:`cptune.cpt.files`)."""
         save_adapter(self, save_directory, **kwargs)
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, model_id, is_trainable: bool = False, **kwargs) -> CPTModel:
         """Load a CPT adapter folder written by PEFT or cptune onto ``base_model``."""
-        from cptune.io import load_adapter
-
         return load_adapter(base_model, model_id, is_trainable=is_trainable, **kwargs)
 
 
@@ -372,3 +369,34 @@ def get_cpt_model(base_model: nn.Module, config: CPTConfig, adapter_name: str = 
     if not isinstance(config, CPTConfig):
         raise ValueError(f"config must be a cptune.CPTConfig; got {type(config).__name__}")
     return CPTModel(base_model, config, adapter_name=adapter_name, **kwargs)
+
+
+def load_adapter(
+    base_model: nn.Module,
+    directory,
+    is_trainable: bool = False,
+    adapter_name: str = "default",
+    prefix_sharing: str = "auto",
+) -> CPTModel:
+    """Load a CPT adapter written by PEFT or cptune onto ``base_model``.
+
+    PEFT folders hold only ``E0 + delta``: that becomes the frozen base with a zero correction (as
+    in PEFT). cptune folders also restore E0 and delta separately, so training resumes exactly.
+
+    Raises:
+        FileNotFoundError: a missing folder or file.
+        cptune.cpt.saving.IncompleteSaveError: the files do not match the folder's manifest.
+        ValueError: unreadable files, or an adapter that does not fit ``base_model``.
+    """
+    config, prompt, state = read_adapter(base_model, directory)
+    base = state["base"] if state is not None else prompt
+    config.inference_mode = not is_trainable
+    model = CPTModel(base_model, config, adapter_name=adapter_name, prefix_sharing=prefix_sharing, base_embeddings=base)
+    check_frozen_rows(model, prompt)
+    if state is not None:
+        with torch.no_grad():
+            model.prompt_encoder.delta.copy_(state["delta"].to(model.prompt_encoder.delta.device))
+    model.prompt_encoder.delta.requires_grad_(is_trainable)
+    if not is_trainable:
+        model.eval()
+    return model

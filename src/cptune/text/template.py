@@ -5,7 +5,7 @@ A template is one format string with an ``{x}`` (input text) and a ``{y}`` (labe
     Template("input: {x} output: {y}", example_separator="\\n")
 
 renders a demonstration as ``[input template][input text][output template][label][separator]``
-with the roles of :class:`~cptune.roles.TokenRole`. Each part is tokenized on its own, so roles are
+with the roles of :class:`~cptune.cpt.roles.TokenRole`. Each part is tokenized on its own, so roles are
 exact and a label's tokens are the same in the context and in a query. Whitespace that ends a
 template part is moved to the front of the next part (``"input:" + " some text"``), which is how
 BPE tokenizers with leading-space tokens (GPT-2, SmolLM2, Qwen) split the running text.
@@ -17,7 +17,7 @@ import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from cptune.roles import TokenRole
+from cptune.cpt.roles import TokenRole
 
 INPUT_FIELD = "x"
 LABEL_FIELD = "y"

@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from cptune.config import CPTConfig
-from cptune.roles import NO_EXAMPLE, TokenRole, to_peft_codes
-from cptune.template import Template, label_token_ids, render_example
+from cptune.cpt.config import CPTConfig
+from cptune.cpt.roles import NO_EXAMPLE, TokenRole, to_peft_codes
+from cptune.text.template import Template, label_token_ids, render_example
 
 
 def _pairs(examples: Iterable[Any]) -> list[tuple[str, str]]:
@@ -42,7 +42,7 @@ class Context:
 
     Attributes:
         token_ids: ``(N,)`` int64 token ids.
-        roles: ``(N,)`` int64 :class:`~cptune.roles.TokenRole`.
+        roles: ``(N,)`` int64 :class:`~cptune.cpt.roles.TokenRole`.
         example_index: ``(N,)`` int64 demonstration index (``-1`` for separators).
         label_ids: token ids of each label word, as placed after the output template.
     """

@@ -9,7 +9,7 @@ Folder layout::
                                  schedule settings as JSON
 
 plus ``cptune_manifest.json`` (sizes and SHA-256 of the files above, written last; see
-:mod:`cptune.saving`). Each file is written to a temporary name and renamed into place; nothing
+:mod:`cptune.cpt.saving`). Each file is written to a temporary name and renamed into place; nothing
 else in the folder is touched. Loading checks the manifest, so a save interrupted between files
 is refused rather than loaded as a mix; PEFT's folders, which have no manifest, load as they are.
 Only JSON and safetensors are ever read (no pickle).
@@ -27,10 +27,10 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from cptune.config import CPTConfig
-from cptune.projection import project_l2_ball
-from cptune.roles import TokenRole
-from cptune.saving import check_manifest, save_files
+from cptune.cpt.config import CPTConfig
+from cptune.cpt.projection import project_l2_ball
+from cptune.cpt.roles import TokenRole
+from cptune.cpt.saving import check_manifest, save_files
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -130,25 +130,20 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         raise ValueError(f"{path} is not a readable safetensors file ({err})") from None
 
 
-def load_adapter(
-    base_model: nn.Module,
-    directory,
-    is_trainable: bool = False,
-    adapter_name: str = "default",
-    prefix_sharing: str = "auto",
-):
-    """Load a CPT adapter written by PEFT or cptune onto ``base_model``.
+def read_adapter(base_model: nn.Module, directory) -> tuple[CPTConfig, torch.Tensor, dict | None]:
+    """Read an adapter folder written by PEFT or cptune and check it against ``base_model``.
 
-    PEFT folders hold only ``E0 + delta``: that becomes the frozen base with a zero correction (as
-    in PEFT). cptune folders also restore E0 and delta separately, so training resumes exactly.
+    :func:`cptune.cpt.model.load_adapter` builds the model from what this returns.
+
+    Returns:
+        ``(config, prompt, state)``: the validated config, the ``(N, d)`` float32 ``E0 + delta`` PEFT
+        prepends, and cptune's resume tensors (``"base"``, ``"delta"``...) or ``None`` for a PEFT folder.
 
     Raises:
         FileNotFoundError: a missing folder or file.
-        cptune.saving.IncompleteSaveError: the files do not match the folder's manifest.
+        cptune.cpt.saving.IncompleteSaveError: the files do not match the folder's manifest.
         ValueError: unreadable files, or an adapter that does not fit ``base_model``.
     """
-    from cptune.model import CPTModel
-
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"adapter folder {directory} does not exist" if not directory.exists()
@@ -179,17 +174,7 @@ def load_adapter(
     state, state_meta = _read_safetensors(state_path) if state_path.is_file() else (None, {})
     if state is not None:
         _check_state(state, json.loads(state_meta.get(_META_KEY, "{}")), base_model, config, state_path)
-    base = state["base"] if state is not None else prompt
-    config.inference_mode = not is_trainable
-    model = CPTModel(base_model, config, adapter_name=adapter_name, prefix_sharing=prefix_sharing, base_embeddings=base)
-    _check_frozen_rows(model, prompt)
-    if state is not None:
-        with torch.no_grad():
-            model.prompt_encoder.delta.copy_(state["delta"].to(model.prompt_encoder.delta.device))
-    model.prompt_encoder.delta.requires_grad_(is_trainable)
-    if not is_trainable:
-        model.eval()
-    return model
+    return config, prompt, state
 
 
 def _check_state(state: dict, meta: dict, base_model: nn.Module, config: CPTConfig, path: Path) -> None:
@@ -216,8 +201,11 @@ def _check_state(state: dict, meta: dict, base_model: nn.Module, config: CPTConf
         )
 
 
-def _check_frozen_rows(model, prompt: torch.Tensor) -> None:
-    """Label and separator rows of a saved context are the base model's own embeddings: compare them."""
+def check_frozen_rows(model, prompt: torch.Tensor) -> None:
+    """Label and separator rows of a saved context are the base model's own embeddings: compare them.
+
+    ``model`` is the :class:`~cptune.cpt.model.CPTModel` built from ``prompt`` (see :func:`read_adapter`).
+    """
     enc = model.prompt_encoder
     frozen = (enc.roles == TokenRole.LABEL) | (enc.roles == TokenRole.SEPARATOR)
     if not bool(frozen.any()):

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from cptune.roles import TokenRole
+from cptune.cpt.roles import TokenRole
 
 RADIUS_REFERENCE_DIM = 2048
 """Hidden size at which a radius equals its epsilon; radii scale with ``sqrt(d / 2048)`` (CPT paper)."""
@@ -19,7 +19,7 @@ def token_radii(roles: torch.Tensor, eps_input: float, eps_format: float, hidden
     input text, and ``r_i = 0`` for labels and separators (their correction is frozen at zero).
 
     Args:
-        roles: ``(N,)`` int tensor of :class:`~cptune.roles.TokenRole`.
+        roles: ``(N,)`` int tensor of :class:`~cptune.cpt.roles.TokenRole`.
         eps_input: epsilon of input-text tokens.
         eps_format: epsilon of template tokens.
         hidden_size: embedding dimension ``d``.

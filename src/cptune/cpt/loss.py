@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cptune.roles import ROLES_PER_EXAMPLE
+from cptune.cpt.roles import ROLES_PER_EXAMPLE
 
 IGNORE_INDEX = -100
 """Target value of positions that are not scored (the Hugging Face convention)."""

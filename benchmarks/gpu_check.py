@@ -21,7 +21,7 @@ import torch
 def check(dtype: str, steps: int) -> dict:
     import cptune
     from cptune.data import load_dataset, sample_splits
-    from cptune.pretrained import load_model
+    from cptune.models import load_model
     from cptune.training import TrainSettings, train
 
     base, tok = load_model(dtype=dtype, device="cuda")

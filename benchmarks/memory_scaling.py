@@ -73,7 +73,7 @@ def worker(spec: dict) -> int:
 
     import cptune
     from cptune.data import load_dataset, sample_splits
-    from cptune.pretrained import load_model
+    from cptune.models import load_model
 
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))

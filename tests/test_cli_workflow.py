@@ -67,7 +67,7 @@ def test_train_eval_predict(tiny_dir, tmp_path, capsys):
 
     # --calibrate: the probabilities divided by the content-free ones after the same context
     from cptune import CPTClassifier
-    from cptune.evaluate import CONTENT_FREE_TEXTS, contextual_calibration
+    from cptune.scoring import CONTENT_FREE_TEXTS, contextual_calibration
 
     assert main(["predict", str(out), *texts, "--calibrate"]) == 0
     calibrated = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

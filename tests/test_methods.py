@@ -24,7 +24,7 @@ def _reference_scores(method, scoring_model, tok, texts):
     and the label's tokens; a label's score is the sum of the log-softmax at the positions before
     its tokens. No cache, no batching, no padding: what ``scores()`` must reproduce.
     """
-    from cptune.evaluate import query_token_ids
+    from cptune.scoring import query_token_ids
     from cptune.text.template import label_token_ids
 
     context = method.context_embeddings()

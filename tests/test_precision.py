@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import cptune
-from cptune.evaluate import score_texts
+from cptune.scoring import score_texts
 from cptune.training import TrainSettings, train
 from tiny import tiny_model
 
@@ -64,7 +64,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradient(context, querie
 
 
 def test_device_map_auto_keeps_the_context_on_the_embedding_device(context, queries, tmp_path):
-    from cptune.pretrained import load_model
+    from cptune.models import load_model
     from tiny import tiny_tokenizer
 
     tiny_model("qwen2").save_pretrained(tmp_path)

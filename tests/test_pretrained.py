@@ -1,4 +1,4 @@
-"""Tests for cptune.pretrained. Only the test marked slow touches the real embedded model."""
+"""Tests for cptune.models. Only the test marked slow touches the real embedded model."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from cptune import pretrained
-from cptune.pretrained import DEFAULT_MODEL, default_cache_dir, load_model, resolve_dtype
+from cptune import models as pretrained
+from cptune.models import DEFAULT_MODEL, default_cache_dir, load_model, resolve_dtype
 
 BF16_RTOL = 2**-8
 """bfloat16's unit roundoff (8 significant bits)."""

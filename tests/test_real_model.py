@@ -12,8 +12,8 @@ import torch
 
 import cptune
 from cptune.data import load_dataset, sample_splits
-from cptune.evaluate import query_token_ids, score_texts
-from cptune.pretrained import load_model
+from cptune.models import load_model
+from cptune.scoring import query_token_ids, score_texts
 from cptune.text.template import label_token_ids
 from cptune.training import TrainSettings, train
 

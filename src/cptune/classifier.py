@@ -12,8 +12,8 @@ import torch
 from cptune.cpt.files import CONFIG_NAME, read_config, read_json_object, save_adapter
 from cptune.cpt.model import get_cpt_model, load_adapter
 from cptune.cpt.saving import check_manifest
-from cptune.evaluate import score_texts
-from cptune.pretrained import DEFAULT_MODEL, load_model, resolve_dtype
+from cptune.models import DEFAULT_MODEL, load_model, resolve_dtype
+from cptune.scoring import score_texts
 from cptune.text.context import build_context, render_queries
 from cptune.text.template import Template
 from cptune.training import TrainResult, TrainSettings, train
@@ -61,7 +61,7 @@ class CPTClassifier:
         length_normalize: score labels by mean instead of total token log-likelihood.
         calibrate: contextual calibration (Zhao et al. 2021) of the label probabilities: divide them
             by those of content-free inputs after the same learned context
-            (:func:`cptune.evaluate.contextual_calibration`).
+            (:func:`cptune.scoring.contextual_calibration`).
         batch_size: texts per forward when predicting.
         progress: show a progress bar while training.
         dtype: the base model's dtype when it is loaded by name (``float32``, ``bfloat16``,

@@ -212,7 +212,7 @@ def _add_eval(sub) -> None:
 def _run_eval(args) -> int:
     from cptune.cpt.saving import write_json_atomic
     from cptune.data import Dataset, sample_splits
-    from cptune.evaluate import classification_metrics
+    from cptune.scoring import classification_metrics
 
     clf = _load_classifier(args)
     dataset = _load(args)

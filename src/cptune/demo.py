@@ -14,8 +14,8 @@ from cptune.classifier import CPTClassifier, CPTSettings
 from cptune.cpt.config import CPTConfig
 from cptune.cpt.saving import check_can_save, write_json_atomic
 from cptune.data import load_dataset, sample_splits
-from cptune.evaluate import classification_metrics, score_texts
-from cptune.pretrained import DEFAULT_MODEL, load_model
+from cptune.models import DEFAULT_MODEL, load_model
+from cptune.scoring import classification_metrics, score_texts
 from cptune.text.context import build_context
 from cptune.text.template import Template
 from cptune.training import TrainSettings

@@ -24,9 +24,9 @@ from tqdm.auto import tqdm
 
 from cptune.cpt.saving import prepare_folder, write_file_atomic, write_text_atomic
 from cptune.data import DATASET_DEFAULTS, Dataset, load_dataset, sample_splits
-from cptune.evaluate import CONTENT_FREE_TEXTS, classification_metrics, contextual_calibration
 from cptune.methods import METHODS, MethodSettings, make_method
-from cptune.pretrained import DEFAULT_MODEL, load_model
+from cptune.models import DEFAULT_MODEL, load_model
+from cptune.scoring import CONTENT_FREE_TEXTS, classification_metrics, contextual_calibration
 from cptune.text.template import Template
 
 RESULTS_NAME = "results.jsonl"

@@ -15,7 +15,7 @@ Six methods (:data:`METHODS`), each built by :func:`make_method` and used as::
 
 True few-shot: only the K labelled shots exist, so every trained method uses the shots themselves as
 its training queries, rendered with the same template and label words. Every method scores through
-:func:`cptune.evaluate.score_texts` (full label sequence log-likelihood after the method's context),
+:func:`cptune.scoring.score_texts` (full label sequence log-likelihood after the method's context),
 so scoring is identical across methods. The base model passed in is never modified: not its
 weights, ``requires_grad`` flags, train/eval mode or the global random state.
 
@@ -35,7 +35,7 @@ import torch
 
 from cptune.cpt.model import get_cpt_model
 from cptune.cpt.roles import TokenRole
-from cptune.evaluate import score_texts
+from cptune.scoring import score_texts
 from cptune.text.context import build_context, render_queries
 from cptune.text.template import Template, label_token_ids
 from cptune.training import NonFiniteLossError, TrainSettings, batch_indices, train
@@ -75,7 +75,7 @@ class MethodSettings:
             dropout is always 0 (deterministic training) and the target modules are PEFT's defaults
             for the architecture (attention query/value projections).
         length_normalize: divide each label's log-likelihood by its token count when scoring
-            (False: :func:`cptune.evaluate.score_texts`' default; only matters for multi-token labels).
+            (False: :func:`cptune.scoring.score_texts`' default; only matters for multi-token labels).
         score_batch_size: queries per forward when scoring (8, ``score_texts``' default).
 
     Raises:

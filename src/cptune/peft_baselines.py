@@ -7,7 +7,7 @@ checks the two agree). Two things make it cheaper than PEFT's forward: logits ar
 positions that predict a label token, and the prefix (soft prompt, and for ``ipt`` the
 demonstrations) is encoded once per step and its key/value cache shared by the batch's rows, with
 gradients flowing through it (:func:`cptune.cpt.engine.expand_cache`). Scoring goes through the same
-:func:`cptune.evaluate.score_texts` as every other method:
+:func:`cptune.scoring.score_texts` as every other method:
 
 - ``pt``: the trained soft prompt ``(1, n, d)`` is the context of the original base model.
 - ``ipt``: the soft prompt followed by the plain embeddings of the demonstrations is the context;

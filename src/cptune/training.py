@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from cptune.cpt.files import read_training_state
+from cptune.cpt.files import STATE_NAME, read_training_state
 from cptune.distributed import all_reduce_sum, barrier, process_group
 
 SCHEDULES = ("linear", "constant", "cosine")
@@ -259,8 +259,6 @@ def _data_parallel_step(model, queries, local_rows: torch.Tensor, device) -> tor
 def _restore(model, optimizer, scheduler, checkpoint_dir, settings: TrainSettings) -> int:
     """Load delta, optimizer and schedule state from ``checkpoint_dir``; return the step to resume at."""
     from safetensors.torch import load_file
-
-    from cptune.cpt.files import STATE_NAME
 
     state = read_training_state(checkpoint_dir)
     if state is None or "step" not in state:

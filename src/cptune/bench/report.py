@@ -107,7 +107,7 @@ def _render_classify(results: dict) -> list[str]:
     out = ["## Classification throughput", "",
            f"{n} test examples, batch 8, score = first label token's log-probability at the answer position.",
            "The three run in one process, batch by batch in rotating order. cptune: the context's KV cache is",
-           "encoded once (its time included) and reused for every batch (`cptune.evaluate.label_log_likelihoods`,",
+           "encoded once (its time included) and reused for every batch (`cptune.scoring.label_log_likelihoods`,",
            "what `score_texts` runs); PEFT: its forward on each batch, the context re-encoded in every row, logits",
            "read at N + len - 1; floor: the same queries without a context. Tokenisation is excluded for all three.",
            "`score_texts` is then timed as one call (cptune and floor) and gives the same scores. Both",

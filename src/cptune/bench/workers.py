@@ -42,7 +42,7 @@ def _model_dims(base) -> dict:
 def _setup(shots: int):
     from cptune import Template, build_context
     from cptune.data import load_dataset, sample_splits
-    from cptune.pretrained import load_model
+    from cptune.models import load_model
 
     base, tok = load_model()
     demos, extra, test = sample_splits(load_dataset("rotten_tomatoes"), shots=shots, test_size=TEST_SIZE,
@@ -206,7 +206,7 @@ def worker_classify(shots: int, batch: int, test_size: int, quiet_wait: float) -
     what ``score_texts`` runs; ``score_texts`` itself is timed afterwards (one pass each, cptune and
     floor) and must give the same scores.
     """
-    from cptune.evaluate import encode_context, label_log_likelihoods, query_token_ids, score_texts
+    from cptune.scoring import encode_context, label_log_likelihoods, query_token_ids, score_texts
     from cptune.text.template import label_token_ids
 
     base, tok, template, context, _, test = _setup(shots)
@@ -310,7 +310,7 @@ def _profiled(fn, top: int) -> dict:
 def worker_profile(shots: int, batch: int, top: int = 14, classify_batches: int = 5) -> dict:
     """Profiles: one training step of cptune and of PEFT; label scoring with the cached context and without."""
     from cptune import render_queries
-    from cptune.evaluate import encode_context, label_log_likelihoods, query_token_ids
+    from cptune.scoring import encode_context, label_log_likelihoods, query_token_ids
     from cptune.text.template import label_token_ids
 
     base, tok, template, context, extra, test = _setup(shots)

@@ -4,7 +4,7 @@
 ``(location, record)`` pairs from any source (a file, a hub split) into one, checking columns, skipping blank
 or unlabelled rows with one warning and recording provenance. CSV/TSV need a header row and UTF-8 text; JSONL
 holds one JSON object per line; Parquet needs ``pyarrow``, which cptune does not install. Texts are
-normalised as :mod:`cptune.data` states, and truncated only when ``max_chars`` is given.
+normalised as :mod:`cptune.data.types` states, and truncated only when ``max_chars`` is given.
 
 Every public name here is also importable from :mod:`cptune.data`.
 """
@@ -22,14 +22,16 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from cptune.data import Dataset, Example, examples_sha256, normalize_text, truncate_text
-
-FILE_FORMATS = (".csv", ".tsv", ".jsonl", ".parquet")
-"""Local data file extensions that :func:`load_file` reads."""
-
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split())[:200] or type(err).__name__
+from cptune.data.types import (
+    FILE_FORMATS,
+    Dataset,
+    Example,
+    examples_sha256,
+    formats,
+    normalize_text,
+    one_line,
+    truncate_text,
+)
 
 
 def load_file(
@@ -69,16 +71,16 @@ def load_file(
     path = Path(path)
     source = str(path)
     if not path.exists():
-        raise FileNotFoundError(f"data file {source!r} does not exist; pass an existing {_formats()} file")
+        raise FileNotFoundError(f"data file {source!r} does not exist; pass an existing {formats()} file")
     if path.is_dir():
-        raise ValueError(f"data path {source!r} is a directory; pass a {_formats()} file")
+        raise ValueError(f"data path {source!r} is a directory; pass a {formats()} file")
     suffix = path.suffix.lower()
     if suffix not in FILE_FORMATS:
-        raise ValueError(f"data file {source!r} has extension {suffix or '(none)'!r}; accepted: {_formats()}")
+        raise ValueError(f"data file {source!r} has extension {suffix or '(none)'!r}; accepted: {formats()}")
     try:
         raw = path.read_bytes()
     except OSError as err:
-        raise ValueError(f"cannot read data file {source!r}: {err.strerror or _one_line(err)}") from None
+        raise ValueError(f"cannot read data file {source!r}: {err.strerror or one_line(err)}") from None
     if suffix == ".parquet":
         columns, records = _read_parquet(raw, source)
     else:
@@ -108,10 +110,6 @@ def load_file(
     )
 
 
-def _formats() -> str:
-    return ", ".join(FILE_FORMATS[:-1]) + " or " + FILE_FORMATS[-1]
-
-
 def _decode(raw: bytes, source: str) -> str:
     if b"\x00" in raw:
         raise ValueError(f"data file {source!r} holds NUL bytes (binary?); accepted: UTF-8 text for .csv/.tsv/.jsonl")
@@ -133,7 +131,7 @@ def _read_csv(text: str, source: str, delimiter: str) -> tuple[list[str], Record
         rows = list(reader)
     except csv.Error as err:
         raise ValueError(
-            f"data file {source!r} is not valid CSV (after line {reader.line_num}: {_one_line(err)}); check the quoting"
+            f"data file {source!r} is not valid CSV (after line {reader.line_num}: {one_line(err)}); check the quoting"
         ) from None
     if not columns:
         raise ValueError(f"data file {source!r} is empty; it needs a header row naming its columns and data rows")
@@ -186,7 +184,7 @@ def _read_parquet(raw: bytes, source: str) -> tuple[list[str], Records]:
     try:
         table = pq.read_table(io.BytesIO(raw))
     except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ...: all mean "not a readable Parquet file"
-        raise ValueError(f"cannot read data file {source!r} as Parquet: {_one_line(err)}") from None
+        raise ValueError(f"cannot read data file {source!r} as Parquet: {one_line(err)}") from None
     rows = table.to_pylist()
     return list(table.column_names), ((f" row {i}", row) for i, row in enumerate(rows, start=1))
 

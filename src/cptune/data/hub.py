@@ -1,17 +1,46 @@
 """Hub datasets for online users (``glue/sst2``, ``ag_news``, ``trec``, ``dbpedia_14``).
 
-The names and layouts live in :data:`cptune.data.HUB_DATASETS`; :func:`cptune.data.load_dataset` loads one
+The names and layouts live in :data:`HUB_DATASETS`; :func:`cptune.data.load_dataset` loads one
 here with the ``datasets`` library when it is installed, truncated to :data:`cptune.data.MAX_CHARS`.
 :func:`hub_layout` gives each one's columns and label names, so a local file written in the same layout loads
-identically through :func:`cptune.data_files.load_file`.
+identically through :func:`cptune.data.files.load_file`.
 
 Every public name here is also importable from :mod:`cptune.data`.
 """
 
 from __future__ import annotations
 
-from cptune.data import HUB_DATASETS, MAX_CHARS, Dataset
-from cptune.data_files import Records, _formats, _one_line, records_to_dataset
+from dataclasses import dataclass
+
+from cptune.data.files import Records, records_to_dataset
+from cptune.data.types import DATASET_DEFAULTS, MAX_CHARS, Dataset, formats, one_line
+
+
+@dataclass(frozen=True)
+class HubSpec:
+    """Where a hub dataset lives and how it is laid out."""
+
+    repo: str
+    config: str | None
+    text_column: str
+    label_column: str
+    label_names: tuple[str, ...]
+    stand_in_for: str
+
+
+HUB_DATASETS: dict[str, HubSpec] = {
+    "glue/sst2": HubSpec("nyu-mll/glue", "sst2", "sentence", "label", ("negative", "positive"), "SST-2"),
+    "ag_news": HubSpec(
+        "fancyzhx/ag_news", None, "text", "label", ("World", "Sports", "Business", "Sci/Tech"), "AG News"
+    ),
+    "trec": HubSpec(
+        "CogComp/trec", None, "text", "coarse_label", ("ABBR", "ENTY", "DESC", "HUM", "LOC", "NUM"), "TREC"
+    ),
+    "dbpedia_14": HubSpec(
+        "fancyzhx/dbpedia_14", None, "content", "label", tuple(DATASET_DEFAULTS["dbpedia_14"][1]), "DBpedia-14"
+    ),
+}
+"""Hub dataset names accepted by :func:`load_dataset` (online, with the ``datasets`` library)."""
 
 
 def hub_layout(name: str) -> tuple[str, str, tuple[str, ...]]:
@@ -35,19 +64,20 @@ def hub_layout(name: str) -> tuple[str, str, tuple[str, ...]]:
     return spec.text_column, spec.label_column, spec.label_names
 
 
-def _load_hub(name: str, text_column: str | None, label_column: str | None) -> Dataset:
+def load_hub(name: str, text_column: str | None, label_column: str | None) -> Dataset:
+    """Load hub dataset ``name`` with the ``datasets`` library (see :func:`cptune.data.load_dataset`)."""
     spec = HUB_DATASETS[name]
     try:
         import datasets
     except ImportError:
         raise ValueError(
             f"hub dataset {name!r} needs the `datasets` library and network access; run `pip install datasets` "
-            f"or pass a local {_formats()} file"
+            f"or pass a local {formats()} file"
         ) from None
     try:
         loaded = datasets.load_dataset(spec.repo, spec.config)
     except Exception as err:  # network, hub and format errors all mean "could not load it"
-        raise ValueError(f"could not load hub dataset {name!r} ({spec.repo}): {_one_line(err)}") from None
+        raise ValueError(f"could not load hub dataset {name!r} ({spec.repo}): {one_line(err)}") from None
     text_column = text_column or spec.text_column
     label_column = label_column or spec.label_column
     splits = sorted(loaded)

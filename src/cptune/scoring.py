@@ -20,6 +20,8 @@ from collections.abc import Sequence
 import torch
 
 from cptune.cpt.engine import expand_cache, max_positions
+from cptune.text.context import default_bos
+from cptune.text.template import label_token_ids, render_example
 
 CONTENT_FREE_TEXTS = ("N/A", "", "[MASK]")
 """The content-free inputs of Zhao et al. (2021), scored to estimate the context's label bias."""
@@ -163,9 +165,6 @@ def query_token_ids(texts: Sequence[str], template, tokenizer, add_bos: bool = F
     ``add_bos`` starts each query with the BOS token when the tokenizer adds one by default (for
     queries scored without a context; a context starts with it already).
     """
-    from cptune.text.context import default_bos
-    from cptune.text.template import render_example
-
     bos = default_bos(tokenizer) if add_bos else None
     prefix = [bos] if bos is not None else []
     return [prefix + render_example(template, tokenizer, t, None, with_separator=False)[0] for t in texts]
@@ -197,8 +196,6 @@ def score_texts(
         calibrate: apply :func:`contextual_calibration` with :data:`CONTENT_FREE_TEXTS` scored after
             the same context; the result is then calibrated log-probabilities over the labels.
     """
-    from cptune.text.template import label_token_ids
-
     ids = label_token_ids(template, tokenizer, label_words)
     cache = encode_context(base_model, context_embeds)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

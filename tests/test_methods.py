@@ -1,4 +1,4 @@
-"""The six few-shot methods behind one interface (cptune.methods, cptune.peft_baselines), on tiny models."""
+"""The six few-shot methods behind one interface (cptune.methods, cptune.methods.peft), on tiny models."""
 
 import pytest
 import torch
@@ -243,7 +243,7 @@ def test_first_training_loss_is_the_scored_label_nll(name, tok):
 def test_fast_label_loss_matches_peft_forward(arch, name, tok):
     """The shared-prefix, label-positions-only loss equals PEFT's own forward loss, gradients included."""
     from cptune.methods import label_batch
-    from cptune.peft_baselines import label_token_loss
+    from cptune.methods.peft import label_token_loss
 
     method = make_method(name, tiny_model(arch), tok, TEMPLATE, LABEL_WORDS, FAST)
     method.prepare(DEMOS)

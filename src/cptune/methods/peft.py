@@ -25,7 +25,7 @@ import copy
 import torch
 
 from cptune.cpt.engine import expand_cache
-from cptune.methods import IGNORE_INDEX, BaseMethod, label_batch, model_device, optimize
+from cptune.methods.base import IGNORE_INDEX, BaseMethod, label_batch, model_device, optimize
 from cptune.text.context import build_context
 
 

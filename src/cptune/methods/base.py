@@ -1,25 +1,7 @@
-"""Few-shot classification methods behind one interface: same data, same training queries, same scoring.
-
-Six methods (:data:`METHODS`), each built by :func:`make_method` and used as::
-
-    method = make_method("cpt", base_model, tokenizer, template, label_words, MethodSettings())
-    info = method.fit(shots)          # FitInfo: per-step training losses, seconds, trainable parameters
-    scores = method.scores(texts)     # (n, C) label log-likelihoods, columns in label_words order
-
-- ``zero-shot``: the query alone.
-- ``icl``: the K demonstrations (rendered with the template) before the query; no training.
-- ``cpt``: Context-aware Prompt Tuning, :mod:`cptune`'s own model and training loop.
-- ``pt``: PEFT prompt tuning: a trained soft prompt before the query.
-- ``ipt``: instruction prompt tuning: a trained soft prompt followed by the demonstrations.
-- ``lora``: PEFT LoRA on a copy of the model; the query alone.
-
-True few-shot: only the K labelled shots exist, so every trained method uses the shots themselves as
-its training queries, rendered with the same template and label words. Every method scores through
-:func:`cptune.scoring.score_texts` (full label sequence log-likelihood after the method's context),
-so scoring is identical across methods. The base model passed in is never modified: not its
-weights, ``requires_grad`` flags, train/eval mode or the global random state.
-
-The PEFT baselines (``pt``, ``ipt``, ``lora``) live in :mod:`cptune.peft_baselines`.
+"""What every method shares: :class:`MethodSettings`, :class:`FitInfo`, the :class:`Method` protocol,
+:class:`BaseMethod` (shot checks, seeded and side-effect-free fitting, scoring through
+:func:`cptune.scoring.score_texts`, label loss) and the training helpers the trained methods use
+(:func:`label_batch`, :func:`optimize`, :func:`frozen`, :func:`model_device`).
 """
 
 from __future__ import annotations
@@ -33,15 +15,11 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from cptune.cpt.model import get_cpt_model
 from cptune.cpt.roles import TokenRole
 from cptune.scoring import score_texts
-from cptune.text.context import build_context, render_queries
+from cptune.text.context import render_queries
 from cptune.text.template import Template, label_token_ids
-from cptune.training import NonFiniteLossError, TrainSettings, batch_indices, train
-
-METHODS = ("zero-shot", "icl", "cpt", "pt", "ipt", "lora")
-"""Names accepted by :func:`make_method`."""
+from cptune.training import NonFiniteLossError, batch_indices
 
 IGNORE_INDEX = -100
 
@@ -164,46 +142,6 @@ class Method(Protocol):
 
     def label_loss(self, texts: Sequence[str], labels: Sequence[str], scores: torch.Tensor | None = None) -> float:
         """Mean negative log-likelihood of each text's gold label sequence (``scores``: reuse these)."""
-
-
-def make_method(
-    name: str,
-    base_model,
-    tokenizer,
-    template: Template,
-    label_words: Mapping[str, str],
-    settings: MethodSettings | None = None,
-) -> Method:
-    """Build one of the :data:`METHODS` over a frozen causal LM.
-
-    Args:
-        name: one of :data:`METHODS`.
-        base_model: a Hugging Face causal LM; never modified (``lora`` and the prompt-tuning methods
-            train a deep copy).
-        tokenizer: its tokenizer.
-        template: how demonstrations and queries are written.
-        label_words: label -> label word; its order is the column order of the scores.
-        settings: the settings (``None``: :class:`MethodSettings` defaults).
-
-    Returns:
-        The method, unfitted (``zero-shot`` can score right away).
-
-    Raises:
-        ValueError: for an unknown name, bad settings or bad label words.
-    """
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; accepted: {', '.join(METHODS)}")
-    settings = MethodSettings() if settings is None else settings
-    if not isinstance(settings, MethodSettings):
-        raise ValueError(f"settings must be a MethodSettings; got {type(settings).__name__}")
-    if name in ("pt", "ipt", "lora"):
-        from cptune import peft_baselines
-
-        cls = {"pt": peft_baselines.PromptTuning, "ipt": peft_baselines.InstructionPromptTuning,
-               "lora": peft_baselines.LoRA}[name]
-    else:
-        cls = {"zero-shot": ZeroShot, "icl": ICL, "cpt": CPT}[name]
-    return cls(base_model, tokenizer, template, label_words, settings)
 
 
 # -- shared helpers ----------------------------------------------------------------------------------
@@ -415,62 +353,3 @@ class BaseMethod:
             raise ValueError(f"scores has shape {tuple(scores.shape)}; expected {want} (texts, labels)")
         gold = torch.tensor([self.labels.index(label) for label in labels], device=scores.device)
         return float(-scores.gather(1, gold[:, None]).mean())
-
-
-class ZeroShot(BaseMethod):
-    """The query alone, no context, no training; scores without :meth:`fit`."""
-
-    name = "zero-shot"
-    needs_fit = False
-
-
-class ICL(BaseMethod):
-    """In-context learning: the shots, rendered as in CPT's context, before every query; no training."""
-
-    name = "icl"
-
-    def _prepare(self, shots: list) -> None:
-        self.context = build_context(shots, self.template, self.tokenizer, self.label_words)
-
-    def context_embeddings(self) -> torch.Tensor:
-        """``(1, N, d)`` plain token embeddings of the demonstrations."""
-        embed = self.base_model.get_input_embeddings()
-        with torch.no_grad():
-            return embed(self.context.token_ids.to(embed.weight.device)[None])
-
-
-class CPT(ICL):
-    """Context-aware Prompt Tuning: the ICL context with trained, norm-bounded embedding corrections.
-
-    Trained with :func:`cptune.training.train` (decay-weighted loss on every label in context and
-    query; projection after every step). After :meth:`prepare` alone, delta is zero and the scores
-    equal ``icl``'s exactly.
-    """
-
-    name = "cpt"
-
-    def _prepare(self, shots: list) -> None:
-        super()._prepare(shots)
-        s = self.settings
-        config = self.context.to_config(
-            opt_weighted_loss_type="decay", opt_loss_decay_factor=s.decay,
-            opt_projection_epsilon=s.eps_input, opt_projection_format_epsilon=s.eps_format,
-        )
-        self.model = get_cpt_model(self.base_model, config)
-        self.model.eval()
-
-    def _train(self) -> list[float]:
-        s = self.settings
-        result = train(self.model, self._queries, TrainSettings(steps=s.steps, batch_size=s.batch_size,
-                                                                lr=s.cpt_lr, seed=s.seed), progress=False)
-        return result.losses
-
-    def trainable_parameters(self) -> int:
-        """Trainable context rows times the hidden size."""
-        enc = self.model.prompt_encoder
-        return int(enc.trainable_mask.sum()) * enc.base.shape[-1]
-
-    def context_embeddings(self) -> torch.Tensor:
-        """``(1, N, d)`` learned context ``E0 + delta``."""
-        with torch.no_grad():
-            return self.model.context_embeddings()

@@ -21,9 +21,9 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from cptune.app.compare import read_results
 from cptune.cpt.saving import write_text_atomic
 from cptune.data import DATASET_DEFAULTS
-from cptune.experiments import read_results
 
 SEEDS = ["0", "1", "2", "3", "4"]
 

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from cptune.cli import main
+from cptune.app.cli import main
 
 
 def test_help_runs():
@@ -34,7 +34,7 @@ def test_bad_input_one_line_exit_2_no_files(args, message, tmp_path, capsys):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("command", ["demo", "train", "eval", "predict", "datasets", "compare", "bench"])
+@pytest.mark.parametrize("command", ["demo", "train", "eval", "predict", "datasets", "compare"])
 def test_every_command_has_help(command):
     out = subprocess.run([sys.executable, "-m", "cptune", command, "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "usage:" in out.stdout

@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from cptune.cli import main
-from cptune.demo import CLASSIFIER_SUBDIR
+from cptune.app.cli import main
+from cptune.app.demo import CLASSIFIER_SUBDIR
 from tiny import save_tiny_model
 
 TRAIN = ["--data", "rotten_tomatoes", "--shots", "4", "--batch-size", "2", "--steps", "2"]

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cptune.cli import main
+from cptune.app.cli import main
 from cptune.cpt.files import read_training_state
 from tiny import save_tiny_model
 

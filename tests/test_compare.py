@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from cptune.cli import main
-from cptune.experiments import (
+from cptune.app.cli import main
+from cptune.app.compare import (
     append_result,
     calibration_table,
     loss_table,

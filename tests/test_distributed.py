@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cptune.cli import main
+from cptune.app.cli import main
 from tiny import save_tiny_model
 
 # float64 compute: float32 sums in another order would differ in the last bits, and AdamW turns

@@ -20,8 +20,10 @@ from transformers import AutoModelForCausalLM
 
 import cptune
 from conftest import DEMOS, LABEL_WORDS, TEMPLATE
-from cptune.classifier import CPTClassifier
-from cptune.cli import main
+from cptune.app.classifier import CPTClassifier
+from cptune.app.cli import main
+from cptune.app.compare import append_result, write_report
+from cptune.app.demo import DemoSettings, run_demo
 from cptune.cpt.files import CONFIG_NAME, STATE_NAME, WEIGHTS_NAME
 from cptune.cpt.model import load_adapter
 from cptune.cpt.saving import (
@@ -33,8 +35,6 @@ from cptune.cpt.saving import (
     save_files,
     write_json_atomic,
 )
-from cptune.demo import DemoSettings, run_demo
-from cptune.experiments import append_result, write_report
 from tiny import save_tiny_model, tiny_model, tiny_tokenizer
 
 TRAIN = ["--data", "rotten_tomatoes", "--shots", "4", "--batch-size", "2", "--steps", "2"]

@@ -1,10 +1,11 @@
 """cptune: Context-aware Prompt Tuning for few-shot classification with any Hugging Face causal LM."""
 
-from cptune.classifier import CPTClassifier, CPTSettings
+from cptune.app.classifier import CPTClassifier, CPTSettings
 from cptune.cpt.config import CPTConfig
 from cptune.cpt.embedding import CPTEmbedding
 from cptune.cpt.model import CPTModel, get_cpt_model
 from cptune.cpt.roles import TokenRole
+from cptune.methods import MethodSettings
 from cptune.text.context import Context, build_context, render_queries
 from cptune.text.template import Template
 from cptune.training import TrainSettings, train
@@ -17,6 +18,7 @@ __all__ = [
     "CPTSettings",
     "CPTEmbedding",
     "CPTModel",
+    "MethodSettings",
     "Context",
     "Template",
     "TokenRole",

@@ -2,6 +2,6 @@
 
 import sys
 
-from cptune.cli import main
+from cptune.app.cli import main
 
 sys.exit(main())

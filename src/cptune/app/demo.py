@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from cptune.classifier import CPTClassifier, CPTSettings
+from cptune.app.classifier import CPTClassifier, CPTSettings
 from cptune.cpt.config import CPTConfig
 from cptune.cpt.saving import check_can_save, write_json_atomic
 from cptune.data import load_dataset, sample_splits

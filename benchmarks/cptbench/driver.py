@@ -12,14 +12,17 @@ from pathlib import Path
 
 import torch
 
-from cptune.bench.numbers import _classify, _train
-from cptune.bench.settings import GIB, TRAIN_IMPLS
-from cptune.bench.workers import _rotate
+from cptbench.numbers import classify_row, train_row
+from cptbench.settings import GIB, TRAIN_IMPLS
+from cptbench.workers import rotate
 from cptune.cpt.saving import write_text_atomic
+
+BENCH_SCRIPT = Path(__file__).resolve().parents[1] / "bench.py"
+"""The script the workers run as (``benchmarks/bench.py``)."""
 
 
 def _spawn(log, *worker_args: str) -> dict:
-    cmd = [sys.executable, "-m", "cptune.bench", "--worker", *worker_args]
+    cmd = [sys.executable, str(BENCH_SCRIPT), "--worker", *worker_args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=7200)
@@ -76,18 +79,18 @@ def run_benchmark(steps: int, shots: list[int], batches: list[int], test_size: i
     results["peak"].append(_spawn(log, "peak"))
     log(f"training: warm-up + {steps} rounds of A B C steps per configuration; then peak RSS, one process each")
     for i, (s, b) in enumerate((s, b) for s in shots for b in batches):
-        if _train(results, s, b) is None:
+        if train_row(results, s, b) is None:
             results["train"].append(_spawn(log, "train-time", "--shots", str(s), "--batches", str(b), "--steps",
                                            str(steps), "--quiet-wait", wait))
             save()
-        for impl in _rotate(TRAIN_IMPLS, i):
+        for impl in rotate(TRAIN_IMPLS, i):
             if not any((r["impl"], r["shots"], r["batch"]) == (impl, s, b) for r in results["rss"]):
                 results["rss"].append(_spawn(log, "train-rss", "--impl", impl, "--shots", str(s), "--batches",
                                              str(b)))
                 save()
     log(f"classification: {test_size} test examples, batch 8, implementations alternated batch by batch")
     for s in shots:
-        if _classify(results, s) is None:
+        if classify_row(results, s) is None:
             results["classify"].append(_spawn(log, "classify", "--shots", str(s), "--batches", "8", "--test-size",
                                               str(test_size), "--quiet-wait", wait))
             save()

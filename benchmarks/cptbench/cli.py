@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-from cptune.bench.driver import run_benchmark
-from cptune.bench.numbers import _goals
-from cptune.bench.report import write_report
-from cptune.bench.settings import QUIET_WAIT, TEST_SIZE, TRAIN_IMPLS
-from cptune.bench.workers import run_worker
+from cptbench.driver import run_benchmark
+from cptbench.numbers import goal_rows
+from cptbench.report import write_report
+from cptbench.settings import QUIET_WAIT, TEST_SIZE, TRAIN_IMPLS
+from cptbench.workers import run_worker
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``cptune bench`` / ``benchmarks/bench.py``."""
+    """Options of ``benchmarks/bench.py``."""
     parser.add_argument("--steps", type=int, default=None, help="timed rounds per training configuration "
                         "(default 5; 2 with --quick)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 4 shots, batch 1 and 8, 40 test "
@@ -45,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         import peft  # noqa: F401
     except ImportError:
-        print("cptune bench compares against PEFT: pip install 'cptune[test]' (peft==0.21.2)", file=sys.stderr)
+        print("the benchmark compares against PEFT: pip install 'cptune[test]' (peft==0.21.2)", file=sys.stderr)
         return 2
     out_dir = args.out_dir or Path("runs/bench-quick" if args.quick else "docs")
     if args.report_only:
@@ -59,24 +58,21 @@ def run(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         results = run_benchmark(steps, shots, batches, test_size, args.quiet_wait, json_path,
                                 lambda line: print(line, flush=True), resume=args.resume)
-        # `python -m cptune.bench` (a __main__.py since the split) is recorded as the script, as before
-        from_script = sys.argv[0].endswith(("bench.py", os.path.join("bench", "__main__.py")))
-        launcher = "python benchmarks/bench.py" if from_script else "cptune"
-        results["command"] = " ".join([launcher, *sys.argv[1:]])
+        results["command"] = " ".join(["python benchmarks/bench.py", *sys.argv[1:]])
         results["wall_s"] = time.perf_counter() - t0
         json_path.write_text(json.dumps(results, indent=1))
         print(f"raw results: {json_path} ({results['wall_s'] / 60:.1f} min)")
     write_report(results, out_dir)
     print(f"report: {out_dir / 'performance.md'}, {out_dir / 'performance.png'}")
-    for goal, value, verdict in _goals(results):
+    for goal, value, verdict in goal_rows(results):
         print(f"  {verdict:>16}  {value:>8}  {goal}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m cptune.bench`` and ``benchmarks/bench.py``."""
-    from cptune import bench  # its docstring describes the benchmark
+    """Entry point of ``benchmarks/bench.py``."""
+    import cptbench  # its docstring describes the benchmark
 
-    parser = argparse.ArgumentParser(prog="bench", description=bench.__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="bench", description=cptbench.__doc__.split("\n\n")[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))

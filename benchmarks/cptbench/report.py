@@ -7,23 +7,23 @@ from pathlib import Path
 
 import torch
 
-from cptune.bench.numbers import (
-    _axes,
-    _best,
-    _classify,
-    _faster_peft,
-    _goals,
-    _median,
-    _paired,
-    _peak,
-    _rss,
-    _train,
+from cptbench.numbers import (
+    best_ratio,
     classify_flops,
+    classify_row,
     duplicated_flops,
+    faster_peft,
+    goal_rows,
+    grid_axes,
+    machine_peak,
+    median_time,
+    paired_ratio,
+    peak_rss,
+    train_row,
     useful_flops,
 )
-from cptune.bench.plot import _plot
-from cptune.bench.settings import CLASSIFY_IMPLS, PEAK_SIZE, TRAIN_IMPLS
+from cptbench.plot import plot_figure
+from cptbench.settings import CLASSIFY_IMPLS, PEAK_SIZE, TRAIN_IMPLS
 from cptune.cpt.saving import write_text_atomic
 
 
@@ -32,7 +32,7 @@ def _spread(times: list[float]) -> str:
 
 
 def _render_training(results: dict) -> list[str]:
-    shots, batches = _axes(results)
+    shots, batches = grid_axes(results)
     out = ["## Training step (forward + backward + AdamW)", "",
            "Seconds are medians over the rounds; speedups are medians of the per-round paired ratios, and in",
            "parentheses the ratio of the fastest rounds (contention only ever adds time, so the minimum is the",
@@ -42,22 +42,22 @@ def _render_training(results: dict) -> list[str]:
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in shots:
         for b in batches:
-            if (c := _train(results, s, b)) is None:
+            if (c := train_row(results, s, b)) is None:
                 continue
             lengths = c["query_lengths"]
             foreign = [f for impl in TRAIN_IMPLS for f in c["impls"][impl]["foreign"]]
             span = f"{min(lengths)}-{max(lengths)} (pad to {c['padded_length']})" if b > 1 else str(lengths[0])
             out.append(f"| {s} ({c['context_tokens']}) | {b} | {span} | "
-                       + " | ".join(f"{_median(c, i):.2f}" for i in TRAIN_IMPLS)
-                       + f" | {_paired(c, 'peft'):.2f}x ({_best(c, 'peft'):.2f}x) | "
-                       f"{_paired(c, 'peft-nocache'):.2f}x ({_best(c, 'peft-nocache'):.2f}x) | "
-                       + " | ".join(f"{_rss(results, i, s, b):.2f}" for i in TRAIN_IMPLS)
+                       + " | ".join(f"{median_time(c, i):.2f}" for i in TRAIN_IMPLS)
+                       + f" | {paired_ratio(c, 'peft'):.2f}x ({best_ratio(c, 'peft'):.2f}x) | "
+                       f"{paired_ratio(c, 'peft-nocache'):.2f}x ({best_ratio(c, 'peft-nocache'):.2f}x) | "
+                       + " | ".join(f"{peak_rss(results, i, s, b):.2f}" for i in TRAIN_IMPLS)
                        + f" | {statistics.median(foreign):.2f} ({max(foreign):.2f}) |")
     out += ["", "Spread (min-max over rounds) and median phases forward / backward / optimizer+projection, s:", "",
             "| shots | batch | cptune | PEFT | PEFT no-cache |", "|---|---|---|---|---|"]
     for s in shots:
         for b in batches:
-            if (c := _train(results, s, b)) is not None:
+            if (c := train_row(results, s, b)) is not None:
                 cells = []
                 for impl in TRAIN_IMPLS:
                     x = c["impls"][impl]
@@ -68,7 +68,7 @@ def _render_training(results: dict) -> list[str]:
 
 
 def _render_flops(results: dict) -> list[str]:
-    peak = _peak(results)
+    peak = machine_peak(results)
     out = ["## FLOPs and achieved rate", "",
            "*Executed* FLOPs are counted on each implementation's warm-up step with",
            "`torch.utils.flop_counter.FlopCounterMode`: every matmul, forward and backward, as it really ran",
@@ -95,7 +95,7 @@ def _render_flops(results: dict) -> list[str]:
         useful = useful_flops(c["dims"], c["context_tokens"], c["context_labels"], c["query_lengths"])
         dup = duplicated_flops(c["dims"], c["context_tokens"], c["padded_length"], c["batch"])
         for impl in TRAIN_IMPLS:
-            t, executed = _median(c, impl), c["impls"][impl]["executed_flops"]
+            t, executed = median_time(c, impl), c["impls"][impl]["executed_flops"]
             out.append(f"| {c['shots']} | {c['batch']} | {impl} | {executed / 1e9:.0f} | {useful / 1e9:.0f} | "
                        f"{dup / 1e9:.0f} | {executed / t / 1e9:.0f} | {100 * executed / t / peak:.0f}% | "
                        f"{100 * useful / t / peak:.0f}% |")
@@ -132,7 +132,7 @@ def _render_classify(results: dict) -> list[str]:
 
 def _render_bounds(results: dict) -> list[str]:
     """Each speedup split into a FLOP ratio and an efficiency ratio; memory above the loaded model."""
-    shots, batches = _axes(results)
+    shots, batches = grid_axes(results)
     out = ["## What bounds the figures", "",
            "A speedup is (PEFT's executed FLOPs / cptune's) x (cptune's FLOP/s / PEFT's): the first factor is",
            "what the layout saves, the second how well the smaller pieces of work run. The FLOP ratio is the",
@@ -140,16 +140,17 @@ def _render_bounds(results: dict) -> list[str]:
            "| shots | batch | vs | speedup (medians) | FLOP ratio | efficiency ratio | cptune % of peak | "
            "PEFT % of peak |",
            "|---|---|---|---|---|---|---|---|"]
-    peak = _peak(results)
+    peak = machine_peak(results)
     for s in shots:
         for b in batches:
-            if (c := _train(results, s, b)) is None:
+            if (c := train_row(results, s, b)) is None:
                 continue
-            ours = c["impls"]["cptune"]["executed_flops"] / _median(c, "cptune")
+            ours = c["impls"]["cptune"]["executed_flops"] / median_time(c, "cptune")
             for impl in TRAIN_IMPLS[1:]:
-                theirs = c["impls"][impl]["executed_flops"] / _median(c, impl)
+                theirs = c["impls"][impl]["executed_flops"] / median_time(c, impl)
                 ratio = c["impls"][impl]["executed_flops"] / c["impls"]["cptune"]["executed_flops"]
-                out.append(f"| {s} | {b} | {impl} | {_median(c, impl) / _median(c, 'cptune'):.2f}x | {ratio:.2f} | "
+                slower = median_time(c, impl) / median_time(c, "cptune")
+                out.append(f"| {s} | {b} | {impl} | {slower:.2f}x | {ratio:.2f} | "
                            f"{ours / theirs:.2f} | {100 * ours / peak:.0f}% | {100 * theirs / peak:.0f}% |")
     out += ["", "Classification, forward FLOPs over the whole test set by the formula above (right padding to the",
             "longest query of each batch, dense masked attention):", "",
@@ -187,7 +188,7 @@ def _render_agreement(results: dict) -> list[str]:
            "|---|---|---|---|---|---|---|---|---|---|"]
     for a in results["agree"]:
         dis = diff = same = "n/a"
-        if (c := _classify(results, a["shots"])) is not None:
+        if (c := classify_row(results, a["shots"])) is not None:
             ours, peft = c["impls"]["cptune"], c["impls"]["peft"]
             wrong = sum(x != y for x, y in zip(ours["predictions"], peft["predictions"], strict=True))
             dis = f"{wrong} / {c['examples']}"
@@ -218,19 +219,19 @@ def _kind_rates(prof_side: dict, timing: dict) -> str:
 
 def _render_misses(results: dict) -> list[str]:
     """For every missed goal: what bounds it, from this run's FLOP counts, timings and profiles."""
-    missed = [(g, v) for g, v, verdict in _goals(results) if verdict == "missed"]
+    missed = [(g, v) for g, v, verdict in goal_rows(results) if verdict == "missed"]
     out = ["## Reading the misses", ""]
     if not missed:
         return out + ["None: every goal was met in this run."]
-    peak, prof = _peak(results), results.get("profile") or {}
-    _, batches = _axes(results)
+    peak, prof = machine_peak(results), results.get("profile") or {}
+    _, batches = grid_axes(results)
     for goal, value in missed:
         shots = int(goal.split(" shots")[0].split()[-1])
         if goal.startswith(f"training step, batch {max(batches)}"):
-            c = _train(results, shots, max(batches))
-            p = _faster_peft(c)
+            c = train_row(results, shots, max(batches))
+            p = faster_peft(c)
             ex_c, ex_p = c["impls"]["cptune"]["executed_flops"], c["impls"][p]["executed_flops"]
-            eff_c, eff_p = ex_c / _median(c, "cptune") / peak, ex_p / _median(c, p) / peak
+            eff_c, eff_p = ex_c / median_time(c, "cptune") / peak, ex_p / median_time(c, p) / peak
             target = float(goal.split(">= ")[1].split("x")[0])
             useful = useful_flops(c["dims"], c["context_tokens"], c["context_labels"], c["query_lengths"])
             text = (f"- **{goal}: {value}.** The layout cuts the executed FLOPs {ex_p / ex_c:.2f}x "
@@ -245,7 +246,7 @@ def _render_misses(results: dict) -> list[str]:
                     _kind_rates(side[impl], c["impls"][impl]) for impl in ("cptune", "peft") if impl in side) + "."
             out.append(text)
         elif goal.startswith("training step, batch 1"):
-            c = _train(results, shots, 1)
+            c = train_row(results, shots, 1)
             out.append(f"- **{goal}: {value}.** At batch 1 cptune runs PEFT's layout (executed "
                        f"{c['impls']['cptune']['executed_flops'] / 1e9:.0f} vs "
                        f"{c['impls']['peft']['executed_flops'] / 1e9:.0f} GFLOP); spreads "
@@ -253,7 +254,7 @@ def _render_misses(results: dict) -> list[str]:
         elif goal.startswith("peak RSS"):
             out.append(f"- **{goal}: {value}.** See the peak RSS table above: the loaded model is a floor for both.")
         elif goal.startswith("classification") and "queries alone" in goal:
-            c = _classify(results, shots)
+            c = classify_row(results, shots)
             f = classify_flops(c["dims"], c["context_tokens"], c["query_lengths"], c["batch"])
             text = (f"- **{goal}: {value}.** FLOPs alone bound it at {f['cptune'] / f['floor']:.2f}x: the "
                     f"{c['context_tokens']}-token context is encoded once and every query token attends to "
@@ -269,7 +270,7 @@ def _render_misses(results: dict) -> list[str]:
                          f"{100 * _op_share(floor, 'flash_attention'):.0f}%")
             out.append(text + ".")
         elif goal.startswith("classification"):
-            c = _classify(results, shots)
+            c = classify_row(results, shots)
             f = classify_flops(c["dims"], c["context_tokens"], c["query_lengths"], c["batch"])
             out.append(f"- **{goal}: {value}.** The FLOP ratio is {f['peft'] / f['cptune']:.2f}x.")
     return out
@@ -310,10 +311,10 @@ def render_report(results: dict) -> str:
     threads = results["train"][0]["threads"]
     out = [
         "# Performance: cptune vs PEFT's CPT", "",
-        "Generated by `cptune.bench` (`benchmarks/bench.py`) from one run, measured with:", "",
+        "Generated by `benchmarks/bench.py` (the code: `benchmarks/cptbench/`) from one run, measured with:", "",
         f"    {results['command']}", "",
-        "Rerun it, rewriting this file and `performance.png`, with `python benchmarks/bench.py` (or `cptune bench`;",
-        "`--help` lists the options; `--report-only runs/bench/results.json` re-renders saved results).", "",
+        "Rerun it, rewriting this file and `performance.png`, with `python benchmarks/bench.py`",
+        "(`--help` lists the options; `--report-only runs/bench/results.json` re-renders saved results).", "",
         "Model: the embedded SmolLM2-135M-Instruct (llama, 30 layers, hidden 576, vocabulary 49,152), float32.",
         "Data: Rotten Tomatoes snippets (a stand-in for SST-2/MR; seeded splits, seed 0), template",
         "`input: {x} output: {y}`, labels `negative`/`positive`, loss decay 0.95.", "",
@@ -323,7 +324,7 @@ def render_report(results: dict) -> str:
         f"{results.get('wall_s', 0) / 60:.0f} min.",
         f"fp32 matmul peak ({PEAK_SIZE}x{PEAK_SIZE} @ {PEAK_SIZE}x{PEAK_SIZE}, best of 7), start and end of the run: "
         + ", ".join(f"{p['best_flops'] / 1e9:.0f}" for p in results["peak"])
-        + f" GFLOP/s; the higher, {_peak(results) / 1e9:.0f}, is used below.", "",
+        + f" GFLOP/s; the higher, {machine_peak(results) / 1e9:.0f}, is used below.", "",
         "## How it is measured", "",
         "- Training time: for each (shots, batch), one process holds all three implementations and runs one",
         f"  untimed warm-up step each (which also counts FLOPs), then {results['steps']} rounds of one step each,",
@@ -344,7 +345,7 @@ def render_report(results: dict) -> str:
         "Ratios are against the faster (for memory: the smaller) of the two PEFT variants.", "",
         "| goal | measured | verdict |", "|---|---|---|",
     ]
-    out += [f"| {g} | {v} | **{verdict}** |" for g, v, verdict in _goals(results)]
+    out += [f"| {g} | {v} | **{verdict}** |" for g, v, verdict in goal_rows(results)]
     out += [""] + _render_training(results) + [""] + _render_flops(results)
     if results["classify"]:
         out += [""] + _render_classify(results)
@@ -357,5 +358,5 @@ def render_report(results: dict) -> str:
 
 def write_report(results: dict, out_dir: Path) -> None:
     """Write ``performance.md`` and ``performance.png`` into ``out_dir``."""
-    _plot(results, out_dir / "performance.png")
+    plot_figure(results, out_dir / "performance.png")
     write_text_atomic(out_dir / "performance.md", render_report(results))

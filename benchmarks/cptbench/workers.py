@@ -1,6 +1,6 @@
 """Worker side of the benchmark: one measurement, one fresh process, one JSON line on stdout.
 
-The driver runs each of these as ``python -m cptune.bench --worker ...`` (see ``run_worker``).
+The driver runs each of these as ``python benchmarks/bench.py --worker ...`` (see ``run_worker``).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import warnings
 
 import torch
 
-from cptune.bench.meters import _flop_counter, _ForeignCPU, _peak_rss_gb, _wait_for_quiet
-from cptune.bench.settings import (
+from cptbench.meters import ForeignCPU, flop_counter, peak_rss_gb, wait_for_quiet
+from cptbench.settings import (
     CLASSIFY_IMPLS,
     CPT_FIELDS,
     LABEL_WORDS,
@@ -120,7 +120,7 @@ def _step_fn(impl: str, base, context, queries, model=None):
     return step
 
 
-def _rotate(items: tuple, k: int) -> tuple:
+def rotate(items: tuple, k: int) -> tuple:
     k %= len(items)
     return items[k:] + items[:k]
 
@@ -141,16 +141,16 @@ def worker_train_time(shots: int, batch: int, steps: int, quiet_wait: float) -> 
             for impl in TRAIN_IMPLS}
     out = {impl: {"impl": impl, "times": [], "phases": [], "foreign": [], "losses": []} for impl in TRAIN_IMPLS}
     for impl in TRAIN_IMPLS:  # warm-up round, untimed, counts the executed FLOPs
-        counter = _flop_counter()
+        counter = flop_counter()
         with counter:
             step[impl]()
         out[impl]["executed_flops"] = counter.get_total_flops()
         out[impl]["flops_by_op"] = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
     waited = []
     for r in range(steps):
-        waited.append(_wait_for_quiet(quiet_wait))
-        for impl in _rotate(TRAIN_IMPLS, r):
-            with _ForeignCPU() as foreign:
+        waited.append(wait_for_quiet(quiet_wait))
+        for impl in rotate(TRAIN_IMPLS, r):
+            with ForeignCPU() as foreign:
                 loss, tf, tb, to = step[impl]()
             cell = out[impl]
             cell["times"].append(tf + tb + to)
@@ -169,9 +169,9 @@ def worker_train_rss(impl: str, shots: int, batch: int) -> dict:
 
     base, tok, template, context, extra, _ = _setup(shots)
     step = _step_fn(impl, base, context, render_queries(extra[:batch], template, tok, LABEL_WORDS))
-    rss_setup = _peak_rss_gb()
+    rss_setup = peak_rss_gb()
     times = [sum(step()[1:])]
-    return {"impl": impl, "shots": shots, "batch": batch, "rss_setup_gb": rss_setup, "peak_rss_gb": _peak_rss_gb(),
+    return {"impl": impl, "shots": shots, "batch": batch, "rss_setup_gb": rss_setup, "peak_rss_gb": peak_rss_gb(),
             "step_s": times}
 
 
@@ -241,9 +241,9 @@ def worker_classify(shots: int, batch: int, test_size: int, quiet_wait: float) -
     out["cptune"]["seconds"] += time.perf_counter() - t0
     for k, start in enumerate(range(0, len(rows), batch)):
         if k % 5 == 0:
-            _wait_for_quiet(quiet_wait)
-        for impl in _rotate(CLASSIFY_IMPLS, k):
-            with _ForeignCPU() as foreign:
+            wait_for_quiet(quiet_wait)
+        for impl in rotate(CLASSIFY_IMPLS, k):
+            with ForeignCPU() as foreign:
                 t0 = time.perf_counter()
                 out[impl]["parts"].append(score[impl](rows[start:start + batch], cache))
                 out[impl]["seconds"] += time.perf_counter() - t0
@@ -295,8 +295,8 @@ def _profiled(fn, top: int) -> dict:
     """Run ``fn`` once under torch.profiler (CPU); its ``top`` ops by self time."""
     from torch.profiler import ProfilerActivity, profile
 
-    _wait_for_quiet(QUIET_WAIT)
-    with _ForeignCPU() as foreign, profile(activities=[ProfilerActivity.CPU]) as prof:
+    wait_for_quiet(QUIET_WAIT)
+    with ForeignCPU() as foreign, profile(activities=[ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
         fn()
         wall = time.perf_counter() - t0

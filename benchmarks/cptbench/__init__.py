@@ -20,11 +20,11 @@ CPU, the quiet gate, the FLOP counter), ``workers`` (the measurements, run by ``
 ``plot`` (markdown and figure), ``cli`` (entry points ``main``, ``add_arguments``, ``run``).
 """
 
-from cptune.bench.cli import add_arguments, main, run
-from cptune.bench.driver import run_benchmark
-from cptune.bench.numbers import classify_flops, duplicated_flops, useful_flops
-from cptune.bench.report import render_report, write_report
-from cptune.bench.settings import (
+from cptbench.cli import add_arguments, main, run
+from cptbench.driver import run_benchmark
+from cptbench.numbers import classify_flops, duplicated_flops, useful_flops
+from cptbench.report import render_report, write_report
+from cptbench.settings import (
     BATCH1_NOISE,
     CLASSIFY_IMPLS,
     CPT_FIELDS,
@@ -39,7 +39,7 @@ from cptune.bench.settings import (
     TEST_SIZE,
     TRAIN_IMPLS,
 )
-from cptune.bench.workers import (
+from cptbench.workers import (
     run_worker,
     worker_agree,
     worker_classify,

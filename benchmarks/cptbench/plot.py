@@ -5,25 +5,25 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from cptune.bench.numbers import _axes, _median, _train
-from cptune.bench.settings import CLASSIFY_IMPLS
+from cptbench.numbers import grid_axes, median_time, train_row
+from cptbench.settings import CLASSIFY_IMPLS
 from cptune.cpt.saving import write_file_atomic
 
 
-def _plot(results: dict, path: Path) -> None:
+def plot_figure(results: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shots, batches = _axes(results)
+    shots, batches = grid_axes(results)
     fig, axes = plt.subplots(1, len(shots) + 1, figsize=(5 * (len(shots) + 1), 4))
     styles = {"cptune": ("tab:blue", "o", "cptune"), "peft": ("tab:red", "s", "PEFT"),
               "peft-nocache": ("tab:orange", "^", "PEFT use_cache=False")}
     for ax, s in zip(axes[:-1], shots, strict=True):
-        cfgs = [c for b in batches if (c := _train(results, s, b)) is not None]
+        cfgs = [c for b in batches if (c := train_row(results, s, b)) is not None]
         for impl, (color, marker, label) in styles.items():
-            ax.plot([c["batch"] for c in cfgs], [_median(c, impl) for c in cfgs], marker=marker, color=color,
+            ax.plot([c["batch"] for c in cfgs], [median_time(c, impl) for c in cfgs], marker=marker, color=color,
                     label=label)
         ax.set(title=f"training step, {s} shots ({cfgs[0]['context_tokens']} context tokens)", xlabel="batch",
                ylabel="seconds (median)", xticks=batches, ylim=(0, None))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 
-from cptune.bench.settings import BATCH1_NOISE, CLASSIFY_IMPLS, TRAIN_IMPLS
+from cptbench.settings import BATCH1_NOISE, CLASSIFY_IMPLS, TRAIN_IMPLS
 
 
 def useful_flops(dims: dict, context_tokens: int, context_labels: int, query_lengths: list[int]) -> float:
@@ -50,69 +50,69 @@ def classify_flops(dims: dict, context_tokens: int, lengths: list[int], batch: i
     return total
 
 
-def _train(results: dict, shots: int, batch: int) -> dict | None:
+def train_row(results: dict, shots: int, batch: int) -> dict | None:
     return next((r for r in results["train"] if (r["shots"], r["batch"]) == (shots, batch)), None)
 
 
-def _rss(results: dict, impl: str, shots: int, batch: int) -> float:
+def peak_rss(results: dict, impl: str, shots: int, batch: int) -> float:
     rows = [r["peak_rss_gb"] for r in results["rss"] if (r["impl"], r["shots"], r["batch"]) == (impl, shots, batch)]
     return rows[0] if rows else float("nan")
 
 
-def _median(cfg: dict, impl: str) -> float:
+def median_time(cfg: dict, impl: str) -> float:
     return statistics.median(cfg["impls"][impl]["times"])
 
 
-def _paired(cfg: dict, slow: str, fast: str = "cptune") -> float:
+def paired_ratio(cfg: dict, slow: str, fast: str = "cptune") -> float:
     """Median over rounds of t(slow) / t(fast): each round ran the implementations back to back."""
     a, b = cfg["impls"][slow]["times"], cfg["impls"][fast]["times"]
     return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
-def _best(cfg: dict, slow: str, fast: str = "cptune") -> float:
+def best_ratio(cfg: dict, slow: str, fast: str = "cptune") -> float:
     """min t(slow) / min t(fast): the ratio of the fastest rounds."""
     return min(cfg["impls"][slow]["times"]) / min(cfg["impls"][fast]["times"])
 
 
-def _faster_peft(cfg: dict) -> str:
-    return min(TRAIN_IMPLS[1:], key=lambda impl: _median(cfg, impl))
+def faster_peft(cfg: dict) -> str:
+    return min(TRAIN_IMPLS[1:], key=lambda impl: median_time(cfg, impl))
 
 
-def _classify(results: dict, shots: int) -> dict | None:
+def classify_row(results: dict, shots: int) -> dict | None:
     return next((r for r in results["classify"] if r["shots"] == shots), None)
 
 
-def _peak(results: dict) -> float:
+def machine_peak(results: dict) -> float:
     return max(p["best_flops"] for p in results["peak"])
 
 
-def _axes(results: dict) -> tuple[list[int], list[int]]:
+def grid_axes(results: dict) -> tuple[list[int], list[int]]:
     return sorted({r["shots"] for r in results["train"]}), sorted({r["batch"] for r in results["train"]})
 
 
-def _goals(results: dict) -> list[tuple[str, str, str]]:
+def goal_rows(results: dict) -> list[tuple[str, str, str]]:
     """(goal, measured, verdict) rows against the faster (for memory: smaller) PEFT variant."""
     rows = []
-    shots, batches = _axes(results)
+    shots, batches = grid_axes(results)
     big = max(batches)
     for s, target in ((4, 3.0), (8, 5.0)):
-        if (cfg := _train(results, s, big)) is not None:
-            x = _paired(cfg, _faster_peft(cfg))
+        if (cfg := train_row(results, s, big)) is not None:
+            x = paired_ratio(cfg, faster_peft(cfg))
             rows.append((f"training step, batch {big}, {s} shots: >= {target:g}x PEFT", f"{x:.2f}x",
                          "met" if x >= target else "missed"))
     for s in shots:
-        if (cfg := _train(results, s, 1)) is not None:
-            x = _paired(cfg, _faster_peft(cfg))
+        if (cfg := train_row(results, s, 1)) is not None:
+            x = paired_ratio(cfg, faster_peft(cfg))
             verdict = "met" if x >= 1 else ("met within noise" if x >= BATCH1_NOISE else "missed")
             rows.append((f"training step, batch 1, {s} shots: no slower than PEFT", f"{x:.2f}x", verdict))
     for s in shots:
-        frac = _rss(results, "cptune", s, big) / min(_rss(results, i, s, big) for i in TRAIN_IMPLS[1:])
+        frac = peak_rss(results, "cptune", s, big) / min(peak_rss(results, i, s, big) for i in TRAIN_IMPLS[1:])
         if frac != frac:  # NaN: not measured (a partial run)
             continue
         rows.append((f"peak RSS, batch {big}, {s} shots: <= 0.5 x PEFT", f"{frac:.2f} x",
                      "met" if frac <= 0.5 else "missed"))
     for s, target in ((4, 4.0), (8, 6.0)):
-        if (c := _classify(results, s)) is not None:
+        if (c := classify_row(results, s)) is not None:
             ours, peft, floor = (c["impls"][i]["seconds"] for i in CLASSIFY_IMPLS)
             rows.append((f"classification, {s} shots: >= {target:g}x PEFT", f"{peft / ours:.2f}x",
                          "met" if peft / ours >= target else "missed"))

@@ -16,7 +16,7 @@ import traceback
 from dataclasses import fields
 from pathlib import Path
 
-from cptune.demo import CLASSIFIER_SUBDIR, DemoSettings, format_table, run_demo
+from cptune.app.demo import CLASSIFIER_SUBDIR, DemoSettings, format_table, run_demo
 from cptune.distributed import is_main_process
 from cptune.training import NonFiniteLossError
 
@@ -152,7 +152,7 @@ def _load(args):
 
 
 def _run_train(args) -> int:
-    from cptune.classifier import CPTClassifier, CPTSettings
+    from cptune.app.classifier import CPTClassifier, CPTSettings
     from cptune.cpt.saving import check_can_save, remove_saved_files
     from cptune.data import sample_splits
     from cptune.training import TrainSettings
@@ -235,7 +235,7 @@ def _run_eval(args) -> int:
 
 
 def _load_classifier(args):
-    from cptune.classifier import CLASSIFIER_FILE, CPTClassifier
+    from cptune.app.classifier import CLASSIFIER_FILE, CPTClassifier
 
     folder = Path(args.classifier)
     if not folder.exists():
@@ -361,7 +361,7 @@ def _method_settings(settings, items: list[str]):
 
 
 def _run_compare(args) -> int:
-    from cptune.experiments import RESULTS_NAME, make_grid, read_results, run_grid, summary_table, write_report
+    from cptune.app.compare import RESULTS_NAME, make_grid, read_results, run_grid, summary_table, write_report
     from cptune.methods import MethodSettings
 
     settings = _method_settings(MethodSettings(), args.set)
@@ -391,24 +391,10 @@ def _run_compare(args) -> int:
     return 0
 
 
-# -- bench -------------------------------------------------------------------------------------
-
-def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="cptune vs PEFT side by side on the embedded model; writes "
-                                     "docs/performance.md (see `cptune bench --help`)", add_help=False)
-    p.add_argument("bench_args", nargs=argparse.REMAINDER)
-
-
-def _run_bench(args) -> int:
-    from cptune.bench import main as bench_main
-
-    return bench_main(args.bench_args)
-
-
 # -- entry point ------------------------------------------------------------------------------
 
 HANDLERS = {"demo": _run_demo, "train": _run_train, "eval": _run_eval, "predict": _run_predict,
-            "datasets": _run_datasets, "compare": _run_compare, "bench": _run_bench}
+            "datasets": _run_datasets, "compare": _run_compare}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -422,7 +408,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict(sub)
     _add_datasets(sub)
     _add_compare(sub)
-    _add_bench(sub)
     for command in sub.choices.values():  # `cptune train ... --debug` as well as `cptune --debug train ...`
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
@@ -439,8 +424,6 @@ def _quiet_transformers() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cptune`` command."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:  # the benchmark has its own parser (cptune.bench)
-        return _run_bench(argparse.Namespace(bench_args=argv[1:]))
     args = build_parser().parse_args(argv)
     debug = getattr(args, "debug", False) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     _quiet_transformers()

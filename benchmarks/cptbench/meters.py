@@ -8,14 +8,14 @@ import time
 
 import torch
 
-from cptune.bench.settings import GIB
+from cptbench.settings import GIB
 
 
-def _peak_rss_gb() -> float:
+def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # ru_maxrss is KiB on Linux
 
 
-class _ForeignCPU:
+class ForeignCPU:
     """CPU seconds used by other processes during a window: /proc/stat busy time minus our own."""
 
     def __enter__(self):
@@ -62,7 +62,7 @@ def _sdpa_cpu_backward_flops(grad_shape, query_shape, key_shape, value_shape, ou
     return 2 * _sdpa_cpu_flops(query_shape, key_shape, value_shape, dropout_p, is_causal)  # dQ, dK, dV, dP
 
 
-def _flop_counter():
+def flop_counter():
     from torch.utils.flop_counter import FlopCounterMode
 
     aten = torch.ops.aten
@@ -72,7 +72,7 @@ def _flop_counter():
     })
 
 
-def _wait_for_quiet(max_wait: float, threshold: float = 0.5, probe: float = 1.0) -> float:
+def wait_for_quiet(max_wait: float, threshold: float = 0.5, probe: float = 1.0) -> float:
     """Wait (at most ``max_wait`` s) until other processes keep fewer than ``threshold`` cores busy.
 
     Returns the seconds waited. A test run starting next to a measurement oversubscribes the two
@@ -80,7 +80,7 @@ def _wait_for_quiet(max_wait: float, threshold: float = 0.5, probe: float = 1.0)
     """
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < max_wait:
-        with _ForeignCPU() as foreign:
+        with ForeignCPU() as foreign:
             time.sleep(probe)
         if foreign.cores < threshold:
             break

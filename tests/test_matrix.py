@@ -227,9 +227,52 @@ def test_left_padded_queries_fall_back_to_plain_layout(context, tok):
     assert torch.allclose(model(**left).loss, plain(**left).loss, rtol=1e-12)
 
 
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_packed_and_padded_queries_give_the_plain_layouts_loss_and_gradient(arch, layout, dtype, context, queries):
+    """The training forward's two query layouts (:mod:`cptune.cpt.engine`) against PEFT's layout
+    (the context copied into every row); tolerances as in the test above."""
+    base = tiny_model(arch, dtype=dtype)
+    d0 = torch.randn(len(context), base.get_input_embeddings().weight.shape[-1]) * 0.02
+    results = []
+    for mode in ("never", "always"):
+        model = cptune.get_cpt_model(copy.deepcopy(base), context.to_config(opt_weighted_loss_type="decay",
+                                                                          opt_loss_decay_factor=0.8),
+                                     prefix_sharing=mode, query_layout=layout)
+        with torch.no_grad():
+            model.prompt_encoder.delta.copy_(d0)
+        context_embeds = model.context_embeddings()
+        context_embeds.retain_grad()
+        loss = model(**queries, context_embeds=context_embeds, return_logits=False).loss
+        loss.backward()
+        results.append((loss.detach(), context_embeds.grad))
+    (l0, c0), (l1, c1) = results
+    tol = grad_tol = 1e-5
+    if dtype == torch.float64:
+        tol = grad_tol = 1e-12
+        if arch in _FLOAT32_NORM_ARCHS:
+            grad_tol = 4 * _EPS32 * sum("RMSNorm" in type(m).__name__ for m in base.modules()) ** 0.5
+    assert torch.allclose(l0, l1, rtol=tol, atol=0), (l0, l1)
+    assert (c1 - c0).norm() <= grad_tol * c0.norm(), ((c1 - c0).norm() / c0.norm()).item()
+
+
+def test_auto_layout_is_packed_for_sdpa_and_eager_and_padded_otherwise():
+    from cptune.cpt.engine import layout_for, layout_report
+
+    for implementation in ("sdpa", "eager"):
+        model = tiny_model("llama")
+        model.config._attn_implementation = implementation
+        assert layout_for(model) == "packed", layout_report(model)
+    model = tiny_model("llama")
+    model.config._attn_implementation = "flex_attention"
+    assert layout_for(model) == "padded"
+    assert "takes no custom mask" in layout_report(model)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text", "opt"])
 def test_every_row_in_its_own_bucket_gives_the_same_loss_and_gradient(arch, context, queries, monkeypatch):
-    import cptune.cpt.model
+    import cptune.cpt.engine
 
     base = tiny_model(arch, dtype=torch.float64)
     d0 = torch.randn(len(context), base.get_input_embeddings().weight.shape[-1]) * 0.02
@@ -239,10 +282,10 @@ def test_every_row_in_its_own_bucket_gives_the_same_loss_and_gradient(arch, cont
             def one_per_bucket(lengths):
                 return [[i] for i in range(len(lengths))][::-1]
 
-            monkeypatch.setattr(cptune.cpt.model, "length_buckets", one_per_bucket)
+            monkeypatch.setattr(cptune.cpt.engine, "length_buckets", one_per_bucket)
         model = cptune.get_cpt_model(copy.deepcopy(base), context.to_config(opt_weighted_loss_type="decay",
                                                                           opt_loss_decay_factor=0.7),
-                                     prefix_sharing="never" if not split else "always")
+                                     prefix_sharing="never" if not split else "always", query_layout="padded")
         with torch.no_grad():
             model.prompt_encoder.delta.copy_(d0)
         loss = model(**queries, return_logits=False).loss

@@ -87,8 +87,11 @@ def test_fit_scores_and_base_model_untouched(arch, name, tok):
 @pytest.mark.parametrize("name", ["zero-shot", "icl"])
 def test_untrained_methods_need_no_training(name, tok):
     """Fitting an untrained method runs no forward of the model; scoring runs one per query batch
-    (plus one to encode the context), so the texts are scored once."""
+    (plus one to encode the context), each keeping one position per text, so the texts are scored once."""
+    from cptune.cpt.engine import layout_for
+
     base = tiny_model()
+    layout_for(base)  # the engine's one-time layout check runs its own forwards; not counted here
     forwards = []
     base.register_forward_hook(lambda module, args, kwargs, output: forwards.append(kwargs), with_kwargs=True)
     method = make_method(name, base, tok, TEMPLATE, LABEL_WORDS, FAST)
@@ -98,11 +101,17 @@ def test_untrained_methods_need_no_training(name, tok):
     texts = TEXTS * 3  # 18 texts: 3 batches of at most 8
     method.scores(texts)
     batches = -(-len(texts) // FAST.score_batch_size)
-    query_rows = [kw["input_ids"].shape[0] for kw in forwards if kw.get("input_ids") is not None]
-    context_forwards = len(forwards) - len(query_rows)
-    assert sum(query_rows) == len(texts) and len(query_rows) == batches, (name, query_rows)
-    expected_context_forwards = 1 if name == "icl" else 0
-    assert context_forwards == expected_context_forwards, f"{name}: the context was encoded {context_forwards} times"
+    context_forwards = [kw for kw in forwards if kw.get("past_key_values") is None and kw.get("use_cache")]
+    query_forwards = [kw for kw in forwards if not any(kw is c for c in context_forwards)]
+
+    def kept(kw) -> int:  # positions whose logits the forward returns: one per text (single-token labels)
+        keep = kw["logits_to_keep"]
+        return int(keep.sum()) if keep.dtype == torch.bool else keep.numel()
+
+    assert [kept(kw) for kw in query_forwards] == [8, 8, 2], (name, [kept(kw) for kw in query_forwards])
+    assert len(query_forwards) == batches
+    expected = 1 if name == "icl" else 0
+    assert len(context_forwards) == expected, f"{name}: the context was encoded {len(context_forwards)} times"
 
 
 @pytest.mark.parametrize("name", TRAINED)

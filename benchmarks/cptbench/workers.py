@@ -229,9 +229,9 @@ def worker_classify(shots: int, batch: int, test_size: int, quiet_wait: float) -
             return ours.context_embeddings()
 
     score = {
-        "cptune": lambda chunk, cache: label_log_likelihoods(base, cache, chunk, labels, batch, pad_id=pad),
+        "cptune": lambda chunk, cache: label_log_likelihoods(base, cache, chunk, labels, batch),
         "peft": lambda chunk, cache: _peft_batch_scores(theirs, chunk, [ids[0] for ids in labels], n, pad),
-        "floor": lambda chunk, cache: label_log_likelihoods(base, None, chunk, labels, batch, pad_id=pad),
+        "floor": lambda chunk, cache: label_log_likelihoods(base, None, chunk, labels, batch),
     }
     for impl in CLASSIFY_IMPLS:  # warm-up
         score[impl](rows[:batch], encode_context(base, ours_embeds()))
@@ -322,13 +322,12 @@ def worker_profile(shots: int, batch: int, top: int = 14, classify_batches: int 
         step()  # warm-up
         result["impls"][impl] = _profiled(step, top)
     labels = list(label_token_ids(template, tok, LABEL_WORDS).values())
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     rows = query_token_ids([ex.text for ex in test[:classify_batches * 8]], template, tok)
     with torch.no_grad():
         cache = encode_context(base, _cptune_model(base, context).context_embeddings())
 
     def scorer(context_cache):
-        return lambda: label_log_likelihoods(base, context_cache, rows, labels, 8, pad_id=pad)
+        return lambda: label_log_likelihoods(base, context_cache, rows, labels, 8)
 
     scorer(cache)()  # warm-up
     result["classify"] = {"examples": len(rows), "impls": {"cptune": _profiled(scorer(cache), top),

@@ -1,9 +1,10 @@
 """Label scoring after a (learned) context, and classification metrics.
 
-The context is encoded once; its key/value cache is reused, expanded without copying, for every
-batch of queries. A label is scored by the log-likelihood of its full token sequence after the
-query (optionally divided by its length). When every label is a single token, one forward of the
-query prefix gives all scores at once.
+The context is encoded once; every batch of queries runs after its key/value cache
+(:mod:`cptune.cpt.engine`: packed into one sequence where the model allows, else padded rows).
+A label is scored by the log-likelihood of its full token sequence after the query (optionally
+divided by its length). When every label is a single token, one forward of the query prefix gives
+all scores at once.
 
 Contextual calibration (Zhao et al. 2021, "Calibrate Before Use") is available on top of any scores:
 score a few content-free inputs (:data:`CONTENT_FREE_TEXTS`) after the same context, average their
@@ -19,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from cptune.cpt.engine import expand_cache, max_positions
+from cptune.cpt.engine import Prefix, encode_prefix, max_positions, run_queries
 from cptune.text.context import default_bos
 from cptune.text.template import label_token_ids, render_example
 
@@ -28,33 +29,31 @@ CONTENT_FREE_TEXTS = ("N/A", "", "[MASK]")
 
 
 @torch.no_grad()
-def encode_context(base_model, context_embeds: torch.Tensor | None):
-    """The batch-1 key/value cache of ``context_embeds`` ``(1, N, d)``, or ``None`` for no context."""
+def encode_context(base_model, context_embeds: torch.Tensor | None) -> Prefix | None:
+    """``context_embeds`` ``(1, N, d)`` encoded once for any number of query batches; ``None`` for no context."""
     if context_embeds is None or context_embeds.shape[1] == 0:
         return None
-    return base_model(inputs_embeds=context_embeds, use_cache=True, logits_to_keep=1).past_key_values
+    return encode_prefix(base_model, context_embeds)
 
 
 @torch.no_grad()
 def label_log_likelihoods(
     base_model,
-    context_cache,
+    context: Prefix | None,
     query_ids: Sequence[Sequence[int]],
     label_ids: Sequence[Sequence[int]],
     batch_size: int = 8,
     length_normalize: bool = False,
-    pad_id: int = 0,
 ) -> torch.Tensor:
     """Log-likelihood of each label after each query.
 
     Args:
         base_model: the frozen causal LM.
-        context_cache: from :func:`encode_context` (``None``: no context).
+        context: from :func:`encode_context` (``None``: no context).
         query_ids: token ids of each query, ending with the output template.
         label_ids: token ids of each label (as placed after the output template).
         batch_size: queries per forward.
         length_normalize: divide each label's log-likelihood by its number of tokens.
-        pad_id: id used for right padding (never attended).
 
     Returns:
         ``(num_queries, num_labels)`` float32 scores.
@@ -63,60 +62,31 @@ def label_log_likelihoods(
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     if not query_ids:
         return torch.zeros(0, len(label_ids))
-    single = all(len(ids) == 1 for ids in label_ids)
-    scores = []
-    for start in range(0, len(query_ids), batch_size):
-        chunk = query_ids[start : start + batch_size]
-        if single:
-            scores.append(_score_single_token(base_model, context_cache, chunk, label_ids, pad_id))
-        else:
-            scores.append(_score_sequences(base_model, context_cache, chunk, label_ids, pad_id, length_normalize))
+    scores = [_score_chunk(base_model, context, query_ids[start : start + batch_size], label_ids, length_normalize)
+              for start in range(0, len(query_ids), batch_size)]
     return torch.cat(scores).float()
 
 
-def _forward(base_model, context_cache, rows: Sequence[Sequence[int]], pad_id: int, keep):
-    device = base_model.get_input_embeddings().weight.device
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
-        mask[i, : len(r)] = 1
-    kwargs = {}
-    if context_cache is not None:
-        n = context_cache.get_seq_length()
-        kwargs["past_key_values"] = expand_cache(context_cache, len(rows))
-        mask = torch.cat([torch.ones(len(rows), n, dtype=mask.dtype, device=device), mask], dim=1)  # (B, N+T)
-    return base_model(input_ids=ids, attention_mask=mask, use_cache=context_cache is not None,
-                      logits_to_keep=keep.to(device), **kwargs).logits
-
-
-def _score_single_token(base_model, cache, rows, label_ids, pad_id) -> torch.Tensor:
-    last = torch.tensor([[len(r) - 1] for r in rows])  # (B, 1) position of each row's last token
-    logits = _forward(base_model, cache, rows, pad_id, last)[:, 0]  # (B, V)
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return logp[:, [ids[0] for ids in label_ids]]  # (B, C)
-
-
-def _score_sequences(base_model, cache, rows, label_ids, pad_id, length_normalize) -> torch.Tensor:
-    seqs, spans, targets = [], [], []
+def _score_chunk(base_model, context, rows, label_ids, length_normalize) -> torch.Tensor:
+    """``(len(rows), C)`` scores of one batch: a single forward after the context."""
+    if all(len(ids) == 1 for ids in label_ids):  # one query each; its last position predicts the label
+        seqs = [torch.tensor(list(r)) for r in rows]
+        logits = run_queries(base_model, context, seqs, [torch.tensor([len(r) - 1]) for r in rows])  # (B, V)
+        return torch.log_softmax(logits.float(), dim=-1)[:, [ids[0] for ids in label_ids]]  # (B, C)
+    seqs, keep, targets, lengths = [], [], [], []
     for r in rows:
-        for lab in label_ids:
-            seqs.append(list(r) + list(lab[:-1]))  # the last label token is only predicted, never read
-            spans.append((len(r), len(lab)))
+        for lab in label_ids:  # the query, then the label but its last token (only predicted, never read)
+            seqs.append(torch.tensor(list(r) + list(lab[:-1])))
+            keep.append(torch.arange(len(r) - 1, len(r) - 1 + len(lab)))
             targets.extend(lab)
-    width = max(len(s) for s in seqs)
-    keep = torch.zeros(len(seqs), width, dtype=torch.bool)  # positions predicting a label token
-    for i, (start, length) in enumerate(spans):
-        keep[i, start - 1 : start - 1 + length] = True
-    logits = _forward(base_model, cache, seqs, pad_id, keep)  # (M, V), row-major over keep
+            lengths.append(len(lab))
+    logits = run_queries(base_model, context, seqs, keep)  # (M, V): every label token, in order
     logp = torch.log_softmax(logits.float(), dim=-1)
-    token_logp = logp.gather(1, torch.tensor(targets, device=logp.device).unsqueeze(1)).squeeze(1)
-    out = torch.zeros(len(seqs), dtype=torch.float32, device=logp.device)
-    owner = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor([n for _, n in spans])).to(logp.device)
-    out.index_add_(0, owner, token_logp)
+    token_logp = logp.gather(1, torch.tensor(targets, device=logp.device).unsqueeze(1)).squeeze(1)  # (M,)
+    owner = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor(lengths)).to(logp.device)
+    out = torch.zeros(len(seqs), dtype=torch.float32, device=logp.device).index_add_(0, owner, token_logp)
     if length_normalize:
-        out = out / torch.tensor([n for _, n in spans], dtype=out.dtype, device=out.device)
+        out = out / torch.tensor(lengths, dtype=out.dtype, device=out.device)
     return out.view(len(rows), len(label_ids))
 
 
@@ -197,21 +167,19 @@ def score_texts(
             the same context; the result is then calibrated log-probabilities over the labels.
     """
     ids = label_token_ids(template, tokenizer, label_words)
-    cache = encode_context(base_model, context_embeds)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    context = encode_context(base_model, context_embeds)
     texts = list(texts)
     queries = query_token_ids(texts + list(CONTENT_FREE_TEXTS) * calibrate, template, tokenizer,
-                              add_bos=cache is None)
+                              add_bos=context is None)
     _check_lengths(base_model, 0 if context_embeds is None else context_embeds.shape[1], queries,
                    max(len(ids[label]) for label in label_words))
     scores = label_log_likelihoods(
         base_model,
-        cache,
+        context,
         queries,
         [ids[label] for label in label_words],
         batch_size=batch_size,
         length_normalize=length_normalize,
-        pad_id=pad,
     )
     if not calibrate:
         return scores

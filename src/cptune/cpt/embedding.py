@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from cptune.cpt.config import CPTConfig
-from cptune.cpt.loss import cpt_loss_from_logits
+from cptune.cpt.loss import cpt_loss_from_logits, label_group_rank
 from cptune.cpt.projection import project_l2_ball, token_radii
 from cptune.cpt.roles import is_trainable
 
@@ -112,7 +112,7 @@ class CPTEmbedding(nn.Module):
         base_model_output.loss = cpt_loss_from_logits(
             base_model_output.logits,
             labels,
-            cpt_type_mask,
+            label_group_rank(cpt_type_mask),  # PEFT's packed codes end here
             config.opt_weighted_loss_type,
             config.opt_loss_decay_factor,
         )

@@ -11,9 +11,9 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from cptune.cpt.config import CPTConfig
 from cptune.cpt.embedding import CPTEmbedding
-from cptune.cpt.engine import expand_cache, length_buckets, max_positions
+from cptune.cpt.engine import LAYOUTS, Prefix, encode_prefix, layout_report, max_positions, run_queries, run_rows
 from cptune.cpt.files import check_frozen_rows, read_adapter, save_adapter
-from cptune.cpt.loss import IGNORE_INDEX, decay_weights, loss_dtype, weighted_token_loss_sum
+from cptune.cpt.loss import IGNORE_INDEX, cpt_loss, cpt_loss_from_logits
 from cptune.cpt.roles import ROLES_PER_EXAMPLE, TokenRole
 
 PREFIX_SHARING_MODES = ("auto", "always", "never")
@@ -42,6 +42,9 @@ class CPTModel(nn.Module):
         adapter_name: any name; kept for PEFT-style code and written nowhere else.
         prefix_sharing: ``"auto"`` (encode the context once per batch when a loss is asked for and
             the batch has more than one row), ``"always"`` or ``"never"`` (PEFT's plain layout).
+        query_layout: how the queries run after a shared context (:mod:`cptune.cpt.engine`):
+            ``"auto"`` (packed into one sequence where the model takes the mask, else padded rows),
+            ``"packed"`` or ``"padded"``.
     """
 
     def __init__(
@@ -51,14 +54,18 @@ class CPTModel(nn.Module):
         adapter_name: str = "default",
         prefix_sharing: str = "auto",
         base_embeddings: torch.Tensor | None = None,
+        query_layout: str = "auto",
     ) -> None:
         super().__init__()
         if prefix_sharing not in PREFIX_SHARING_MODES:
             raise ValueError(f"prefix_sharing={prefix_sharing!r}; accepted: {', '.join(PREFIX_SHARING_MODES)}")
+        if query_layout not in LAYOUTS:
+            raise ValueError(f"query_layout={query_layout!r}; accepted: {', '.join(LAYOUTS)}")
         self.base_model = base_model
         self.base_model.requires_grad_(False)
         self.adapter_name = adapter_name
         self.prefix_sharing = prefix_sharing
+        self.query_layout = query_layout
         model_config = base_model.config.get_text_config()
         config.token_dim = base_model.get_input_embeddings().weight.shape[-1]
         config.num_layers = getattr(model_config, "num_hidden_layers", None)
@@ -72,6 +79,15 @@ class CPTModel(nn.Module):
                 "positions (context plus query); use fewer or shorter demonstrations (Template max_text_tokens)"
             )
         self.prompt_encoder = CPTEmbedding(config, base_model.get_input_embeddings(), base_embeddings)
+        # What the loss needs of the context, computed once: the target id of each label token
+        # (-100 elsewhere) and its label group rank, counted back from the query (rank 0): the
+        # demonstration k of K has rank K - k.
+        enc = self.prompt_encoder
+        ids = torch.tensor(config.cpt_token_ids, dtype=torch.long, device=enc.roles.device)
+        is_label = enc.roles == TokenRole.LABEL
+        self.register_buffer("context_targets", torch.where(is_label, ids, IGNORE_INDEX), persistent=False)  # (N,)
+        ranks = torch.where(is_label, config.num_examples - enc.example_index.long(), 0)
+        self.register_buffer("context_ranks", ranks, persistent=False)  # (N,)
 
     # -- accessors -----------------------------------------------------------------------------
 
@@ -211,119 +227,82 @@ class CPTModel(nn.Module):
         if labels is None:
             return out
         device = out.logits.device
-        full_labels = torch.cat(
-            [self._context_targets().to(device).expand(batch_size, -1), self._query_targets(labels, codes).to(device)],
-            dim=1,
-        )  # (B, N+T)
-        full_codes = torch.cat(
-            [self._context_codes().to(device).expand(batch_size, -1), self._shift_query_codes(codes).to(device)],
-            dim=1,
-        )
-        out = CPTEmbedding.calculate_loss(out, full_labels, full_codes, self.config)
-        return CPTOutput(loss=out.loss, logits=out.logits, past_key_values=out.get("past_key_values"),
+        query_targets = self._query_targets(labels, codes).to(device)  # (B, T)
+        full_labels = torch.cat([self.context_targets.to(device).expand(batch_size, -1), query_targets], dim=1)
+        full_ranks = torch.cat([self.context_ranks.to(device).expand(batch_size, -1), torch.zeros_like(query_targets)],
+                               dim=1)  # (B, N+T): the query's label is the newest group
+        cfg = self.config
+        loss = cpt_loss_from_logits(out.logits, full_labels, full_ranks, cfg.opt_weighted_loss_type,
+                                    cfg.opt_loss_decay_factor)
+        return CPTOutput(loss=loss, logits=out.logits, past_key_values=out.get("past_key_values"),
                          hidden_states=out.get("hidden_states"), attentions=out.get("attentions"),
                          num_label_tokens=int((full_labels[:, 1:] != IGNORE_INDEX).sum()))
 
-    def _context_codes(self) -> torch.Tensor:
-        return torch.tensor(self.config.cpt_tokens_type_mask, dtype=torch.long).unsqueeze(0)  # (1, N)
-
-    def _context_targets(self) -> torch.Tensor:
-        """``(1, N)`` context token ids at label tokens, -100 elsewhere."""
-        ids = torch.tensor(self.config.cpt_token_ids, dtype=torch.long)
-        roles = self.prompt_encoder.roles.cpu()
-        return torch.where(roles == TokenRole.LABEL, ids, torch.full_like(ids, IGNORE_INDEX)).unsqueeze(0)
-
-    def _shift_query_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        """Give the query the example index after the context's last one (PEFT shifts by the max code,
-        which is only right when that max is a multiple of 4)."""
-        shift = ROLES_PER_EXAMPLE * self.config.num_examples
-        return torch.where(codes > 0, codes + shift, codes)
-
     def _shared_prefix_forward(self, context, inputs_embeds, attention_mask, labels, codes, return_logits):
-        """Encode the context once, attend every query row to its cache; same loss as the plain path."""
+        """Encode the context once and run the queries after it (:mod:`cptune.cpt.engine`); same loss
+        and gradient as the plain path, which copies the context into every row."""
         batch_size, query_len = inputs_embeds.shape[:2]
         n = self.num_context_tokens
-        enc = self.prompt_encoder
-        num_examples = self.config.num_examples
-        # Context label at position p is predicted at p - 1; the last position predicts the query's first token.
-        ctx_targets = self._context_targets()[0].to(enc.base.device)  # (N,)
-        ctx_label_pos = (ctx_targets[1:] != IGNORE_INDEX).nonzero().flatten()  # positions p - 1
-        ctx_keep = torch.cat([ctx_label_pos, torch.tensor([n - 1], device=ctx_label_pos.device)])  # (Mc + 1,)
-        context_out = self.base_model(
-            inputs_embeds=context,
-            use_cache=True,
-            logits_to_keep=0 if return_logits else ctx_keep,
-        )
-        ctx_logits_all = context_out.logits  # (1, N or Mc+1, V)
-        ctx_logits = ctx_logits_all[0, ctx_keep] if return_logits else ctx_logits_all[0]  # (Mc + 1, V)
-
+        device = inputs_embeds.device
         if attention_mask is None:
-            attention_mask = torch.ones(batch_size, query_len, dtype=torch.long, device=inputs_embeds.device)
-        query_targets = self._query_targets(labels, codes).to(inputs_embeds.device)  # (B, T)
-        predicts_label = query_targets[:, 1:] != IGNORE_INDEX  # (B, T-1): position t predicts t + 1
-        keep_mask = torch.cat([predicts_label, torch.zeros_like(predicts_label[:, :1])], dim=1)  # (B, T)
-        lengths = attention_mask.sum(dim=1).tolist()
-        # Full logits need one (B, N+T, V) tensor; a loss alone lets rows of similar length run together.
-        buckets = [list(range(batch_size))] if return_logits else length_buckets(lengths)
-        q_logits_parts, row_order = [], []
-        for rows in buckets:
-            width = max(int(lengths[r]) for r in rows) if not return_logits else query_len
-            idx = torch.tensor(rows, device=inputs_embeds.device)
-            mask = attention_mask[idx, :width]
-            ones = torch.ones(len(rows), n, dtype=mask.dtype, device=mask.device)
-            query_out = self.base_model(
-                inputs_embeds=inputs_embeds[idx, :width],
-                attention_mask=torch.cat([ones, mask], dim=1),  # (b, N+w)
-                past_key_values=expand_cache(context_out.past_key_values, len(rows)),
-                use_cache=True,
-                logits_to_keep=0 if return_logits else keep_mask[idx, :width],
-            )
-            part = query_out.logits[keep_mask[idx, :width]] if return_logits else query_out.logits  # (m, V)
-            q_logits_parts.append(part)
-            row_order.extend(rows)
-        q_logits = torch.cat(q_logits_parts, dim=0)  # (Mq, V) rows in bucket order
-        order = torch.tensor(row_order, device=query_targets.device)
-        query_targets = query_targets[order]
-        predicts_label = predicts_label[order]
-        device = q_logits.device
-        dtype = loss_dtype(q_logits.dtype)
-        ctx_logits = ctx_logits.to(device)
+            attention_mask = torch.ones(batch_size, query_len, dtype=torch.long, device=device)
+        targets = self._query_targets(labels, codes).to(device)  # (B, T)
+        predicts = targets[:, 1:] != IGNORE_INDEX  # (B, T-1): position t predicts the label token t + 1
+        ctx_targets = self.context_targets.to(device)
+        ctx_scored = (ctx_targets[1:] != IGNORE_INDEX).nonzero().flatten()  # (Mc,) positions p - 1 of labels p
+        # The context's last position predicts each query's first token (a label only for label-only queries).
+        ctx_keep = torch.cat([ctx_scored, torch.tensor([n - 1], device=device)])  # (Mc + 1,)
+        prefix = encode_prefix(self.base_model, context, keep=torch.arange(n, device=device) if return_logits
+                               else ctx_keep)
+        ctx_logits = prefix.logits[ctx_keep] if return_logits else prefix.logits  # (Mc + 1, V)
+        if return_logits:  # every position of every row, padding included, as PEFT's layout returns them
+            query_logits = run_rows(self.base_model, prefix, inputs_embeds, attention_mask)  # (B, T, V)
+            scored_logits = query_logits[:, :-1][predicts]  # (Mq, V) row-major
+        else:
+            lengths = attention_mask.sum(dim=1).tolist()
+            scored_logits = run_queries(
+                self.base_model, prefix, [inputs_embeds[b, : lengths[b]] for b in range(batch_size)],
+                [predicts[b, : lengths[b] - 1].nonzero().flatten() for b in range(batch_size)], self.query_layout,
+            )  # (Mq, V) in query order, the row-major order of `predicts`
+        first = targets[:, 0] != IGNORE_INDEX  # (B,)
+        first_logits = ctx_logits[-1:].expand(int(first.sum()), -1)
+        logits = torch.cat([ctx_logits[:-1], first_logits, scored_logits.to(ctx_logits.device)])  # (M, V)
+        device = logits.device
+        num_ctx = ctx_scored.numel()
+        query_label_targets = torch.cat([targets[first, 0], targets[:, 1:][predicts]]).to(device)
         cfg = self.config
-
-        # Context labels: same logits in every row, so their summed loss counts B times.
-        ctx_rank = num_examples - enc.example_index[ctx_label_pos + 1].to(device)  # (Mc,)
-        ctx_sum = weighted_token_loss_sum(
-            ctx_logits[:-1],
-            ctx_targets[ctx_label_pos + 1].to(device),
-            decay_weights(ctx_rank, cfg.opt_weighted_loss_type, cfg.opt_loss_decay_factor, dtype),
+        # A context label's logits are the same in every row: it stands for B rows of PEFT's layout.
+        loss = cpt_loss(
+            logits,
+            torch.cat([ctx_targets[ctx_scored + 1].to(device), query_label_targets]),
+            torch.cat([self.context_ranks[ctx_scored + 1].to(device), torch.zeros_like(query_label_targets)]),
+            cfg.opt_weighted_loss_type,
+            cfg.opt_loss_decay_factor,
+            copies=torch.cat([torch.full((num_ctx,), batch_size, device=device),
+                              torch.ones(query_label_targets.numel(), dtype=torch.long, device=device)]),
         )
-        # Query labels: rank 0. A label at query position 0 is predicted by the context's last position.
-        first_is_label = query_targets[:, 0] != IGNORE_INDEX  # (B,)
-        q_logits = torch.cat([ctx_logits[-1:].expand(int(first_is_label.sum()), -1), q_logits], dim=0)
-        q_targets = torch.cat([query_targets[first_is_label, 0], query_targets[:, 1:][predicts_label]])
-        q_sum = weighted_token_loss_sum(
-            q_logits,
-            q_targets,
-            decay_weights(torch.zeros_like(q_targets), cfg.opt_weighted_loss_type, cfg.opt_loss_decay_factor, dtype),
-        )
-        count = batch_size * ctx_label_pos.numel() + q_targets.numel()
-        loss = (batch_size * ctx_sum + q_sum) / max(count, 1)
-
-        logits = None
+        count = batch_size * num_ctx + query_label_targets.numel()
+        full_logits = None
         if return_logits:
-            logits = torch.cat([ctx_logits_all.expand(batch_size, -1, -1).to(device), query_out.logits], dim=1)
-        return CPTOutput(loss=loss, logits=logits, num_label_tokens=count)
+            full_logits = torch.cat([prefix.logits.expand(batch_size, -1, -1).to(device), query_logits.to(device)],
+                                    dim=1)  # (B, N+T, V)
+        return CPTOutput(loss=loss, logits=full_logits, num_label_tokens=count)
+
+    def query_layout_report(self) -> str:
+        """How queries run after a shared context on this model, and why (e.g. for a progress line)."""
+        if self.query_layout != "auto":
+            return f"{self.query_layout} (chosen by the caller)"
+        return layout_report(self.base_model)
 
     # -- inference -----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def context_cache(self):
-        """Encode the context once (no gradients) and return its batch-1 key/value cache.
+    def encode_context(self) -> Prefix:
+        """Encode the learned context once (no gradients) for any number of query batches.
 
-        Reuse it for any number of query batches through :func:`cptune.cpt.engine.expand_cache`.
+        Pass the result to :func:`cptune.cpt.engine.run_queries`; it is never modified by them.
         """
-        out = self.base_model(inputs_embeds=self.context_embeddings(), use_cache=True, logits_to_keep=1)
-        return out.past_key_values
+        return encode_prefix(self.base_model, self.context_embeddings())
 
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, **kwargs):
         """Generate after the learned context, as PEFT's prompt-learning ``generate`` does.

@@ -5,8 +5,8 @@ model is never touched, with the loss on the label tokens only: the mean cross-e
 batch's label tokens, the value PEFT's own forward returns for labels that are -100 elsewhere (a test
 checks the two agree). Two things make it cheaper than PEFT's forward: logits are computed only at
 positions that predict a label token, and the prefix (soft prompt, and for ``ipt`` the
-demonstrations) is encoded once per step and its key/value cache shared by the batch's rows, with
-gradients flowing through it (:func:`cptune.cpt.engine.expand_cache`). Scoring goes through the same
+demonstrations) is encoded once per step and the batch's rows run after its key/value cache, with
+gradients flowing through it (:mod:`cptune.cpt.engine`). Scoring goes through the same
 :func:`cptune.scoring.score_texts` as every other method:
 
 - ``pt``: the trained soft prompt ``(1, n, d)`` is the context of the original base model.
@@ -24,7 +24,7 @@ import copy
 
 import torch
 
-from cptune.cpt.engine import expand_cache
+from cptune.cpt.engine import encode_prefix, run_queries
 from cptune.methods.base import IGNORE_INDEX, BaseMethod, label_batch, model_device, optimize
 from cptune.text.context import build_context
 
@@ -44,32 +44,34 @@ def _trainable(model) -> list[torch.nn.Parameter]:
 def label_token_loss(model, batch: dict[str, torch.Tensor], prefix_embeds: torch.Tensor | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy over the label tokens of ``batch``, after an optional shared prefix.
 
+    The prefix is encoded once and the rows run after it (:mod:`cptune.cpt.engine`), with gradients
+    through both; only positions that predict a label token produce logits.
+
     Args:
         model: a causal LM (with any LoRA layers active).
         batch: ``input_ids``, ``attention_mask`` (right-padded) and ``labels`` (-100 where not scored),
-            each ``(B, T)``, from :func:`cptune.methods.label_batch`.
+            each ``(B, T)``, from :func:`cptune.methods.base.label_batch`.
         prefix_embeds: ``(1, P, d)`` embeddings before every row (encoded once), or ``None``.
 
     Returns:
         The scalar loss, the same as the model's own loss on ``[prefix, row]`` with the prefix unscored.
     """
-    labels, mask = batch["labels"], batch["attention_mask"]
-    embeds = model.get_input_embeddings()(batch["input_ids"])  # (B, T, d)
-    b = labels.shape[0]
-    keep = torch.cat([labels[:, 1:] != IGNORE_INDEX, torch.zeros_like(labels[:, :1], dtype=torch.bool)], dim=1)
-    targets = labels[:, 1:][keep[:, :-1]]  # row-major, the order of the kept logits
-    kwargs = {"use_cache": False}
-    if prefix_embeds is not None:
-        prefix = model(inputs_embeds=prefix_embeds.to(embeds.dtype), use_cache=True, logits_to_keep=1)
+    labels = batch["labels"]
+    lengths = batch["attention_mask"].sum(dim=1).tolist()
+    predicts = labels[:, 1:] != IGNORE_INDEX  # (B, T-1): position t predicts the label token t + 1
+    keep = [predicts[b, : lengths[b] - 1].nonzero().flatten() for b in range(len(lengths))]
+    prefix = None
+    if prefix_embeds is not None:  # its last position predicts a row's first token
         p = prefix_embeds.shape[1]
-        kwargs = {"use_cache": True, "past_key_values": expand_cache(prefix.past_key_values, b)}
-        mask = torch.cat([torch.ones(b, p, dtype=mask.dtype, device=mask.device), mask], dim=1)  # (B, P+T)
-    logits = model(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=keep, **kwargs).logits  # (M, V)
-    first = labels[:, 0] != IGNORE_INDEX  # a label at position 0 is predicted by the prefix's last position
-    if prefix_embeds is not None and bool(first.any()):
-        logits = torch.cat([prefix.logits[0, -1:].expand(int(first.sum()), -1), logits], dim=0)
+        prefix = encode_prefix(model, prefix_embeds, keep=torch.tensor([p - 1], device=prefix_embeds.device))
+    rows = [batch["input_ids"][b, : lengths[b]] for b in range(len(lengths))]
+    logits = run_queries(model, prefix, rows, keep)  # (M, V), row-major
+    targets = labels[:, 1:][predicts]
+    first = labels[:, 0] != IGNORE_INDEX
+    if prefix is not None and bool(first.any()):
+        logits = torch.cat([prefix.logits.expand(int(first.sum()), -1), logits], dim=0)
         targets = torch.cat([labels[first, 0], targets])
-    return torch.nn.functional.cross_entropy(logits.float(), targets)
+    return torch.nn.functional.cross_entropy(logits.float(), targets.to(logits.device))
 
 
 class PromptTuning(BaseMethod):

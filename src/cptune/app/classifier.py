@@ -3,48 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from cptune.cpt.files import CONFIG_NAME, read_config, read_json_object, save_adapter
-from cptune.cpt.model import get_cpt_model, load_adapter
+from cptune.cpt.model import load_adapter
 from cptune.cpt.saving import check_manifest
 from cptune.models import DEFAULT_MODEL, load_model, resolve_dtype
+from cptune.recipe import CPTRecipe, fit_cpt
 from cptune.scoring import score_texts
-from cptune.text.context import build_context, render_queries
 from cptune.text.template import Template
-from cptune.training import TrainResult, TrainSettings, train
+from cptune.training import TrainResult, TrainSettings
 
 CLASSIFIER_FILE = "cptune_classifier.json"
-
-
-@dataclass(frozen=True)
-class CPTSettings:
-    """CPT's own settings (defaults: the authors' SST-2 demo; lr raised for 40-step runs).
-
-    Args:
-        eps_input: projection epsilon of input-text tokens (authors: 0.2).
-        eps_format: projection epsilon of template tokens (authors: 0.1).
-        decay: loss decay factor gamma (authors: 0.95); 1.0 weighs every label equally.
-        loss_type: ``"decay"`` or ``"none"``.
-    """
-
-    eps_input: float = 0.2
-    eps_format: float = 0.1
-    decay: float = 0.95
-    loss_type: str = "decay"
-
-    def config_fields(self) -> dict:
-        """The matching :class:`cptune.CPTConfig` fields."""
-        return {
-            "opt_weighted_loss_type": self.loss_type,
-            "opt_loss_decay_factor": self.decay,
-            "opt_projection_epsilon": self.eps_input,
-            "opt_projection_format_epsilon": self.eps_format,
-        }
 
 
 class CPTClassifier:
@@ -56,8 +30,9 @@ class CPTClassifier:
         template: a :class:`Template` or its format string (``"input: {x} output: {y}"``).
         labels: ``{label: label word}``, a list of labels (each written as itself), or ``None``
             (the labels seen in :meth:`fit`, written as themselves).
-        train: optimizer settings (default: 40 steps, batch 4, AdamW lr 1e-3, linear decay).
-        cpt: CPT's settings (epsilons, loss decay).
+        recipe: how CPT builds and trains the adapter (:class:`cptune.recipe.CPTRecipe`: radii, loss
+            decay, and the loop: 40 steps, batch 4, AdamW lr 1e-3, linear decay).
+        train: the loop alone, replacing ``recipe.train`` (a shortcut).
         length_normalize: score labels by mean instead of total token log-likelihood.
         calibrate: contextual calibration (Zhao et al. 2021) of the label probabilities: divide them
             by those of content-free inputs after the same learned context
@@ -80,7 +55,7 @@ class CPTClassifier:
         template: Template | str = "input: {x} output: {y}",
         labels: Mapping[str, str] | Sequence[str] | None = None,
         train: TrainSettings | None = None,
-        cpt: CPTSettings | None = None,
+        recipe: CPTRecipe | None = None,
         length_normalize: bool = False,
         calibrate: bool = False,
         batch_size: int = 8,
@@ -91,8 +66,9 @@ class CPTClassifier:
         if labels is not None and not isinstance(labels, Mapping):
             labels = {str(label): str(label) for label in labels}
         self.label_words: dict[str, str] | None = dict(labels) if labels is not None else None
-        self.train_settings = train or TrainSettings(steps=40, batch_size=4, lr=1e-3)
-        self.cpt_settings = cpt or CPTSettings()
+        self.recipe = recipe or CPTRecipe()
+        if train is not None:
+            self.recipe = replace(self.recipe, train=train)
         self.length_normalize = length_normalize
         if not isinstance(calibrate, bool):
             raise ValueError(f"calibrate={calibrate!r} must be True or False")
@@ -136,7 +112,8 @@ class CPTClassifier:
         """Use ``(texts, labels)`` as the context's demonstrations and train CPT on them.
 
         Each demonstration is also a training query after the context, as in the paper's
-        few-shot setting. ``checkpoint_dir``/``resume`` are passed to :func:`cptune.train`.
+        few-shot setting (:func:`cptune.recipe.fit_cpt`). ``checkpoint_dir``/``resume`` are passed
+        to :func:`cptune.train`.
         """
         texts, labels = list(texts), [str(label) for label in labels]
         if len(texts) != len(labels):
@@ -149,15 +126,11 @@ class CPTClassifier:
         if unknown:
             raise ValueError(f"label {unknown[0]!r} has no label word; known labels: {self.classes_}")
         base, tokenizer = self._base()
-        pairs = list(zip(texts, labels, strict=True))
-        self.examples = pairs
-        context = build_context(pairs, self.template, tokenizer, self.label_words)
-        config = context.to_config(tokenizer_name_or_path=self.model_name, **self.cpt_settings.config_fields())
-        self.cpt_model = get_cpt_model(base, config)
-        queries = render_queries(pairs, self.template, tokenizer, self.label_words)
-        self.train_result = train(
-            self.cpt_model, queries, self.train_settings, checkpoint_dir=checkpoint_dir,
-            checkpoint_every=checkpoint_every, resume=resume, progress=self.progress, callback=callback,
+        self.examples = list(zip(texts, labels, strict=True))
+        self.cpt_model, self.train_result = fit_cpt(
+            base, tokenizer, self.examples, self.template, self.label_words, self.recipe, model_name=self.model_name,
+            checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume, progress=self.progress,
+            callback=callback,
         )
         return self
 
@@ -195,8 +168,8 @@ class CPTClassifier:
             "model": self.model_name,
             "template": asdict(self.template),
             "label_words": self.label_words,
-            "train": asdict(self.train_settings),
-            "cpt": asdict(self.cpt_settings),
+            "train": asdict(self.recipe.train),
+            "cpt": self.recipe.adapter_fields(),
             "length_normalize": self.length_normalize,
             "calibrate": self.calibrate,
             "dtype": self.dtype,
@@ -232,8 +205,7 @@ class CPTClassifier:
             model=model if model is not None else info["model"],
             template=Template(**info["template"]),
             labels=info["label_words"],
-            train=TrainSettings(**info["train"]),
-            cpt=CPTSettings(**info["cpt"]),
+            recipe=CPTRecipe(**info["cpt"], train=TrainSettings(**info["train"])),
             length_normalize=info.get("length_normalize", False),
             calibrate=info.get("calibrate", False),
             **{"dtype": info.get("dtype", "float32"), **kwargs},

@@ -152,19 +152,18 @@ def _load(args):
 
 
 def _run_train(args) -> int:
-    from cptune.app.classifier import CPTClassifier, CPTSettings
+    from cptune.app.classifier import CPTClassifier
     from cptune.cpt.saving import check_can_save, remove_saved_files
     from cptune.data import sample_splits
+    from cptune.recipe import CPTRecipe
     from cptune.training import TrainSettings
 
     fmt, words = _dataset_defaults(args.data)
     template = args.template.replace("\\n", "\n") if args.template else fmt
     words = _parse_label_words(args.label_words) or words
-    settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    cpt = CPTSettings(eps_input=args.eps_input, eps_format=args.eps_format, decay=args.decay)
-    from cptune.cpt.config import CPTConfig
-
-    CPTConfig(**cpt.config_fields())  # check the values before loading anything
+    recipe = CPTRecipe(eps_input=args.eps_input, eps_format=args.eps_format, decay=args.decay,  # checked now,
+                       train=TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr,  # before any
+                                           seed=args.seed))  # model is loaded
     if args.checkpoint_every is not None and args.checkpoint_every < 1:
         raise UserError(f"--checkpoint-every={args.checkpoint_every} must be >= 1")
     check_can_save(args.output)
@@ -172,7 +171,7 @@ def _run_train(args) -> int:
     if words is None:  # every class of the data, also those the shots happen not to show
         words = {label: label for label in dataset.labels}
     shots, _, _ = sample_splits(dataset, args.shots, 0, args.seed)
-    clf = CPTClassifier(args.model, template=template, labels=words, train=settings, cpt=cpt, progress=True,
+    clf = CPTClassifier(args.model, template=template, labels=words, recipe=recipe, progress=True,
                         dtype=args.dtype, calibrate=args.calibrate)
     output = Path(args.output)
     checkpoint = output / CHECKPOINT_SUBDIR

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 
-from cptune.app.classifier import CPTClassifier, CPTSettings
-from cptune.cpt.config import CPTConfig
+from cptune.app.classifier import CPTClassifier
 from cptune.cpt.saving import check_can_save, write_json_atomic
 from cptune.data import load_dataset, sample_splits
 from cptune.models import DEFAULT_MODEL, load_model
+from cptune.recipe import CPTRecipe
 from cptune.scoring import classification_metrics, score_texts
 from cptune.text.context import build_context
 from cptune.text.template import Template
@@ -54,14 +54,13 @@ class DemoSettings:
         for name in ("shots", "test_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        self.train_settings()
+        self.recipe()
         check_can_save(self.output)
-        CPTConfig(opt_weighted_loss_type="decay", opt_loss_decay_factor=self.decay,
-                  opt_projection_epsilon=self.eps_input, opt_projection_format_epsilon=self.eps_format)
 
-    def train_settings(self) -> TrainSettings:
-        """The CPT training settings of this run."""
-        return TrainSettings(steps=self.steps, batch_size=self.batch_size, lr=self.lr, seed=self.seed)
+    def recipe(self) -> CPTRecipe:
+        """The CPT recipe of this run (radii, loss decay, and the training loop)."""
+        return CPTRecipe(eps_input=self.eps_input, eps_format=self.eps_format, decay=self.decay,
+                         train=TrainSettings(steps=self.steps, batch_size=self.batch_size, lr=self.lr, seed=self.seed))
 
 
 def _accuracy_row(name, scores, gold, labels, seconds) -> dict:
@@ -99,9 +98,8 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> dict:
     with torch.no_grad():
         icl_embeds = base.get_input_embeddings()(context.token_ids.unsqueeze(0))
     timed("ICL", icl_embeds)
-    cpt_settings = CPTSettings(eps_input=settings.eps_input, eps_format=settings.eps_format, decay=settings.decay)
-    clf = CPTClassifier((base, tokenizer), template=template, labels=label_words, train=settings.train_settings(),
-                        cpt=cpt_settings, progress=progress)
+    clf = CPTClassifier((base, tokenizer), template=template, labels=label_words, recipe=settings.recipe(),
+                        progress=progress)
     clf.model_name = settings.model  # the saved classifier reloads the base model by this name
     start = time.perf_counter()
     clf.fit([ex.text for ex in shots], [ex.label for ex in shots])

@@ -16,10 +16,11 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from cptune.cpt.roles import TokenRole
+from cptune.recipe import CPTRecipe
 from cptune.scoring import score_texts
 from cptune.text.context import render_queries
 from cptune.text.template import Template, label_token_ids
-from cptune.training import NonFiniteLossError, batch_indices
+from cptune.training import NonFiniteLossError, TrainSettings, batch_indices
 
 IGNORE_INDEX = -100
 
@@ -75,6 +76,12 @@ class MethodSettings:
     lora_alpha: int = 16
     length_normalize: bool = False
     score_batch_size: int = 8
+
+    def cpt_recipe(self) -> CPTRecipe:
+        """The ``cpt`` method's recipe: these radii, decay, steps, batch, ``cpt_lr`` and seed."""
+        return CPTRecipe(eps_input=self.eps_input, eps_format=self.eps_format, decay=self.decay,
+                         train=TrainSettings(steps=self.steps, batch_size=self.batch_size, lr=self.cpt_lr,
+                                             seed=self.seed))
 
     def __post_init__(self) -> None:
         for name, minimum in (("steps", 1), ("batch_size", 1), ("seed", 0), ("pt_tokens", 1), ("lora_r", 1),

@@ -1,9 +1,11 @@
 """Benchmark: cptune's context-once CPT against PEFT 0.21.2's duplicated context, on the embedded SmolLM2.
 
 One run measures, side by side: training step time (forward + backward + AdamW) and peak RSS at
-several batch sizes and context lengths; test-set classification throughput; executed and useful
-FLOPs per step against the machine's measured fp32 matmul peak; loss, gradient and prediction
-agreement. It writes ``docs/performance.md`` and ``docs/performance.png``.
+several batch sizes and context lengths; cptune's memory above the loaded model at batch 1, 8 and
+32, fitted as a + b*context + c*query tokens + e*batch*context; test-set classification throughput;
+executed and useful FLOPs per step against the machine's measured fp32 matmul peak; loss, gradient
+and prediction agreement; the goals of issue 13 against all of these. It writes
+``docs/performance.md`` and ``docs/performance.png``.
 
 Every measurement runs in a fresh subprocess (``--worker ...``) that prints one JSON line. Step
 times come from one process per configuration that alternates the implementations step by step
@@ -34,6 +36,7 @@ from cptbench.settings import (
     NUM_TRAIN_QUERIES,
     PEAK_SIZE,
     QUIET_WAIT,
+    RSS_BATCHES,
     SEED,
     TEMPLATE_TEXT,
     TEST_SIZE,
@@ -51,7 +54,7 @@ from cptbench.workers import (
 
 __all__ = [
     "BATCH1_NOISE", "CLASSIFY_IMPLS", "CPT_FIELDS", "GIB", "LABEL_WORDS", "LR", "NUM_TRAIN_QUERIES", "PEAK_SIZE",
-    "QUIET_WAIT", "SEED", "TEMPLATE_TEXT", "TEST_SIZE", "TRAIN_IMPLS", "add_arguments", "classify_flops",
+    "QUIET_WAIT", "RSS_BATCHES", "SEED", "TEMPLATE_TEXT", "TEST_SIZE", "TRAIN_IMPLS", "add_arguments", "classify_flops",
     "duplicated_flops", "main", "render_report", "run", "run_benchmark", "run_worker", "useful_flops",
     "worker_agree", "worker_classify", "worker_peak", "worker_profile", "worker_train_rss", "worker_train_time",
     "write_report",

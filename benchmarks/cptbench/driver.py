@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from cptbench.numbers import classify_row, train_row
-from cptbench.settings import GIB, TRAIN_IMPLS
+from cptbench.settings import GIB, RSS_BATCHES, TRAIN_IMPLS
 from cptbench.workers import rotate
 from cptune.cpt.saving import write_text_atomic
 
@@ -75,6 +75,11 @@ def run_benchmark(steps: int, shots: list[int], batches: list[int], test_size: i
     def save():
         write_text_atomic(json_path, json.dumps(results, indent=1))
 
+    def rss(impl: str, s: int, b: int) -> None:
+        if not any((r["impl"], r["shots"], r["batch"]) == (impl, s, b) for r in results["rss"]):
+            results["rss"].append(_spawn(log, "train-rss", "--impl", impl, "--shots", str(s), "--batches", str(b)))
+            save()
+
     log("matmul peak")
     results["peak"].append(_spawn(log, "peak"))
     log(f"training: warm-up + {steps} rounds of A B C steps per configuration; then peak RSS, one process each")
@@ -84,10 +89,11 @@ def run_benchmark(steps: int, shots: list[int], batches: list[int], test_size: i
                                            str(steps), "--quiet-wait", wait))
             save()
         for impl in rotate(TRAIN_IMPLS, i):
-            if not any((r["impl"], r["shots"], r["batch"]) == (impl, s, b) for r in results["rss"]):
-                results["rss"].append(_spawn(log, "train-rss", "--impl", impl, "--shots", str(s), "--batches",
-                                             str(b)))
-                save()
+            rss(impl, s, b)
+    log(f"cptune's memory above the loaded model: batch {', '.join(map(str, RSS_BATCHES))}, one process each")
+    for s in shots:
+        for b in RSS_BATCHES:
+            rss("cptune", s, b)
     log(f"classification: {test_size} test examples, batch 8, implementations alternated batch by batch")
     for s in shots:
         if classify_row(results, s) is None:

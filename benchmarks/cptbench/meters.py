@@ -12,7 +12,33 @@ from cptbench.settings import GIB
 
 
 def peak_rss_gb() -> float:
+    """Peak RSS of this process since it started (``ru_maxrss``), GiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # ru_maxrss is KiB on Linux
+
+
+def _status_kib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        return float(next(ln.split()[1] for ln in f if ln.startswith(field + ":")))
+
+
+def rss_mib() -> float:
+    """Resident set size of this process now (``VmRSS``), MiB."""
+    return _status_kib("VmRSS") / 1024
+
+
+def reset_peak_rss() -> bool:
+    """Restart the peak RSS mark (``VmHWM``) at the current RSS; False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_rss_mib() -> float:
+    """Peak RSS (``VmHWM``) since the process started or since :func:`reset_peak_rss`, MiB."""
+    return _status_kib("VmHWM") / 1024
 
 
 class ForeignCPU:

@@ -8,23 +8,45 @@ from pathlib import Path
 import torch
 
 from cptbench.numbers import (
+    GOAL_BATCH,
     best_ratio,
     classify_flops,
     classify_row,
-    duplicated_flops,
     faster_peft,
     goal_rows,
     grid_axes,
+    layout_flops,
     machine_peak,
     median_time,
+    memory_fit,
     paired_ratio,
     peak_rss,
+    prediction_disagreements,
     train_row,
     useful_flops,
 )
 from cptbench.plot import plot_figure
-from cptbench.settings import CLASSIFY_IMPLS, PEAK_SIZE, TRAIN_IMPLS
+from cptbench.settings import (
+    BATCH_CONTEXT_TOLERANCE,
+    CLASSIFY_IMPLS,
+    NUM_TRAIN_QUERIES,
+    OLD_BATCH_CONTEXT_MIB,
+    PEAK_SIZE,
+    RSS_BATCHES,
+    TRAIN_IMPLS,
+)
 from cptune.cpt.saving import write_text_atomic
+
+
+def _layout(results: dict) -> str:
+    """The query layout the workers recorded (``layout_report`` of the loaded model), or why there is none."""
+    seen = list(dict.fromkeys(r["layout"] for part in ("train", "rss", "classify") for r in results[part]
+                              if "layout" in r))
+    return "; ".join(seen) if seen else "not recorded (results saved before the benchmark recorded it)"
+
+
+def _is_packed(results: dict) -> bool:
+    return _layout(results).startswith("packed")
 
 
 def _spread(times: list[float]) -> str:
@@ -73,8 +95,11 @@ def _render_flops(results: dict) -> list[str]:
            "*Executed* FLOPs are counted on each implementation's warm-up step with",
            "`torch.utils.flop_counter.FlopCounterMode`: every matmul, forward and backward, as it really ran",
            "(padding included), plus CPU flash attention, which the counter does not know; we register its",
-           "formula (4·b·h·Lq·Lk·hd forward, only the causal triangle when the kernel runs with `is_causal`;",
-           "backward 2x forward). *Useful* FLOPs are the least a CPT step needs, the same for every",
+           "formula (4·b·h·Lq·Lk·hd forward, only the causal triangle when the kernel runs with `is_causal`,",
+           "every Lq x Lk pair when it gets a mask; backward 2x forward). With packed queries (cptune at",
+           "batches above 1 in the `packed` layout) nothing is padded, but the S = Σ l_i query tokens attend densely",
+           "to N + S keys under a mask that hides the other queries: the kernel computes all S·(N + S) pairs",
+           "and that is what is counted. *Useful* FLOPs are the least a CPT step needs, the same for every",
            "implementation:", "",
            "    useful = 2·F + 3·A      backward of a frozen model = input gradients only: 1x forward for the",
            "                            matmuls; attention backward = 2x forward (dQ, dK, dV, dP)",
@@ -84,20 +109,24 @@ def _render_flops(results: dict) -> list[str]:
            "tokens; l_i the real query lengths; d = 576; V = 49,152 (tied vocabulary projection); M_ctx context",
            "label tokens; B queries, one label token each; L = 30, H·hd = 576. Not counted: norms, rotary",
            "embeddings, softmax, SiLU, the loss, the embedding lookup, AdamW (elementwise; see the profile for",
-           "their time). `PEFT layout` is the same formula for B rows of N + T_pad tokens with logits at every",
-           "position and dense masked attention; it matches PEFT's counted figure. (The usual 3x-forward rule",
-           "for training counts weight gradients, which a frozen model never computes; it would inflate every",
-           "rate below by ~1.5x.)", "",
-           "| shots | batch | impl | executed GFLOP | useful GFLOP | PEFT layout GFLOP | executed GFLOP/s | "
+           "their time). `layout formula` is the same arithmetic for the layout each implementation ran, a",
+           "check that the counter sees what runs: PEFT's (and cptune's at batch 1) is B rows of N + T_pad",
+           "tokens with logits at every position and dense masked attention (causal at batch 1); cptune's",
+           "packed one is the useful formula with attention S·(N + S) in place of the queries' causal pairs",
+           "and one more logit (the context's last position); `-` where there is none (padded layout). (The",
+           "usual 3x-forward rule for training counts weight gradients, which a frozen model never computes;",
+           "it would inflate every rate below by ~1.5x.)", "",
+           "| shots | batch | impl | executed GFLOP | layout formula GFLOP | useful GFLOP | executed GFLOP/s | "
            "% of peak | useful % of peak |",
            "|---|---|---|---|---|---|---|---|---|"]
     for c in results["train"]:
         useful = useful_flops(c["dims"], c["context_tokens"], c["context_labels"], c["query_lengths"])
-        dup = duplicated_flops(c["dims"], c["context_tokens"], c["padded_length"], c["batch"])
         for impl in TRAIN_IMPLS:
             t, executed = median_time(c, impl), c["impls"][impl]["executed_flops"]
-            out.append(f"| {c['shots']} | {c['batch']} | {impl} | {executed / 1e9:.0f} | {useful / 1e9:.0f} | "
-                       f"{dup / 1e9:.0f} | {executed / t / 1e9:.0f} | {100 * executed / t / peak:.0f}% | "
+            formula = layout_flops(c, impl)
+            out.append(f"| {c['shots']} | {c['batch']} | {impl} | {executed / 1e9:.0f} | "
+                       + (f"{formula / 1e9:.0f}" if formula is not None else "-") + f" | {useful / 1e9:.0f} | "
+                       f"{executed / t / 1e9:.0f} | {100 * executed / t / peak:.0f}% | "
                        f"{100 * useful / t / peak:.0f}% |")
     return out
 
@@ -152,35 +181,81 @@ def _render_bounds(results: dict) -> list[str]:
                 slower = median_time(c, impl) / median_time(c, "cptune")
                 out.append(f"| {s} | {b} | {impl} | {slower:.2f}x | {ratio:.2f} | "
                            f"{ours / theirs:.2f} | {100 * ours / peak:.0f}% | {100 * theirs / peak:.0f}% |")
-    out += ["", "Classification, forward FLOPs over the whole test set by the formula above (right padding to the",
-            "longest query of each batch, dense masked attention):", "",
+    packed = _is_packed(results)
+    layout = ("cptune and floor: each batch's queries packed into one row, dense masked attention over S x (N + S)"
+              if packed else "right padding to the longest query of each batch, dense masked attention")
+    out += ["", "Classification, forward FLOPs over the whole test set by the formula above (PEFT: right padding",
+            f"to the longest query of each batch, dense masked attention; {layout}):", "",
             "| shots | cptune GFLOP | PEFT GFLOP | floor GFLOP | PEFT / cptune FLOPs | measured speedup | "
             "cptune / floor FLOPs | measured cptune / floor time |", "|---|---|---|---|---|---|---|---|"]
     for c in sorted(results["classify"], key=lambda c: c["shots"]):
         if "query_lengths" not in c:
             continue
-        f = classify_flops(c["dims"], c["context_tokens"], c["query_lengths"], c["batch"])
+        f = classify_flops(c["dims"], c["context_tokens"], c["query_lengths"], c["batch"], packed)
         t = {i: c["impls"][i]["seconds"] for i in CLASSIFY_IMPLS}
         out.append(f"| {c['shots']} | {f['cptune'] / 1e9:.0f} | {f['peft'] / 1e9:.0f} | {f['floor'] / 1e9:.0f} | "
                    f"{f['peft'] / f['cptune']:.2f} | {t['peft'] / t['cptune']:.2f}x | {f['cptune'] / f['floor']:.2f} | "
                    f"{t['cptune'] / t['floor']:.2f}x |")
     big = max(batches)
-    out += ["", f"Peak RSS at batch {big}: after loading the model (before any step) each process already held the",
-            "amount in the first column; the goal compares absolute peaks, so that baseline is a floor no layout",
-            "can go under.", "", "| shots | impl | after load GB | peak GB | peak - after load GB |",
-            "|---|---|---|---|---|"]
+    out += ["", f"Peak RSS at batch {big}, each implementation in its own process: the loaded model (RSS just before",
+            "the step, every weight page resident) and the step's peak above it (see the memory section).", "",
+            "| shots | impl | loaded model GB | peak GB | peak - loaded GB |", "|---|---|---|---|---|"]
     for s in shots:
         for impl in TRAIN_IMPLS:
             r = next((r for r in results["rss"] if (r["impl"], r["shots"], r["batch"]) == (impl, s, big)), None)
             if r:
-                out.append(f"| {s} | {impl} | {r['rss_setup_gb']:.2f} | {r['peak_rss_gb']:.2f} | "
-                           f"{r['peak_rss_gb'] - r['rss_setup_gb']:.2f} |")
+                loaded = r["loaded_mib"] / 1024 if "loaded_mib" in r else r["rss_setup_gb"]
+                peak = r["step_peak_mib"] / 1024 if "step_peak_mib" in r else r["peak_rss_gb"]
+                out.append(f"| {s} | {impl} | {loaded:.2f} | {peak:.2f} | {peak - loaded:.2f} |")
+    return out
+
+
+def _render_memory(results: dict) -> list[str]:
+    """cptune's peak memory above the loaded model and the least-squares fit of its terms."""
+    limit = BATCH_CONTEXT_TOLERANCE * OLD_BATCH_CONTEXT_MIB
+    out = ["## Memory above the loaded model (cptune)", "",
+           f"One fresh process per point (batch {', '.join(map(str, RSS_BATCHES))}; batch 32 is measured for memory "
+           "only): load, build the",
+           "wrapper and AdamW, touch every weight page, read the RSS (`VmRSS`: the loaded model), restart the",
+           "peak mark (`/proc/self/clear_refs`), run one training step, read the peak (`VmHWM`). Extra = peak -",
+           "loaded. Fitted by least squares over these points:", "",
+           "    extra_MiB = a + b·N + c·S + e·B·N      N context tokens, S total query tokens, B batch", "",
+           "`e` is the batch x context term (the padded layout's copies of the context's keys and values per",
+           f"row cost about {OLD_BATCH_CONTEXT_MIB} MiB per context token per row). The goal counts it absent when "
+           f"e <= {limit:.4f} MiB",
+           f"({100 * BATCH_CONTEXT_TOLERANCE:.0f}% of that; one-sided: a negative e is no growth with batch x "
+           "context). The text below gives",
+           "e's standard error from the fit's residuals (the RSS noise) and e·B·N at the largest point against",
+           "that point's extra.",
+           "At batch 1 cptune runs PEFT's layout (one row, context + query, logits at every position), the",
+           "other points the shared-context engine.", ""]
+    fit = memory_fit(results)
+    points = fit["points"] if fit else [r for r in results["rss"] if r["impl"] == "cptune" and "extra_mib" in r]
+    if not points:
+        return out + ["Not measured in this run (results saved before the benchmark measured it)."]
+    fitted = fit["fitted"] if fit else [float("nan")] * len(points)
+    out += ["| shots | N | batch | S | loaded MiB | peak MiB | extra MiB | fit MiB | residual MiB |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for p, f in zip(points, fitted, strict=True):
+        out.append(f"| {p['shots']} | {p['context_tokens']} | {p['batch']} | {p['query_tokens']} | "
+                   f"{p['loaded_mib']:.0f} | {p['step_peak_mib']:.0f} | {p['extra_mib']:.0f} | {f:.0f} | "
+                   f"{p['extra_mib'] - f:+.0f} |")
+    if fit is None:
+        return out + ["", "The fit needs two context sizes and two batches; this run has too few points."]
+    big = fit["largest"]
+    out += ["", f"a = {fit['a']:.0f} MiB, b = {fit['b']:.3f} MiB per context token, c = {fit['c']:.3f} MiB per query "
+            f"token, e = {fit['e']:.4f} ± {fit['e_se']:.4f} (standard error) MiB per context token per row; "
+            f"RMS residual {fit['rms']:.0f} MiB over "
+            f"{len(points)} points. e·B·N at B = {big['batch']}, N = {big['context_tokens']}: "
+            f"{fit['e_term_mib']:+.0f} MiB, against that point's extra {big['extra_mib']:.0f} MiB "
+            f"(the old layout's term there: {OLD_BATCH_CONTEXT_MIB * big['batch'] * big['context_tokens']:.0f} MiB)."]
     return out
 
 
 def _render_agreement(results: dict) -> list[str]:
     out = ["## Agreement with PEFT", "",
-           "Training: the same 8 queries and the same fixed nonzero delta, float32, real model; `auto` is the path",
+           "Training: the same queries (the batch column) and the same fixed nonzero delta, float32, real model;",
+           "`auto` is the path",
            "timed above, `never` (PEFT's layout run by cptune) is a control for float32 summation-order noise.",
            "Classification: cptune's cached scores vs PEFT's on every test example.", "",
            "| shots | batch | PEFT loss | auto: loss rel. err | auto: grad rel. err | never: loss rel. err | "
@@ -190,8 +265,7 @@ def _render_agreement(results: dict) -> list[str]:
         dis = diff = same = "n/a"
         if (c := classify_row(results, a["shots"])) is not None:
             ours, peft = c["impls"]["cptune"], c["impls"]["peft"]
-            wrong = sum(x != y for x, y in zip(ours["predictions"], peft["predictions"], strict=True))
-            dis = f"{wrong} / {c['examples']}"
+            dis = f"{prediction_disagreements(c)} / {c['examples']}"
             diff = f"{float((torch.tensor(ours['scores']) - torch.tensor(peft['scores'])).abs().max()):.1e}"
             same = f"{ours['score_texts_max_diff']:.1e}"
         out.append(f"| {a['shots']} | {a['batch']} | {a['peft_loss']:.5f} | {a['auto']['loss_rel_err']:.1e} | "
@@ -217,62 +291,102 @@ def _kind_rates(prof_side: dict, timing: dict) -> str:
     return f"{timing['impl']} " + ", ".join(parts)
 
 
+def _goal_shots(goal: str) -> int:
+    return int(goal.split(" shots")[0].split()[-1])
+
+
+def _miss_training(results: dict, goal: str, value: str) -> str:
+    c = train_row(results, _goal_shots(goal), GOAL_BATCH)
+    p, peak, prof = faster_peft(c), machine_peak(results), results.get("profile") or {}
+    ex_c, ex_p = c["impls"]["cptune"]["executed_flops"], c["impls"][p]["executed_flops"]
+    eff_c, eff_p = ex_c / median_time(c, "cptune") / peak, ex_p / median_time(c, p) / peak
+    useful = useful_flops(c["dims"], c["context_tokens"], c["context_labels"], c["query_lengths"])
+    extra = ("no padding; the packed queries' attention computed densely over S x (N + S)" if
+             c.get("layout", "").startswith("packed") else "queries padded within their length buckets; masked "
+             "attention computed densely")
+    text = f"- **{goal}: {value}.** "
+    if goal.startswith("training step"):
+        target = float(goal.split(">= ")[1].split("x")[0])
+        text += (f"The layout cuts the executed FLOPs {ex_p / ex_c:.2f}x ({ex_p / 1e9:.0f} -> {ex_c / 1e9:.0f} "
+                 f"GFLOP), and cptune's step runs at {100 * eff_c:.0f}% of the matmul peak against PEFT's "
+                 f"{100 * eff_p:.0f}% (efficiency ratio {eff_c / eff_p:.2f}; {target:g}x needs "
+                 f"{target / (ex_p / ex_c):.2f} at this FLOP ratio). ")
+    else:
+        text += (f"The step runs its executed {ex_c / 1e9:.0f} GFLOP at {100 * eff_c:.0f}% of the peak; the useful "
+                 f"share is that times useful / executed = {useful / ex_c:.2f}. ")
+    text += f"cptune executes {100 * (ex_c / useful - 1):.0f}% more than the useful {useful / 1e9:.0f} GFLOP ({extra})."
+    side = prof.get("impls", {})
+    if prof.get("shots") == c["shots"] and prof.get("batch") == GOAL_BATCH and "cptune" in side:
+        text += " Achieved rates by kind of work (profile time, this run's FLOP counts): " + "; ".join(
+            _kind_rates(side[impl], c["impls"][impl]) for impl in ("cptune", "peft") if impl in side) + "."
+    return text
+
+
+def _miss_memory(results: dict, goal: str, value: str) -> str:
+    fit = memory_fit(results)
+    big = fit["largest"]
+    return (f"- **{goal}: {value}.** At B = {big['batch']}, N = {big['context_tokens']} the fitted term is "
+            f"{fit['e_term_mib']:+.0f} MiB of that point's {big['extra_mib']:.0f} MiB (RMS residual of the fit "
+            f"{fit['rms']:.0f} MiB; see the memory section for every point). At batch 1 cptune runs PEFT's layout, "
+            "whose context cost per token differs from the engine's; a fit term of either sign absorbs that "
+            "difference as well as any real batch x context memory.")
+
+
+def _miss_classify(results: dict, goal: str, value: str) -> str:
+    shots, prof = _goal_shots(goal), results.get("profile") or {}
+    c = classify_row(results, shots)
+    f = classify_flops(c["dims"], c["context_tokens"], c["query_lengths"], c["batch"], _is_packed(results))
+    text = (f"- **{goal}: {value}.** FLOPs alone bound it at {f['cptune'] / f['floor']:.2f}x: the "
+            f"{c['context_tokens']}-token context is encoded once and every query token attends to "
+            f"{c['context_tokens']} more keys. The rest is work that the FLOP count does not see")
+    cls = prof.get("classify", {}).get("impls", {})
+    if prof.get("shots") == shots and "cptune" in cls and "floor" in cls:
+        mine, floor = cls["cptune"], cls["floor"]
+        text += (f"; in the scoring profile, copies (`aten::cat`, `aten::copy_`) take "
+                 f"{100 * _op_share(mine, 'aten::cat', 'aten::copy_'):.0f}% of cptune's time against "
+                 f"{100 * _op_share(floor, 'aten::cat', 'aten::copy_'):.0f}% of the floor's (each batch appends its "
+                 "keys/values to a copy of the context's cache, per layer) and flash attention "
+                 f"{100 * _op_share(mine, 'flash_attention'):.0f}% against "
+                 f"{100 * _op_share(floor, 'flash_attention'):.0f}%")
+    return text + "."
+
+
+def _miss_agreement(results: dict, goal: str, value: str) -> str:
+    shots = _goal_shots(goal)
+    if goal.startswith("predictions"):
+        c = classify_row(results, shots)
+        ours, peft = c["impls"]["cptune"], c["impls"]["peft"]
+        margins = [abs(row[0] - row[1]) for row, x, y in zip(peft["scores"], ours["predictions"], peft["predictions"],
+                                                               strict=True) if x != y]
+        return (f"- **{goal}: {value}.** PEFT's own score margin between the two labels on those examples: at most "
+                f"{max(margins):.1e} (ties within float32 summation noise flip either way).")
+    a = next(a for a in results["agree"] if a["shots"] == shots)
+    return (f"- **{goal}: {value}.** `auto` loss rel. err {a['auto']['loss_rel_err']:.1e}, gradient "
+            f"{a['auto']['grad_rel_err']:.1e}; the `never` control (PEFT's layout run by cptune) gives "
+            f"{a['never']['loss_rel_err']:.1e} and {a['never']['grad_rel_err']:.1e}.")
+
+
 def _render_misses(results: dict) -> list[str]:
-    """For every missed goal: what bounds it, from this run's FLOP counts, timings and profiles."""
+    """For every missed goal: what bounds it, from this run's FLOP counts, timings, profiles and fits."""
     missed = [(g, v) for g, v, verdict in goal_rows(results) if verdict == "missed"]
     out = ["## Reading the misses", ""]
     if not missed:
         return out + ["None: every goal was met in this run."]
-    peak, prof = machine_peak(results), results.get("profile") or {}
-    _, batches = grid_axes(results)
     for goal, value in missed:
-        shots = int(goal.split(" shots")[0].split()[-1])
-        if goal.startswith(f"training step, batch {max(batches)}"):
-            c = train_row(results, shots, max(batches))
-            p = faster_peft(c)
-            ex_c, ex_p = c["impls"]["cptune"]["executed_flops"], c["impls"][p]["executed_flops"]
-            eff_c, eff_p = ex_c / median_time(c, "cptune") / peak, ex_p / median_time(c, p) / peak
-            target = float(goal.split(">= ")[1].split("x")[0])
-            useful = useful_flops(c["dims"], c["context_tokens"], c["context_labels"], c["query_lengths"])
-            text = (f"- **{goal}: {value}.** The layout cuts the executed FLOPs {ex_p / ex_c:.2f}x "
-                    f"({ex_p / 1e9:.0f} -> {ex_c / 1e9:.0f} GFLOP), but cptune's step runs at {100 * eff_c:.0f}% of "
-                    f"the matmul peak against PEFT's {100 * eff_p:.0f}% (efficiency ratio {eff_c / eff_p:.2f}; "
-                    f"{target:g}x needs {target / (ex_p / ex_c):.2f}). cptune executes "
-                    f"{100 * (ex_c / useful - 1):.0f}% more than the useful {useful / 1e9:.0f} GFLOP (queries padded "
-                    "within its length buckets; masked attention computed densely).")
-            side = prof.get("impls", {})
-            if prof.get("shots") == shots and prof.get("batch") == max(batches) and "cptune" in side:
-                text += " Achieved rates by kind of work (profile time, this run's FLOP counts): " + "; ".join(
-                    _kind_rates(side[impl], c["impls"][impl]) for impl in ("cptune", "peft") if impl in side) + "."
-            out.append(text)
+        if goal.startswith(("training step, batch", "useful FLOPs")) and "batch 1," not in goal:
+            out.append(_miss_training(results, goal, value))
         elif goal.startswith("training step, batch 1"):
-            c = train_row(results, shots, 1)
+            c = train_row(results, _goal_shots(goal), 1)
             out.append(f"- **{goal}: {value}.** At batch 1 cptune runs PEFT's layout (executed "
                        f"{c['impls']['cptune']['executed_flops'] / 1e9:.0f} vs "
                        f"{c['impls']['peft']['executed_flops'] / 1e9:.0f} GFLOP); spreads "
                        + ", ".join(f"{i} {_spread(c['impls'][i]['times'])} s" for i in TRAIN_IMPLS) + ".")
-        elif goal.startswith("peak RSS"):
-            out.append(f"- **{goal}: {value}.** See the peak RSS table above: the loaded model is a floor for both.")
-        elif goal.startswith("classification") and "queries alone" in goal:
-            c = classify_row(results, shots)
-            f = classify_flops(c["dims"], c["context_tokens"], c["query_lengths"], c["batch"])
-            text = (f"- **{goal}: {value}.** FLOPs alone bound it at {f['cptune'] / f['floor']:.2f}x: the "
-                    f"{c['context_tokens']}-token context is encoded once and every query token attends to "
-                    f"{c['context_tokens']} more keys. The rest is work that the FLOP count does not see")
-            cls = prof.get("classify", {}).get("impls", {})
-            if prof.get("shots") == shots and "cptune" in cls and "floor" in cls:
-                mine, floor = cls["cptune"], cls["floor"]
-                text += (f"; in the scoring profile, copies (`aten::cat`, `aten::copy_`) take "
-                         f"{100 * _op_share(mine, 'aten::cat', 'aten::copy_'):.0f}% of cptune's time against "
-                         f"{100 * _op_share(floor, 'aten::cat', 'aten::copy_'):.0f}% of the floor's (each batch "
-                         "concatenates the expanded context keys/values into a new cache, per layer) and flash "
-                         f"attention {100 * _op_share(mine, 'flash_attention'):.0f}% against "
-                         f"{100 * _op_share(floor, 'flash_attention'):.0f}%")
-            out.append(text + ".")
+        elif goal.startswith("memory"):
+            out.append(_miss_memory(results, goal, value))
         elif goal.startswith("classification"):
-            c = classify_row(results, shots)
-            f = classify_flops(c["dims"], c["context_tokens"], c["query_lengths"], c["batch"])
-            out.append(f"- **{goal}: {value}.** The FLOP ratio is {f['peft'] / f['cptune']:.2f}x.")
+            out.append(_miss_classify(results, goal, value))
+        else:
+            out.append(_miss_agreement(results, goal, value))
     return out
 
 
@@ -324,32 +438,38 @@ def render_report(results: dict) -> str:
         f"{results.get('wall_s', 0) / 60:.0f} min.",
         f"fp32 matmul peak ({PEAK_SIZE}x{PEAK_SIZE} @ {PEAK_SIZE}x{PEAK_SIZE}, best of 7), start and end of the run: "
         + ", ".join(f"{p['best_flops'] / 1e9:.0f}" for p in results["peak"])
-        + f" GFLOP/s; the higher, {machine_peak(results) / 1e9:.0f}, is used below.", "",
+        + f" GFLOP/s; the higher, {machine_peak(results) / 1e9:.0f}, is used below.",
+        f"cptune's query layout (`cptune.cpt.engine.layout_report` of the loaded model): {_layout(results)}.", "",
         "## How it is measured", "",
         "- Training time: for each (shots, batch), one process holds all three implementations and runs one",
         f"  untimed warm-up step each (which also counts FLOPs), then {results['steps']} rounds of one step each,",
         "  in rotating order (A B C, B C A, C A B, ...). `cptune` is the `auto` path (context encoded once per",
         "  batch when batch > 1; PEFT's layout at batch 1); PEFT runs with its default (`use_cache` on) and",
         "  with `use_cache=False`. A step is forward + backward + AdamW on the delta (+ cptune's projection;",
-        "  PEFT projects inside its next forward). Queries: the first B of 8 held-out training examples,",
-        "  right-padded to the longest in the batch (PEFT's input contract).",
+        "  PEFT projects inside its next forward). Queries: the first B of "
+        f"{NUM_TRAIN_QUERIES} held-out training examples",
+        "  (the first 8 as in earlier reports), right-padded to the longest in the batch (PEFT's input",
+        "  contract); cptune runs them after the context in the layout named above.",
         "- Peak RSS: a fresh process per (implementation, configuration): load, one training step, then",
-        "  `getrusage(RUSAGE_SELF).ru_maxrss`, absolute, model included (nothing subtracted).",
+        "  `getrusage(RUSAGE_SELF).ru_maxrss`, absolute, model included; cptune's memory above the loaded",
+        "  model is measured in the same processes (the memory section says how).",
         "- The machine is shared, and other processes (test runs) used CPU now and then. Paired rounds are",
         "  the defense: a burst hits all implementations of a round alike. Before each round the benchmark also",
         f"  waits up to {results['quiet_wait']:g} s for other processes to go quiet, and it records the cores",
         "  they kept busy during each timed step (`other CPU`: 0 = quiet, 2 = both cores; from /proc/stat minus",
         "  our own CPU time). Rounds with high `other CPU` are slower for every implementation; read ratios",
         "  rather than absolute seconds there.", "",
-        "## Goals (issue 4)", "",
-        "Ratios are against the faster (for memory: the smaller) of the two PEFT variants.", "",
+        "## Goals (issue 13)", "",
+        "Speedups are against the faster of the two PEFT variants; the memory, FLOP-rate and agreement",
+        "goals are explained in their sections below.", "",
         "| goal | measured | verdict |", "|---|---|---|",
     ]
     out += [f"| {g} | {v} | **{verdict}** |" for g, v, verdict in goal_rows(results)]
     out += [""] + _render_training(results) + [""] + _render_flops(results)
     if results["classify"]:
         out += [""] + _render_classify(results)
-    out += [""] + _render_agreement(results) + [""] + _render_bounds(results) + [""] + _render_misses(results)
+    out += [""] + _render_agreement(results) + [""] + _render_memory(results) + [""] + _render_bounds(results)
+    out += [""] + _render_misses(results)
     if prof := results.get("profile"):
         out += [""] + _render_profile(prof)
     out += ["", "![step time vs batch, classification throughput](performance.png)", ""]

@@ -13,7 +13,15 @@ import warnings
 
 import torch
 
-from cptbench.meters import ForeignCPU, flop_counter, peak_rss_gb, wait_for_quiet
+from cptbench.meters import (
+    ForeignCPU,
+    flop_counter,
+    peak_rss_gb,
+    peak_rss_mib,
+    reset_peak_rss,
+    rss_mib,
+    wait_for_quiet,
+)
 from cptbench.settings import (
     CLASSIFY_IMPLS,
     CPT_FIELDS,
@@ -39,16 +47,42 @@ def _model_dims(base) -> dict:
             "linear_params": linear}
 
 
+def _training_queries(dataset, shots: int):
+    """Demonstrations, ``NUM_TRAIN_QUERIES`` held-out training queries and the test set.
+
+    The first 8 queries, the demonstrations and the test set are those of ``extra_train=8`` (the
+    split the earlier reports used); the rest are the examples a larger test set would add, so
+    they are disjoint from all of them and class-balanced.
+    """
+    from cptune.data import sample_splits
+
+    first = 8
+    demos, extra, test = sample_splits(dataset, shots=shots, test_size=TEST_SIZE, seed=SEED, extra_train=first)
+    more = NUM_TRAIN_QUERIES - first
+    _, _, wider = sample_splits(dataset, shots=shots, test_size=TEST_SIZE + more, seed=SEED, extra_train=first)
+    taken = {ex.text for ex in test}
+    extra = extra + [ex for ex in wider if ex.text not in taken][:more]
+    if len(extra) != NUM_TRAIN_QUERIES:
+        raise ValueError(f"the split gave {len(extra)} training queries, not {NUM_TRAIN_QUERIES}")
+    return demos, extra, test
+
+
 def _setup(shots: int):
     from cptune import Template, build_context
-    from cptune.data import load_dataset, sample_splits
+    from cptune.data import load_dataset
     from cptune.models import load_model
 
     base, tok = load_model()
-    demos, extra, test = sample_splits(load_dataset("rotten_tomatoes"), shots=shots, test_size=TEST_SIZE,
-                                       seed=SEED, extra_train=NUM_TRAIN_QUERIES)
+    demos, extra, test = _training_queries(load_dataset("rotten_tomatoes"), shots)
     template = Template(TEMPLATE_TEXT)
     return base, tok, template, build_context(demos, template, tok, LABEL_WORDS), extra, test
+
+
+def _layout(base) -> str:
+    """The query layout cptune's engine picks for ``base`` and why (runs its self-check, outside any timing)."""
+    from cptune.cpt.engine import layout_report
+
+    return layout_report(base)
 
 
 def _probe_delta(context, hidden: int) -> torch.Tensor:
@@ -135,6 +169,7 @@ def worker_train_time(shots: int, batch: int, steps: int, quiet_wait: float) -> 
 
     base, tok, template, context, extra, _ = _setup(shots)
     base = _anonymous_copy(base)
+    layout = _layout(base)  # before the FLOP-counted warm-up: the self-check runs once per model
     queries = render_queries(extra[:batch], template, tok, LABEL_WORDS)
     peft_model = _peft_model(base, context)
     step = {impl: _step_fn(impl, base, context, queries, model=None if impl == "cptune" else peft_model)
@@ -160,19 +195,34 @@ def worker_train_time(shots: int, batch: int, steps: int, quiet_wait: float) -> 
     return {"shots": shots, "batch": batch, "context_tokens": len(context),
             "context_labels": _context_label_count(context), "query_lengths": queries["attention_mask"].sum(1).tolist(),
             "padded_length": queries["input_ids"].shape[1], "quiet_waited_s": waited,
-            "threads": torch.get_num_threads(), "dims": _model_dims(base), "impls": out}
+            "threads": torch.get_num_threads(), "dims": _model_dims(base), "layout": layout, "impls": out}
 
 
 def worker_train_rss(impl: str, shots: int, batch: int) -> dict:
-    """Peak RSS of one implementation training: a fresh process, load + one step (AdamW state included)."""
+    """Peak RSS of one implementation training: a fresh process, load + one step (AdamW state included).
+
+    Besides the absolute peak (``ru_maxrss``), the RSS of the loaded model is read just before the
+    step (every weight page touched, the layout self-check done, the wrapper and optimizer built),
+    then the peak mark is restarted there, so ``extra_mib`` is what the step adds on top.
+    """
     from cptune import render_queries
 
     base, tok, template, context, extra, _ = _setup(shots)
-    step = _step_fn(impl, base, context, render_queries(extra[:batch], template, tok, LABEL_WORDS))
+    queries = render_queries(extra[:batch], template, tok, LABEL_WORDS)
+    layout = _layout(base)
+    step = _step_fn(impl, base, context, queries)
+    with torch.no_grad():  # weights may be memory-mapped from the file: make them all resident first
+        for p in base.parameters():
+            p.sum()
     rss_setup = peak_rss_gb()
+    loaded = rss_mib()
+    restarted = reset_peak_rss()
     times = [sum(step()[1:])]
-    return {"impl": impl, "shots": shots, "batch": batch, "rss_setup_gb": rss_setup, "peak_rss_gb": peak_rss_gb(),
-            "step_s": times}
+    peak = peak_rss_mib() if restarted else peak_rss_gb() * 1024
+    return {"impl": impl, "shots": shots, "batch": batch, "context_tokens": len(context),
+            "query_tokens": int(queries["attention_mask"].sum()), "layout": layout, "rss_setup_gb": rss_setup,
+            "peak_rss_gb": peak_rss_gb(), "loaded_mib": loaded, "step_peak_mib": peak,
+            "extra_mib": peak - loaded, "peak_restarted": restarted, "step_s": times}
 
 
 def _context_label_count(context) -> int:
@@ -211,6 +261,7 @@ def worker_classify(shots: int, batch: int, test_size: int, quiet_wait: float) -
 
     base, tok, template, context, _, test = _setup(shots)
     base = _anonymous_copy(base)  # shared by all three; neither wrapper changes it
+    layout = _layout(base)
     texts = [ex.text for ex in test[:test_size]]
     delta = _probe_delta(context, base.get_input_embeddings().weight.shape[1])
     ours = _cptune_model(base, context)
@@ -260,7 +311,7 @@ def worker_classify(shots: int, batch: int, test_size: int, quiet_wait: float) -
             cell["score_texts_max_diff"] = float((whole - scores).abs().max())
     return {"shots": shots, "batch": batch, "context_tokens": n, "examples": len(texts),
             "query_lengths": [len(r) for r in rows], "dims": _model_dims(base), "threads": torch.get_num_threads(),
-            "impls": out}
+            "layout": layout, "impls": out}
 
 
 def worker_agree(shots: int, batch: int) -> dict:

@@ -9,7 +9,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import cptune  # noqa: E402
-from tiny import tiny_tokenizer  # noqa: E402
+from tiny import save_tiny_model, tiny_tokenizer  # noqa: E402
 
 DEMOS = [
     ("a gripping, funny and moving film", "pos"),
@@ -47,3 +47,9 @@ def context(tok):
 @pytest.fixture
 def queries(tok):
     return cptune.render_queries(QUERIES, TEMPLATE, tok, LABEL_WORDS)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny Llama saved as a model folder, for the CLI and subprocesses (modules may override it)."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama")

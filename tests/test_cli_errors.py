@@ -14,14 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from cptune.app.cli import main
 from cptune.app.demo import CLASSIFIER_SUBDIR
-from tiny import save_tiny_model
 
 TRAIN = ["--data", "rotten_tomatoes", "--shots", "4", "--batch-size", "2", "--steps", "2"]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
 
 
 @pytest.fixture(scope="module")

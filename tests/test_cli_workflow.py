@@ -14,16 +14,10 @@ from safetensors.torch import load_file
 
 from cptune.app.cli import main
 from cptune.cpt.files import read_training_state
-from tiny import save_tiny_model
 
 KILL_SEED = 10
 """Seeds the step after which the interrupted run is killed (reproducible; change it to try another step)."""
 TRAIN = ["--data", "rotten_tomatoes", "--shots", "4", "--batch-size", "2", "--lr", "0.01", "--eps-input", "1.0"]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
 
 
 @pytest.fixture(scope="module")

@@ -35,14 +35,9 @@ from cptune.cpt.saving import (
     save_files,
     write_json_atomic,
 )
-from tiny import save_tiny_model, tiny_model, tiny_tokenizer
+from tiny import tiny_model, tiny_tokenizer
 
 TRAIN = ["--data", "rotten_tomatoes", "--shots", "4", "--batch-size", "2", "--steps", "2"]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
 
 
 def _users_folder(folder: Path) -> dict[str, tuple[int, bytes | None]]:

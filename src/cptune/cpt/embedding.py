@@ -11,8 +11,10 @@ from cptune.cpt.projection import project_l2_ball, token_radii
 from cptune.cpt.roles import is_trainable
 
 FEASIBLE_RTOL = 1e-6
-"""Relative slack under which a row counts as inside its ball (a projected row's norm may exceed
-its radius by rounding; re-projecting it would change it by an ulp and break bit-exact resume)."""
+"""Relative slack under which a row counts as inside its ball. :func:`project_l2_ball` already lands
+every row at or inside its radius as ``vector_norm`` measures it; the slack keeps a delta loaded
+from elsewhere (e.g. computed in another precision) from being re-projected by an ulp, which would
+break bit-exact resume."""
 
 
 class CPTEmbedding(nn.Module):

@@ -230,3 +230,57 @@ def remove_saved_files(directory: str | os.PathLike) -> bool:
     if not any(directory.iterdir()):
         directory.rmdir()
     return True
+
+
+class AtomicOutput:
+    """A temporary sibling of ``path`` to write in pieces, renamed over ``path`` when the block ends.
+
+    For output too large for :func:`write_file_atomic`'s one ``bytes`` (a file annotated batch by
+    batch)::
+
+        with AtomicOutput("out.csv") as tmp:
+            with open(tmp, "w") as f:
+                ...  # write and close the file inside the block
+
+    Entering creates the folder if needed (as :func:`prepare_folder`) and an empty hidden temporary
+    file ``.NAME.cptune-tmp-*`` there, with the permissions ``open(path, "w")`` would give. A clean
+    exit flushes it to disk and renames it over ``path``; an exception (``KeyboardInterrupt``
+    included) removes it and leaves ``path`` as it was. A SIGKILL can leave the temporary file behind.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.tmp: Path | None = None
+
+    def __enter__(self) -> Path:
+        folder = prepare_folder(self.path.parent)
+        if self.path.is_dir():
+            raise IsADirectoryError(f"cannot write {self.path}: it is a folder")
+        tmp = folder / f".{self.path.name}{_TMP_MARK}{secrets.token_hex(4)}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except PermissionError:
+            raise PermissionError(f"cannot save into {folder}: permission denied") from None
+        os.close(fd)
+        self.tmp = tmp
+        return tmp
+
+    def __exit__(self, exc_type, exc, traceback) -> bool:
+        tmp, self.tmp = self.tmp, None
+        if tmp is None:
+            return False
+        if exc_type is not None:
+            tmp.unlink(missing_ok=True)
+            return False
+        try:
+            fd = os.open(tmp, os.O_RDWR)  # writable: Windows cannot fsync a read-only descriptor
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_folder(tmp.parent)
+        return False

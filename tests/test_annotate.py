@@ -44,8 +44,9 @@ def clf(tiny_dir):
 class Recording:
     """Wraps a classifier; records how many texts each predict_proba call got and fails on call ``fail_on``."""
 
-    def __init__(self, inner, fail_on=None, error=RuntimeError("the model died")):
-        self.inner, self.fail_on, self.error, self.calls = inner, fail_on, error, []
+    def __init__(self, inner, fail_on=None, error=None):
+        self.inner, self.fail_on, self.calls = inner, fail_on, []
+        self.error = error if error is not None else RuntimeError("the model died")
 
     @property
     def classes_(self):

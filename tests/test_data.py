@@ -13,7 +13,6 @@ import json
 import re
 import shutil
 import sys
-import types
 from collections import Counter
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cptune.data import (
+    BUILTIN_CATALOG,
     BUILTIN_NAMES,
     DATASET_DEFAULTS,
     HUB_DATASETS,
@@ -266,11 +266,38 @@ def test_list_datasets(builtins):
         row = rows[name]
         assert row["source"] == "builtin" and row["available"] is True
         assert row["size"] == sum(COUNTS[name].values())
+        assert row["examples_sha256"] == builtins[name].provenance["examples_sha256"]
         assert row["classes"] == list(COUNTS[name]) and row["num_classes"] == len(COUNTS[name])
         assert row["stand_in_for"] and row["licence"] and row["label_words"] == DATASET_DEFAULTS[name][1]
     for name in HUB_DATASETS:
         assert rows[name]["source"] == "hub" and rows[name]["size"] is None
     assert [row["name"] for row in list_datasets(include_hub=False)] == list(BUILTIN_NAMES)
+
+
+def test_catalog_matches_the_real_data(builtins):
+    """The precomputed table list_datasets reads is exactly what loading each built-in gives."""
+    assert list(BUILTIN_CATALOG) == list(BUILTIN_NAMES)
+    for name, data in builtins.items():
+        assert BUILTIN_CATALOG[name] == {
+            "size": len(data.examples),
+            "label_counts": data.label_counts(),
+            "examples_sha256": data.provenance["examples_sha256"],
+        }
+        assert list(BUILTIN_CATALOG[name]["label_counts"]) == data.labels
+
+
+def test_list_datasets_loads_nothing(monkeypatch):
+    monkeypatch.setattr(builtin_data, "LOADERS", {})  # any load would raise KeyError
+    rows = {row["name"]: row for row in list_datasets(include_hub=False)}
+    assert [rows[name]["size"] for name in BUILTIN_NAMES] == [BUILTIN_CATALOG[n]["size"] for n in BUILTIN_NAMES]
+    assert all(row["available"] for row in rows.values())
+
+
+def test_list_datasets_reports_a_missing_vader_sdist(monkeypatch, tmp_path):
+    monkeypatch.setattr(builtin_data, "vader_data_dirs", lambda: [tmp_path])
+    row = {row["name"]: row for row in list_datasets(include_hub=False)}["movie_sentiment_5"]
+    assert row["available"] is False and row["size"] is None
+    assert "vaderSentiment-3.3.2.tar.gz not found" in row["note"] and "pip download" in row["note"]
 
 
 def test_list_datasets_reports_a_missing_package(monkeypatch):
@@ -315,10 +342,10 @@ def test_vader_sdist_search_and_checks(monkeypatch, tmp_path, builtins):
 
 def test_load_dataset_registry(rt):
     assert load_dataset("rotten_tomatoes").label_counts() == rt.label_counts()
-    with pytest.raises(ValueError, match="unknown dataset 'sst2'; known datasets: rotten_tomatoes, subj") as excinfo:
+    with pytest.raises(ValueError, match="unknown dataset 'sst2'; accepted: a built-in \\(rotten_tomatoes, subj") as e:
         load_dataset("sst2")
-    message = _one_line(excinfo)
-    for name in (*BUILTIN_NAMES, *HUB_DATASETS, ".csv", ".jsonl", ".parquet", "pip install datasets"):
+    message = _one_line(e)
+    for name in (*BUILTIN_NAMES, *HUB_DATASETS, "owner/name", ".csv", ".jsonl", ".parquet", "pip install datasets"):
         assert name in message
 
 
@@ -332,8 +359,11 @@ def test_missing_path_like_name_is_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError, match=re.escape(f"data file '{missing}' does not exist")) as excinfo:
         load_dataset(str(missing))
     assert ".csv, .tsv, .jsonl or .parquet" in _one_line(excinfo)
+    # A path-like name (leading "./", a data-file extension) is a file; a bare "owner/name" is a hub id.
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_dataset("data/reviews")
+        load_dataset("./data/reviews")
+    with pytest.raises(FileNotFoundError, match="'owner/reviews.csv' does not exist"):
+        load_dataset("owner/reviews.csv")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -364,6 +394,29 @@ def test_csv_file(tmp_path):
         assert load_dataset(path, text_column="review", label_column="sentiment").examples == data.examples
 
 
+def test_csv_label_types(tmp_path):
+    """A CSV/TSV label column of integer literals becomes ints (as pandas reads it); any other stays strings."""
+    path = tmp_path / "ints.csv"
+    path.write_text("text,label\na,1\nb,-2\nc, +3 \nd,\ne,1\n", encoding="utf-8")
+    with pytest.warns(UserWarning, match="1 without a 'label'"):
+        data = load_file(path)
+    assert data.labels == [-2, 1, 3]
+    assert [ex.label for ex in data.examples] == [1, -2, 3, 1]
+    path = tmp_path / "mixed.tsv"
+    path.write_text("text\tlabel\na\t1\nb\tx\nc\t1.0\n", encoding="utf-8")
+    assert load_file(path).labels == ["1", "1.0", "x"]
+
+
+def test_labels_of_mixed_types_sort_without_error(tmp_path):
+    path = _write_jsonl(
+        tmp_path / "d.jsonl",
+        [{"text": t, "label": y} for t, y in (("a", "b"), ("b", 2), ("c", True), ("d", 1.5), ("e", "a"), ("f", 2.0))],
+    )
+    data = load_file(path)
+    assert data.labels == [True, 1.5, 2, "a", "b"]
+    assert data.label_counts() == {True: 1, 1.5: 1, 2: 2, "a": 1, "b": 1}
+
+
 def test_tsv_and_bom(tmp_path):
     path = tmp_path / "d.tsv"
     path.write_bytes("\ufefftext\tlabel\na, b\tx\nc\ty\n".encode())
@@ -377,9 +430,11 @@ def test_jsonl_file_and_truncation(tmp_path):
         [{"text": "one " * 200, "label": 1}, {"text": "two", "label": "0"}, {"text": 3.5, "label": 1.0}],
     )
     data = load_file(path, name="mine", max_chars=20)
-    assert data.name == "mine" and data.labels == ["0", "1"]
+    # Labels keep their JSON type (1.0 is integral: 1); numbers sort before strings.
+    assert data.name == "mine" and data.labels == [1, "0"]
     assert [ex.text for ex in data.examples] == ["one one one one one", "two", "3.5"]
-    assert [ex.label for ex in data.examples] == ["1", "0", "1"]
+    assert [ex.label for ex in data.examples] == [1, "0", 1]
+    assert [type(ex.label) for ex in data.examples] == [int, str, int]
     assert data.provenance["max_chars"] == 20
 
 
@@ -451,13 +506,13 @@ def test_missing_file_and_directory(tmp_path):
 
 def test_label_index_out_of_range(tmp_path):
     path = _write_jsonl(tmp_path / "d.jsonl", [{"text": "x", "label": 0}, {"text": "y", "label": 7}])
-    with pytest.raises(ValueError, match=r"line 2: label '7' is neither an index 0..1 into label_names nor") as e:
+    with pytest.raises(ValueError, match=r"line 2: label 7 is neither an index 0..1 into label_names nor") as e:
         load_file(path, label_names=["neg", "pos"])
     _one_line(e)
 
 
 # --------------------------------------------------------------------------------------------------------
-# Hub names: layouts proven through local stand-in files; the loader through a fake `datasets` module
+# Hub names: layouts proven through local stand-in files (the loader: tests/test_data_sources.py)
 
 
 HUB_LAYOUTS = {
@@ -509,52 +564,13 @@ def test_hub_layout_through_local_file(tmp_path, name):
 
 def test_hub_without_datasets_library(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)
-    with pytest.raises(ValueError, match="hub dataset 'ag_news' needs the `datasets` library and network access") as e:
+    with pytest.raises(ValueError, match="hub dataset 'ag_news' needs the `datasets` library, which is not") as e:
         load_dataset("ag_news")
     assert "pip install datasets" in _one_line(e)
     rows = {row["name"]: row for row in list_datasets()}
     assert rows["ag_news"]["available"] is False and "pip install datasets" in rows["ag_news"]["note"]
     with pytest.raises(ValueError, match="unknown hub dataset 'sst5'; known hub datasets: glue/sst2, ag_news"):
         hub_layout("sst5")
-
-
-class _FakeSplit(list):
-    def __init__(self, rows):
-        super().__init__(rows)
-        self.column_names = list(rows[0])
-
-
-def test_hub_loader_with_fake_datasets_library(monkeypatch):
-    calls = []
-
-    def fake_load(repo, config=None):
-        calls.append((repo, config))
-        return {
-            "train": _FakeSplit([{"sentence": "a fine film " * 60, "label": 1}, {"sentence": "dull", "label": 0}]),
-            "test": _FakeSplit([{"sentence": "hidden", "label": -1}]),
-        }
-
-    fake = types.ModuleType("datasets")
-    fake.load_dataset = fake_load
-    fake.__version__ = "0.test"
-    monkeypatch.setitem(sys.modules, "datasets", fake)
-    with pytest.warns(UserWarning, match="1 without a 'label'"):
-        data = load_dataset("glue/sst2")
-    assert calls == [("nyu-mll/glue", "sst2")]
-    assert data.labels == ["negative", "positive"]
-    assert [ex.label for ex in data.examples] == ["positive", "negative"]
-    assert len(data.examples[0].text) <= MAX_CHARS
-    prov = data.provenance
-    assert prov["hub_id"] == "nyu-mll/glue" and prov["splits"] == {"test": 1, "train": 2}
-    assert prov["version"] == "0.test" and re.fullmatch(r"[0-9a-f]{64}", prov["examples_sha256"])
-
-    def failing(repo, config=None):
-        raise ConnectionError("Couldn't reach 'fancyzhx/ag_news' on the Hub\n(LocalEntryNotFoundError)")
-
-    fake.load_dataset = failing
-    with pytest.raises(ValueError, match="could not load hub dataset 'ag_news' \\(fancyzhx/ag_news\\): Couldn't") as e:
-        load_dataset("ag_news")
-    _one_line(e)
 
 
 # --------------------------------------------------------------------------------------------------------

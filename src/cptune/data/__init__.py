@@ -1,69 +1,97 @@
-"""Labelled text datasets: the types, text rules, the dataset registry and seeded, class-balanced sampling.
+"""Labelled text datasets from any source: the types, text rules, the dataset registry and seeded,
+class-balanced sampling.
 
-Three kinds of source, all returning a :class:`Dataset` with its provenance:
+:func:`load_dataset` reads every source into a :class:`Dataset` (examples, labels, provenance):
 
-* **Built-ins** (offline; the loaders live in :mod:`cptune.data.builtin`): ``rotten_tomatoes``, ``subj``,
-  ``movie_sentiment_5``, ``bbc_news`` and ``reuters_r8``. They read files shipped inside registry
-  packages at run time and are *stand-ins* for the paper's benchmarks (SST-2/MR, SUBJ, SST-5,
-  AG News/DBpedia), which are not available offline; every report should say so.
-* **Local files** (:func:`load_file`, in :mod:`cptune.data.files`): ``.csv``, ``.tsv``, ``.jsonl`` (one
-  JSON object per line) and ``.parquet`` (needs ``pyarrow``, which cptune does not install).
-* **Hub names** for online users (``glue/sst2``, ``ag_news``, ``trec``, ``dbpedia_14``; loader in
-  :mod:`cptune.data.hub`): loaded with the ``datasets`` library when it is installed; :func:`hub_layout`
-  gives each one's columns and label names, so a local file written in the same layout loads identically
-  through :func:`load_file`.
+* **Built-ins** (offline; :mod:`cptune.data.builtin`): ``rotten_tomatoes``, ``subj``, ``movie_sentiment_5``,
+  ``bbc_news`` and ``reuters_r8``. They read files shipped inside registry packages at run time and are
+  *stand-ins* for the paper's benchmarks (SST-2/MR, SUBJ, SST-5, AG News/DBpedia), which are not available
+  offline; every report should say so. :func:`list_datasets` describes them without loading any.
+* **Local files** (:func:`load_file`, :mod:`cptune.data.files`): ``.csv``, ``.tsv``, ``.jsonl`` (one JSON object
+  per line) and ``.parquet`` (needs ``pyarrow``, which cptune does not install).
+* **Hub datasets** (:mod:`cptune.data.hub`, with the optional ``datasets`` library): any hub id ``owner/name``
+  (``SetFit/sst2``), loaded by ``datasets.load_dataset`` with its cache and offline mode; ``config`` picks a
+  configuration. The four named ones (:data:`HUB_DATASETS`: ``glue/sst2``, ``ag_news``, ``trec``,
+  ``dbpedia_14``) keep their columns and label names (:func:`hub_layout`).
+* **Folders**: one written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``, or a folder of data
+  files laid out like a hub dataset repository (both through ``datasets``).
+* **Python objects**: a ``datasets.Dataset`` or ``datasets.DatasetDict``, a pandas DataFrame
+  (:mod:`cptune.data.objects`), a list of ``(text, label)`` pairs, a ``(texts, labels)`` tuple of two lists,
+  or a list of dicts.
+
+Columns default to ``text`` and ``label`` (a named hub dataset: its own); ``text_column`` / ``label_column``
+choose others. Splits: a source with named splits (a hub id, a ``DatasetDict``, a ``save_to_disk`` folder of
+one) gives the split ``split`` names, else ``default_split`` if it has that split, else a ``ValueError``
+listing its splits; splits are never pooled. A source without splits refuses ``split`` and ignores
+``default_split``. Labels keep their type (:data:`Label`: str, int, bool or float); a ``ClassLabel``'s
+integer labels become its names. ``Dataset.provenance["source"]`` records the kind of source
+(:data:`SOURCE_KINDS`). ``datasets`` and ``pandas`` are imported only when such a source is given.
 
 The package, by layer: ``types`` (:class:`Example`, :class:`Dataset`, the text rules, the per-dataset
-defaults, the file formats) <- ``builtin``, ``files`` (:func:`load_file`, :func:`records_to_dataset`) and
-``hub`` (:data:`HUB_DATASETS`, :func:`hub_layout`) <- this module (the registry and sampling), which
-re-exports their public names.
+defaults, the file formats) <- ``files`` (:func:`load_file`, :func:`records_to_dataset`) <- ``builtin``,
+``hub`` (everything ``datasets`` reads), ``objects`` (lists, DataFrames) <- ``catalog``
+(:func:`list_datasets`) <- this module (:func:`load_dataset` and sampling), which re-exports their public
+names.
 
 Text normalisation and truncation (:mod:`cptune.data.types`) apply to every source.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import os
 import random
+import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from cptune.data import builtin
 from cptune.data.builtin import (
+    BUILTIN_NAMES,
     load_bbc_news,
     load_movie_sentiment_5,
     load_reuters_r8,
     load_rotten_tomatoes,
     load_subj,
 )
+from cptune.data.catalog import BUILTIN_CATALOG, list_datasets
 from cptune.data.files import Records, load_file, records_to_dataset
-from cptune.data.hub import HUB_DATASETS, hub_layout, load_hub
+from cptune.data.hub import HUB_DATASETS, from_datasets, hub_layout, is_saved_folder, load_hub, load_saved
+from cptune.data.objects import PAIRS_SHAPES, from_dataframe, from_python, is_dataframe
 from cptune.data.types import (
     DATASET_DEFAULTS,
     FILE_FORMATS,
     MAX_CHARS,
+    SOURCE_KINDS,
     Dataset,
     Example,
+    Label,
     examples_sha256,
     formats,
+    label_sort_key,
     normalize_text,
     truncate_text,
 )
 
-BUILTIN_NAMES = ("rotten_tomatoes", "subj", "movie_sentiment_5", "bbc_news", "reuters_r8")
-"""Names of the offline built-in datasets (loaders in :mod:`cptune.data.builtin`)."""
-
 __all__ = [
+    "BUILTIN_CATALOG",
     "BUILTIN_NAMES",
     "DATASET_DEFAULTS",
     "FILE_FORMATS",
     "HUB_DATASETS",
     "MAX_CHARS",
+    "SOURCE_KINDS",
     "Dataset",
     "Example",
+    "Label",
     "Records",
     "examples_sha256",
+    "from_dataframe",
+    "from_datasets",
+    "from_python",
     "hub_layout",
+    "label_sort_key",
     "list_datasets",
     "load_bbc_news",
     "load_dataset",
@@ -82,110 +110,125 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------------------
 # Registry
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
-def load_dataset(name_or_path: str | Path, text_column: str | None = None, label_column: str | None = None) -> Dataset:
-    """Load a dataset by built-in name, hub name or local file path.
 
-    An existing file is loaded with :func:`load_file`; otherwise a built-in name, then a hub name; a name
-    that looks like a path (a data-file extension or a slash that is not a hub name) is loaded as a file.
+def load_dataset(
+    source: Any,
+    *,
+    split: str | None = None,
+    config: str | None = None,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    default_split: str | None = None,
+) -> Dataset:
+    """Load a labelled dataset from any source (see the module docstring).
+
+    A name is resolved in this order: an existing file (:func:`load_file`); an existing folder (a
+    ``save_to_disk`` folder, else a dataset repository folder read by ``datasets``); a built-in name; a named
+    hub dataset; a name with a data-file extension or that looks like a path (a missing file); a hub id
+    ``owner/name``. A bare unknown name is an error (hub ids need their owner).
 
     Args:
-        name_or_path: A built-in name (see :data:`BUILTIN_NAMES`), a hub name (see :data:`HUB_DATASETS`) or
-            a path to a .csv, .tsv, .jsonl or .parquet file.
-        text_column: Text column of a file (default ``"text"``) or hub dataset (default: its own); not
-            accepted for built-ins.
-        label_column: Label column, likewise (default ``"label"`` for files).
+        source: A built-in name (:data:`BUILTIN_NAMES`), a hub id (``owner/name``, or one of
+            :data:`HUB_DATASETS`), a path to a .csv, .tsv, .jsonl or .parquet file or to a folder, a
+            ``datasets.Dataset`` / ``datasets.DatasetDict``, a pandas DataFrame, a list of ``(text, label)``
+            pairs, a ``(texts, labels)`` tuple of two lists, a list of dicts, or a :class:`Dataset` (returned
+            as is).
+        split: The split of a source with named splits (a hub id also takes a ``datasets`` split expression
+            such as ``train[:1000]``); refused for a source without splits.
+        config: The configuration (subset) of a hub dataset or dataset folder; refused for other sources.
+        text_column: The text column or field (default ``"text"``; a named hub dataset: its own); refused for
+            built-ins and ``(text, label)`` pairs.
+        label_column: The label column, likewise (default ``"label"``).
+        default_split: The split to use when ``split`` is None and the source has that split (a CLI passes
+            ``"train"`` to train, ``"test"`` to evaluate); ignored by sources without splits.
 
     Returns:
-        The dataset.
+        The dataset; ``provenance["source"]`` is one of :data:`SOURCE_KINDS`.
 
     Raises:
-        FileNotFoundError: If a path-like name does not exist.
-        ValueError: If the name is unknown, columns are given for a built-in, or loading fails (see
-            :func:`load_file`).
+        FileNotFoundError: If a path-like name does not exist, or a built-in's package is not installed.
+        ValueError: If the source is unknown or of an unsupported type, an option does not apply to it, no
+            split is chosen, ``datasets``/``pandas`` is needed and missing, or loading fails (see
+            :func:`load_file`, :func:`cptune.data.hub.load_hub`, :func:`records_to_dataset`).
     """
-    key = str(name_or_path)
-    path = Path(key)
-    if path.is_file():
-        return load_file(path, text_column or "text", label_column or "label")
-    if key in BUILTIN_NAMES:
-        if text_column is not None or label_column is not None:
-            raise ValueError(
-                f"built-in dataset {key!r} has fixed columns; text_column/label_column apply to files and hub datasets"
-            )
-        return builtin.LOADERS[key]()
-    if key in HUB_DATASETS:
-        return load_hub(key, text_column, label_column)
-    if path.suffix.lower() in FILE_FORMATS or "/" in key or "\\" in key:
-        return load_file(path, text_column or "text", label_column or "label")
+    columns = {"text_column": text_column, "label_column": label_column}
+    if isinstance(source, Dataset):
+        _refuse("a cptune Dataset", split=split, config=config, **columns)
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        return _load_named(os.fspath(source), split, config, text_column, label_column, default_split)
+    datasets = sys.modules.get("datasets")
+    if datasets is not None and isinstance(
+        source, (datasets.Dataset, datasets.DatasetDict, datasets.IterableDataset, datasets.IterableDatasetDict)
+    ):
+        _refuse(f"the datasets.{type(source).__name__}", config=config)
+        return from_datasets(source, split=split, default_split=default_split, **columns)
+    if is_dataframe(source):
+        _refuse("the DataFrame", split=split, config=config)
+        return from_dataframe(source, **columns)
+    if isinstance(source, (list, tuple)):
+        _refuse("a Python list", split=split, config=config)
+        return from_python(source, **columns)
     raise ValueError(
-        f"unknown dataset {key!r}; known datasets: {', '.join(BUILTIN_NAMES)}; "
-        f"hub datasets (need `pip install datasets` and network): {', '.join(HUB_DATASETS)}; "
-        f"or a path to a {formats()} file"
+        f"cannot load a {type(source).__name__} as a dataset; pass a name, a path, a datasets.Dataset or "
+        f"DatasetDict, a pandas DataFrame, or {PAIRS_SHAPES}"
     )
 
 
-def _has_datasets() -> bool:
-    try:
-        return importlib.util.find_spec("datasets") is not None
-    except ValueError:  # a module object without __spec__ already in sys.modules
-        return True
-
-
-def list_datasets(include_hub: bool = True) -> list[dict]:
-    """Describe the built-in (and hub) datasets, for ``cptune datasets``.
-
-    Loads every built-in to count it (about a second in all); one whose package is missing is listed with
-    ``size`` None, ``available`` False and the install hint as ``note``.
-
-    Args:
-        include_hub: Also list the hub names (``size`` None; ``available`` says whether ``datasets`` is
-            installed).
-
-    Returns:
-        One dict per dataset: ``name``, ``source`` (``"builtin"`` or ``"hub"``), ``classes`` (class names),
-        ``num_classes``, ``size`` (examples), ``stand_in_for``, ``licence``, ``available``, ``note``,
-        ``template`` and ``label_words``.
-    """
-    rows = []
-    for name in BUILTIN_NAMES:
-        template, words = DATASET_DEFAULTS[name]
-        info = builtin.BUILTIN_INFO[name]
-        row = {"name": name, "source": "builtin", "classes": list(words), "size": None, "available": False}
-        try:
-            dataset = load_dataset(name)
-        except (FileNotFoundError, ValueError) as err:
-            row["note"] = str(err)
-        else:
-            row.update(classes=list(dataset.labels), size=len(dataset.examples), available=True, note="")
-        row.update(
-            num_classes=len(row["classes"]),
-            stand_in_for=info["stand_in_for"],
-            licence=info["licence"],
-            template=template,
-            label_words=dict(words),
-        )
-        rows.append(row)
-    if include_hub:
-        has_datasets = _has_datasets()
-        for name, spec in HUB_DATASETS.items():
-            template, words = DATASET_DEFAULTS[name]
-            rows.append(
-                {
-                    "name": name,
-                    "source": "hub",
-                    "classes": list(spec.label_names),
-                    "num_classes": len(spec.label_names),
-                    "size": None,
-                    "stand_in_for": None,
-                    "licence": f"see the dataset card of {spec.repo}",
-                    "available": has_datasets,
-                    "note": "" if has_datasets else "needs `pip install datasets` and network access",
-                    "template": template,
-                    "label_words": dict(words),
-                }
+def _refuse(what: str, **options: str | None) -> None:
+    """Raise a ValueError naming the first given option that ``what`` does not take."""
+    for option, value in options.items():
+        if value is None:
+            continue
+        if option == "split":
+            raise ValueError(
+                f"{what} has no splits; split={value!r} applies to hub datasets, DatasetDicts and save_to_disk "
+                "folders of a DatasetDict"
             )
-    return rows
+        if option == "config":
+            raise ValueError(f"{what} has no configs; config={value!r} applies to hub datasets and dataset folders")
+        raise ValueError(
+            f"{what} has fixed columns; {option}={value!r} applies to files, hub datasets, DataFrames and dicts"
+        )
+
+
+def _load_named(
+    key: str,
+    split: str | None,
+    config: str | None,
+    text_column: str | None,
+    label_column: str | None,
+    default_split: str | None,
+) -> Dataset:
+    path = Path(key)
+    if path.is_file():
+        _refuse(f"data file {key!r}", split=split, config=config)
+        return load_file(path, text_column or "text", label_column or "label")
+    if path.is_dir():
+        if is_saved_folder(path):
+            _refuse(f"save_to_disk folder {key!r}", config=config)
+            return load_saved(
+                path, split=split, text_column=text_column, label_column=label_column, default_split=default_split
+            )
+        return load_hub(key, split=split, config=config, text_column=text_column, label_column=label_column,
+                        default_split=default_split)  # fmt: skip
+    if key in BUILTIN_NAMES:
+        _refuse(f"built-in dataset {key!r}", split=split, config=config, text_column=text_column,
+                label_column=label_column)  # fmt: skip
+        return builtin.LOADERS[key]()
+    looks_like_path = path.suffix.lower() in FILE_FORMATS or key.startswith((".", "/", "~")) or "\\" in key
+    if key in HUB_DATASETS or (not looks_like_path and _HUB_ID.fullmatch(key)):
+        return load_hub(key, split=split, config=config, text_column=text_column, label_column=label_column,
+                        default_split=default_split)  # fmt: skip
+    if looks_like_path or "/" in key:
+        return load_file(path, text_column or "text", label_column or "label")  # raises FileNotFoundError
+    raise ValueError(
+        f"unknown dataset {key!r}; accepted: a built-in ({', '.join(BUILTIN_NAMES)}), a named hub dataset "
+        f"({', '.join(HUB_DATASETS)}) or any hub id owner/name (need `pip install datasets`, and network or "
+        f"the datasets cache), a path to a {formats()} file, or a folder (save_to_disk or a dataset repository)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------

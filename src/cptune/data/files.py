@@ -1,10 +1,14 @@
 """Labelled datasets from local files: ``.csv``, ``.tsv``, ``.jsonl`` and ``.parquet``.
 
 :func:`load_file` reads a file into a :class:`~cptune.data.Dataset`; :func:`records_to_dataset` turns
-``(location, record)`` pairs from any source (a file, a hub split) into one, checking columns, skipping blank
-or unlabelled rows with one warning and recording provenance. CSV/TSV need a header row and UTF-8 text; JSONL
-holds one JSON object per line; Parquet needs ``pyarrow``, which cptune does not install. Texts are
-normalised as :mod:`cptune.data.types` states, and truncated only when ``max_chars`` is given.
+``(location, record)`` pairs from any source (a file, a hub split, a DataFrame, Python lists) into one, checking
+columns, skipping blank or unlabelled rows with one warning and recording provenance. CSV/TSV need a header row
+and UTF-8 text; JSONL holds one JSON object per line; Parquet needs ``pyarrow``, which cptune does not install.
+Texts are normalised as :mod:`cptune.data.types` states, and truncated only when ``max_chars`` is given.
+
+Labels keep their type: JSONL and Parquet give their own (an int stays an int, ``1.0`` becomes ``1``); a CSV/TSV
+label column whose every non-blank value is an integer literal (``-3``, ``0``, ``+7``) becomes ints, as pandas
+reads it; any other CSV/TSV label column stays strings.
 
 Every public name here is also importable from :mod:`cptune.data`.
 """
@@ -26,8 +30,10 @@ from cptune.data.types import (
     FILE_FORMATS,
     Dataset,
     Example,
+    Label,
     examples_sha256,
     formats,
+    label_sort_key,
     normalize_text,
     one_line,
     truncate_text,
@@ -45,10 +51,10 @@ def load_file(
 ) -> Dataset:
     """Load a labelled dataset from a local ``.csv``, ``.tsv``, ``.jsonl`` or ``.parquet`` file.
 
-    Texts are normalised (see the module docstring). Rows whose text is blank or whose label is blank
-    (or a negative integer index, the hub convention for "unlabelled") are skipped, counted in the
-    provenance and reported with one warning. Labels are strings; with ``label_names``, an integer label
-    ``i`` (or its decimal string, as CSV gives it) becomes ``label_names[i]``.
+    Texts are normalised (see the module docstring). Rows whose text is blank or whose label is blank are
+    skipped, counted in the provenance and reported with one warning. Labels keep their type (see the module
+    docstring); with ``label_names``, an integer label ``i`` (or its decimal string) becomes
+    ``label_names[i]`` and a negative one (the hub convention for "unlabelled") is skipped.
 
     Args:
         path: The data file. CSV/TSV need a header row and UTF-8 text; JSONL holds one JSON object per line;
@@ -88,8 +94,9 @@ def load_file(
         if suffix == ".jsonl":
             columns, records = _read_jsonl(text, source)
         else:
-            columns, records = _read_csv(text, source, "\t" if suffix == ".tsv" else ",")
+            columns, records = _read_csv(text, source, "\t" if suffix == ".tsv" else ",", label_column)
     provenance = {
+        "source": "file",
         "package": None,
         "version": None,
         "file": str(path.resolve()),
@@ -124,7 +131,10 @@ def _decode(raw: bytes, source: str) -> str:
 Records = Iterator[tuple[str, dict]]
 
 
-def _read_csv(text: str, source: str, delimiter: str) -> tuple[list[str], Records]:
+_INTEGER = re.compile(r"[+-]?\d+")
+
+
+def _read_csv(text: str, source: str, delimiter: str, label_column: str) -> tuple[list[str], Records]:
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     try:
         columns = list(reader.fieldnames or [])
@@ -135,6 +145,9 @@ def _read_csv(text: str, source: str, delimiter: str) -> tuple[list[str], Record
         ) from None
     if not columns:
         raise ValueError(f"data file {source!r} is empty; it needs a header row naming its columns and data rows")
+    labels = [row.get(label_column) for row in rows]
+    filled = [value.strip() for value in labels if isinstance(value, str) and value.strip()]
+    integers = bool(filled) and all(_INTEGER.fullmatch(value) for value in filled)
 
     def records() -> Records:
         for index, row in enumerate(rows, start=2):
@@ -145,6 +158,8 @@ def _read_csv(text: str, source: str, delimiter: str) -> tuple[list[str], Record
                     f"data file {source!r} row {index} has {found} fields but the header has {len(columns)}; "
                     "check the quoting and the delimiter"
                 )
+            if integers and row[label_column].strip():
+                row[label_column] = int(row[label_column])
             yield f" row {index}", row
 
     return columns, records()
@@ -197,11 +212,14 @@ def records_to_dataset(
     columns: Sequence[str],
     text_column: str,
     label_column: str,
-    label_names: Sequence[str] | None = None,
+    label_names: Sequence[Label] | None = None,
     max_chars: int | None = None,
     provenance: dict | None = None,
 ) -> Dataset:
-    """Build a dataset from ``(location, record)`` pairs, as read from a file or a hub split.
+    """Build a dataset from ``(location, record)`` pairs, as read from any source.
+
+    A label keeps its type (see :data:`cptune.data.types.Label`); a NumPy scalar becomes a Python one, an
+    integral float an int; a blank string, ``None`` or NaN means "unlabelled" and the row is skipped.
 
     Args:
         records: Pairs of a location suffix for messages (e.g. ``" line 3"``) and a mapping of fields.
@@ -210,12 +228,14 @@ def records_to_dataset(
         columns: The columns the source declares (checked before any record is read).
         text_column: Field holding the text.
         label_column: Field holding the label.
-        label_names: Class names that integer labels index.
+        label_names: The classes in the source's own order (a ``ClassLabel``'s names, a categorical's
+            categories): a label among them is kept, an integer label ``i`` (or its decimal string) becomes
+            ``label_names[i]`` and a negative one means "unlabelled".
         max_chars: If set, the truncation limit.
         provenance: Provenance to extend with the columns and skip counts.
 
     Returns:
-        The dataset.
+        The dataset; labels in ``label_names`` order if given, else sorted by :func:`label_sort_key`.
 
     Raises:
         ValueError: On a missing column, an unusable value, no usable example or a single class.
@@ -255,7 +275,8 @@ def records_to_dataset(
             f"{unlabelled} without a {label_column!r}); it needs rows with a non-blank text and label"
         )
     found = {ex.label for ex in examples}
-    labels = [n for n in names if n in found] if names is not None else sorted(found)
+    _refuse_merged_labels([ex.label for ex in examples], source)
+    labels = [n for n in names if n in found] if names is not None else sorted(found, key=label_sort_key)
     if len(labels) < 2:
         raise ValueError(
             f"{source!r} has a single class {labels[0]!r} in column {label_column!r}; at least two classes are needed"
@@ -276,6 +297,18 @@ def records_to_dataset(
     return Dataset(name=name, examples=examples, labels=labels, provenance=provenance)
 
 
+def _refuse_merged_labels(labels: list[Label], source: str) -> None:
+    """Refuse labels that Python counts as one (``True == 1``, ``False == 0``), which would merge two classes."""
+    first: dict[Label, Label] = {}
+    for label in labels:
+        seen = first.setdefault(label, label)
+        if type(seen) is not type(label) and bool in (type(seen), type(label)):
+            raise ValueError(
+                f"{source!r}: labels {seen!r} and {label!r} are equal in Python, so they would be one class; "
+                "make the label column one type (e.g. all strings)"
+            )
+
+
 def _cell_text(value: Any, column: str, source: str, where: str) -> str | None:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
@@ -285,25 +318,38 @@ def _cell_text(value: Any, column: str, source: str, where: str) -> str | None:
     return text or None
 
 
-def _cell_label(value: Any, column: str, names: list[str] | None, source: str, where: str) -> str | None:
+def _scalar(value: Any) -> Any:
+    """A NumPy scalar as the Python scalar it holds (``numpy.int64(3)`` -> ``3``); anything else unchanged."""
+    if type(value).__module__ == "numpy" and hasattr(value, "item"):
+        return value.item()
+    return value
+
+
+def _cell_label(value: Any, column: str, names: list[Label] | None, source: str, where: str) -> Label | None:
+    value = _scalar(value)
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
-    if isinstance(value, (dict, list)):
-        raise ValueError(f"{source!r}{where}: {column!r} holds a {type(value).__name__}; a label must be a scalar")
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    label = normalize_text(str(value))
-    if not label:
-        return None
-    if names is None or label in names:
-        return label
-    if re.fullmatch(r"-?\d+", label):
-        index = int(label)
-        if index < 0:
+    if isinstance(value, str):
+        value = normalize_text(value)
+        if not value:
             return None
-        if index < len(names):
-            return names[index]
+    elif isinstance(value, float) and value.is_integer():
+        value = int(value)
+    elif not isinstance(value, (int, float)):  # bool is an int
+        raise ValueError(
+            f"{source!r}{where}: {column!r} holds a {type(value).__name__}; a label must be a scalar "
+            "(a string, integer, boolean or number)"
+        )
+    if names is None or value in names:
+        return value
+    index = value if isinstance(value, int) and not isinstance(value, bool) else None
+    if isinstance(value, str) and re.fullmatch(r"-?\d+", value):
+        index = int(value)
+    if index is not None and index < 0:
+        return None
+    if index is not None and index < len(names):
+        return names[index]
     raise ValueError(
-        f"{source!r}{where}: label {label!r} is neither an index 0..{len(names) - 1} into label_names "
+        f"{source!r}{where}: label {value!r} is neither an index 0..{len(names) - 1} into label_names "
         f"nor one of {names!r}"
     )

@@ -4,11 +4,15 @@ defaults and the accepted file formats.
 Text normalisation, applied to every source: runs of whitespace (newlines included) become one space and
 the ends are stripped, so a text never breaks the one-demonstration-per-line context layout.
 
-Truncation rule (:func:`truncate_text`, ``MAX_CHARS`` = 400 characters for built-in and hub datasets; off
-for local files unless ``max_chars`` is given): a normalised text longer than the limit keeps its longest
-prefix of whole sentences that fits, if that prefix holds at least half the limit; otherwise it is cut at
-the last space within the limit (at the limit itself when the first word is longer). A sentence ends at
-``.``, ``!`` or ``?`` (optionally followed by closing quotes or brackets) before a space.
+Truncation rule (:func:`truncate_text`, ``MAX_CHARS`` = 400 characters for the built-ins and the four named hub
+datasets; off for every other source, which is the user's own data, unless ``max_chars`` is given): a normalised
+text longer than the limit keeps its longest prefix of whole sentences that fits, if that prefix holds at least
+half the limit; otherwise it is cut at the last space within the limit (at the limit itself when the first word
+is longer). A sentence ends at ``.``, ``!`` or ``?`` (optionally followed by closing quotes or brackets) before a
+space.
+
+Labels keep their type (:data:`Label`): a string label is normalised like a text; an integral float becomes an int;
+NumPy scalars become Python ones; a blank string, ``None`` or NaN means "unlabelled".
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 MAX_CHARS = 400
-"""Character limit of built-in and hub texts (see the truncation rule in the module docstring)."""
+"""Character limit of built-in and named hub texts (see the truncation rule in the module docstring)."""
 
 _TEMPLATE = "input: {x} output: {y}"
 
@@ -88,17 +92,36 @@ embedded SmolLM2 tokenizer; ``tests/test_data.py`` checks this on the real token
 """
 
 
+Label = str | int | float | bool
+"""A class label: a string, an integer, a boolean or a float that is not integral (an integral float such as ``1.0``
+becomes the int ``1`` when a source is read). Labels keep the type the source gives them."""
+
+SOURCE_KINDS = ("builtin", "file", "hub", "folder", "disk", "datasets", "dataframe", "python")
+"""What ``Dataset.provenance["source"]`` records: a built-in, a local data file, a hub id, a local dataset folder
+read by ``datasets.load_dataset``, a ``save_to_disk`` folder, a ``datasets`` object, a pandas DataFrame, or Python
+lists."""
+
+
+def label_sort_key(label: Label) -> tuple:
+    """Sort labels of mixed types without comparing across types: booleans, then numbers by value, then text."""
+    if isinstance(label, bool):
+        return (0, int(label), "")
+    if isinstance(label, (int, float)):
+        return (1, label, "")
+    return (2, 0, str(label))
+
+
 @dataclass(frozen=True)
 class Example:
     """One labelled text.
 
     Attributes:
         text: The input text.
-        label: The class name.
+        label: The class label, as the source gives it (see :data:`Label`).
     """
 
     text: str
-    label: str
+    label: Label
 
 
 @dataclass
@@ -108,25 +131,26 @@ class Dataset:
     Attributes:
         name: Dataset name.
         examples: All examples, in file order.
-        labels: The class names: sorted, or in the source's own order where it has one (ordinal sentiment,
-            a hub dataset's label names).
-        provenance: Where the data came from: package, version, file (relative to site-packages or the
-            download directory), sha256, ``stand_in_for`` and how the texts were derived.
+        labels: The class labels: in the source's own order where it has one (ordinal sentiment, a
+            ``ClassLabel``'s names, a categorical column's categories), else sorted by :func:`label_sort_key`.
+        provenance: Where the data came from: ``source`` (one of :data:`SOURCE_KINDS`), package, version,
+            file (relative to site-packages or the download directory), sha256, ``stand_in_for``, how the
+            texts were derived and ``examples_sha256``.
     """
 
     name: str
     examples: list[Example]
-    labels: list[str]
+    labels: list[Label]
     provenance: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if len(set(self.labels)) != len(self.labels) or len(self.labels) < 2:
-            raise ValueError(f"labels {self.labels!r} must be at least two distinct class names")
-        unknown = sorted({ex.label for ex in self.examples} - set(self.labels))
+            raise ValueError(f"labels {self.labels!r} must be at least two distinct class labels")
+        unknown = sorted({ex.label for ex in self.examples} - set(self.labels), key=label_sort_key)
         if unknown:
             raise ValueError(f"example labels {unknown!r} are not in the dataset labels {self.labels!r}")
 
-    def label_counts(self) -> dict[str, int]:
+    def label_counts(self) -> dict[Label, int]:
         """Return the number of examples per label, in ``labels`` order."""
         counts = Counter(ex.label for ex in self.examples)
         return {label: counts[label] for label in self.labels}
@@ -167,7 +191,7 @@ def truncate_text(text: str, max_chars: int = MAX_CHARS) -> str:
 
 
 def examples_sha256(examples: Iterable[Example]) -> str:
-    """Fingerprint a derived dataset: sha256 of its ``text<TAB>label<LF>`` lines, in order."""
+    """Fingerprint a derived dataset: sha256 of its ``text<TAB>label<LF>`` lines (label as ``str(label)``), in order."""
     digest = hashlib.sha256()
     for ex in examples:
         digest.update(f"{ex.text}\t{ex.label}\n".encode())
@@ -178,9 +202,9 @@ FILE_FORMATS = (".csv", ".tsv", ".jsonl", ".parquet")
 """Local data file extensions that :func:`load_file` reads."""
 
 
-def one_line(err: BaseException) -> str:
-    """An error's message on one line, at most 200 characters (its type name when it has no message)."""
-    return " ".join(str(err).split())[:200] or type(err).__name__
+def one_line(err: BaseException, limit: int = 200) -> str:
+    """An error's message on one line, at most ``limit`` characters (its type name when it has no message)."""
+    return " ".join(str(err).split())[:limit] or type(err).__name__
 
 
 def formats() -> str:

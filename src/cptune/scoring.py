@@ -120,13 +120,28 @@ def classification_metrics(predicted: Sequence[int], gold: Sequence[int], num_la
         confusion[g, p] += 1
     total = int(confusion.sum())
     accuracy = float(confusion.diag().sum()) / max(total, 1)
-    f1s = []
-    for c in range(num_labels):
-        tp = float(confusion[c, c])
-        fp = float(confusion[:, c].sum()) - tp
-        fn = float(confusion[c, :].sum()) - tp
-        f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    f1s = [row["f1"] for row in per_class_metrics(confusion.tolist())]
     return {"accuracy": accuracy, "macro_f1": sum(f1s) / num_labels, "confusion": confusion.tolist()}
+
+
+def per_class_metrics(confusion: Sequence[Sequence[int]]) -> list[dict]:
+    """Precision, recall, F1 and support of each class from a confusion matrix (rows gold, columns predicted).
+
+    precision_c = tp / (tp + fp), recall_c = tp / (tp + fn), F1_c = 2 tp / (2 tp + fp + fn); each is 0
+    when its denominator is (no prediction of c, no example of c).
+    """
+    rows = []
+    for c in range(len(confusion)):
+        tp = confusion[c][c]
+        predicted = sum(row[c] for row in confusion)
+        support = sum(confusion[c])
+        rows.append({
+            "precision": tp / predicted if predicted else 0.0,
+            "recall": tp / support if support else 0.0,
+            "f1": 2 * tp / (predicted + support) if tp else 0.0,
+            "support": support,
+        })
+    return rows
 
 
 def query_token_ids(texts: Sequence[str], template, tokenizer, add_bos: bool = False) -> list[list[int]]:

@@ -26,6 +26,7 @@ from cptune.cpt.saving import prepare_folder, write_file_atomic, write_text_atom
 from cptune.data import DATASET_DEFAULTS, Dataset, load_dataset, sample_splits
 from cptune.methods import METHODS, MethodSettings, make_method
 from cptune.models import DEFAULT_MODEL, load_model
+from cptune.recipe import context_examples
 from cptune.scoring import CONTENT_FREE_TEXTS, classification_metrics, contextual_calibration
 from cptune.text.template import Template
 
@@ -125,14 +126,25 @@ def append_result(path: Path, row: dict) -> None:
 
 # -- running cells ---------------------------------------------------------------------------
 
-def _splits(dataset: Dataset, cell: Cell, test_size: int):
-    """Test set from (dataset, seed) only; shots from the rest with (seed, shots)."""
+def _splits(dataset: Dataset, cell: Cell, test_size: int, train_size: int | None = None):
+    """Test set from (dataset, seed) only; shots from the rest with (seed, shots).
+
+    With ``train_size`` N, N labelled examples are drawn from the rest with (seed, N) and the cell's
+    shots from them (:func:`cptune.recipe.context_examples`); otherwise the shots are the only
+    labelled data. Returns ``(shots, training queries, test)``.
+    """
     _, _, test = sample_splits(dataset, 0, test_size, cell.seed)
     held_out = {ex.text for ex in test}
     rest = Dataset(dataset.name, [ex for ex in dataset.examples if ex.text not in held_out], dataset.labels,
                    dataset.provenance)
-    shots, _, _ = sample_splits(rest, cell.shots, 0, cell.seed)
-    return shots, test
+    if train_size is None:
+        shots, _, _ = sample_splits(rest, cell.shots, 0, cell.seed)
+        return shots, shots, test
+    if train_size < cell.shots:
+        raise ValueError(f"train_size={train_size} is less than the cell's {cell.shots} shots; the shots are "
+                         "drawn from the training examples")
+    labelled, _, _ = sample_splits(rest, train_size, 0, cell.seed)
+    return context_examples(labelled, cell.shots, cell.seed), labelled, test
 
 
 def cell_format(dataset: Dataset, template: str | None = None,
@@ -144,22 +156,24 @@ def cell_format(dataset: Dataset, template: str | None = None,
     """
     fmt, words = DATASET_DEFAULTS.get(dataset.name, ("input: {x} output: {y}", None))
     words = dict(label_words) if label_words is not None else (
-        dict(words) if words is not None else {label: label for label in dataset.labels})
+        dict(words) if words is not None else {label: str(label) for label in dataset.labels})
     missing = [label for label in dataset.labels if label not in words]
     if missing:
         raise ValueError(f"label {missing[0]!r} of dataset {dataset.name!r} has no label word; "
-                         f"its labels: {', '.join(dataset.labels)}")
+                         f"its labels: {', '.join(map(str, dataset.labels))}")
     return (template if template is not None else fmt), {label: words[label] for label in dataset.labels}
 
 
 def run_cell(cell: Cell, dataset: Dataset, base_model, tokenizer, model_name: str, test_size: int,
-             settings: MethodSettings, template: str | None = None, label_words: dict[str, str] | None = None) -> dict:
-    """Fit and evaluate one cell; returns its result row (``template``/``label_words``: see :func:`cell_format`)."""
+             settings: MethodSettings, template: str | None = None, label_words: dict[str, str] | None = None,
+             train_size: int | None = None) -> dict:
+    """Fit and evaluate one cell; returns its result row (``template``/``label_words``: see :func:`cell_format`;
+    ``train_size``: see :func:`_splits`)."""
     fmt, words = cell_format(dataset, template, label_words)
     template = Template(fmt)
-    shots, test = _splits(dataset, cell, test_size)
+    shots, train_queries, test = _splits(dataset, cell, test_size, train_size)
     method = make_method(cell.method, base_model, tokenizer, template, words, settings.replace(seed=cell.seed))
-    fit = method.fit(shots)
+    fit = method.fit(shots, train_queries)
     start = time.perf_counter()
     scores = method.scores([ex.text for ex in test] + list(CONTENT_FREE_TEXTS))
     score_seconds = time.perf_counter() - start
@@ -175,7 +189,8 @@ def run_cell(cell: Cell, dataset: Dataset, base_model, tokenizer, model_name: st
         "content_free_probs": torch.softmax(content_free.float(), dim=-1).mean(0).tolist(),
         "labels": labels,
         "test_size": len(test),
-        "train_loss": method.label_loss([ex.text for ex in shots], [ex.label for ex in shots]),
+        "train_size": train_size,
+        "train_loss": method.label_loss([ex.text for ex in train_queries], [ex.label for ex in train_queries]),
         "test_loss": method.label_loss([ex.text for ex in test], [ex.label for ex in test], scores=scores),
         "fit_seconds": round(fit.seconds, 2),
         "score_seconds": round(score_seconds, 2),
@@ -193,8 +208,10 @@ def run_cell(cell: Cell, dataset: Dataset, base_model, tokenizer, model_name: st
 def _run_config(row: dict) -> dict:
     """What, besides the cell, decides a row's result (compared when a grid resumes)."""
     settings = {k: v for k, v in row.get("settings", {}).items() if k != "seed"}
+    words = row.get("label_words")  # JSON keys are text: 0 and "0" are the same label here
+    words = {str(k): v for k, v in words.items()} if isinstance(words, dict) else words
     return {"model": row.get("model"), "test_size": row.get("test_size"), "template": row.get("template"),
-            "label_words": row.get("label_words"), "settings": settings}
+            "label_words": words, "train_size": row.get("train_size"), "settings": settings}
 
 
 def _check_same_config(rows: list[dict], expected: dict[str, dict], path: Path) -> None:
@@ -218,10 +235,15 @@ def _check_same_config(rows: list[dict], expected: dict[str, dict], path: Path) 
 
 def run_grid(cells: Iterable[Cell], output: Path, model: str = DEFAULT_MODEL, test_size: int = 200,
              settings: MethodSettings | None = None, progress: bool = True, template: str | None = None,
-             label_words: dict[str, str] | None = None) -> list[dict]:
+             label_words: dict[str, str] | None = None, train_size: int | None = None,
+             model_options: dict | None = None) -> list[dict]:
     """Run every cell not yet in ``output/results.jsonl``; append one line per finished cell.
 
-    ``template`` and ``label_words`` replace the datasets' defaults (see :func:`cell_format`).
+    ``template`` and ``label_words`` replace the datasets' defaults (see :func:`cell_format`);
+    ``train_size`` N trains every method on N labelled examples, the cell's shots among them (see
+    :func:`_splits`); ``model_options`` (``device``, ``dtype``, ``device_map``) go to
+    :func:`cptune.models.load_model`. A dataset with splits (a hub id, a saved DatasetDict) is read
+    from its ``train`` split, test examples included.
 
     Returns:
         All rows in the file afterwards (earlier ones included).
@@ -237,21 +259,21 @@ def run_grid(cells: Iterable[Cell], output: Path, model: str = DEFAULT_MODEL, te
     if damaged and progress:
         print(f"skipping {damaged} damaged line(s) in {path} (an interrupted run); their cells will rerun")
     cells = list(cells)
-    datasets = {name: load_dataset(name) for name in dict.fromkeys(c.dataset for c in cells)}
+    datasets = {name: load_dataset(name, default_split="train") for name in dict.fromkeys(c.dataset for c in cells)}
     expected = {}
     for name, dataset in datasets.items():
         fmt, words = cell_format(dataset, template, label_words)
         expected[name] = _run_config({"model": model, "test_size": test_size, "template": fmt, "label_words": words,
-                                      "settings": asdict(settings)})
+                                      "train_size": train_size, "settings": asdict(settings)})
     _check_same_config(rows, expected, path)
     done = {tuple(r[k] for k in CELL_KEYS) for r in rows}
     todo = [c for c in cells if c.key() not in done]
-    base_model, tokenizer = load_model(model) if todo else (None, None)
+    base_model, tokenizer = load_model(model, **(model_options or {})) if todo else (None, None)
     bar = tqdm(todo, desc="compare", disable=not progress)
     for cell in bar:
         bar.set_postfix_str(f"{cell.dataset} k={cell.shots} seed={cell.seed} {cell.method}")
         row = run_cell(cell, datasets[cell.dataset], base_model, tokenizer, model, test_size, settings,
-                       template, label_words)
+                       template, label_words, train_size)
         append_result(path, row)
         rows.append(row)
     return rows

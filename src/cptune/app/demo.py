@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
+# The settings and the table are read by `cptune demo --help` before anything runs, so this module
+# imports torch and the layers inside run_demo only: the command line answers without loading them.
 import os
 import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import torch
-
-from cptune.app.classifier import CPTClassifier
-from cptune.cpt.saving import check_can_save, write_json_atomic
-from cptune.data import load_dataset, sample_splits
-from cptune.models import DEFAULT_MODEL, load_model
-from cptune.recipe import CPTRecipe
-from cptune.scoring import classification_metrics, score_texts
-from cptune.text.context import build_context
-from cptune.text.template import Template
-from cptune.training import TrainSettings
 
 CLASSIFIER_SUBDIR = "classifier"  # OUTPUT/classifier: a PEFT adapter folder and a cptune classifier
 DATASET_TEMPLATES = {
@@ -34,7 +24,10 @@ class DemoSettings:
     after the context, as the paper does with very few examples.
     """
 
-    model: str = DEFAULT_MODEL
+    model: str = "smollm2-135m"  # cptune.models.DEFAULT_MODEL (tests check they agree)
+    device: str = "auto"
+    dtype: str = "auto"
+    device_map: str | None = None
     dataset: str = "rotten_tomatoes"
     shots: int = 4
     test_size: int = 200
@@ -54,16 +47,23 @@ class DemoSettings:
         for name in ("shots", "test_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        from cptune.cpt.saving import check_can_save
+
         self.recipe()
         check_can_save(self.output)
 
-    def recipe(self) -> CPTRecipe:
-        """The CPT recipe of this run (radii, loss decay, and the training loop)."""
+    def recipe(self):
+        """The CPT recipe of this run (radii, loss decay, and the training loop): a :class:`cptune.CPTRecipe`."""
+        from cptune.recipe import CPTRecipe
+        from cptune.training import TrainSettings
+
         return CPTRecipe(eps_input=self.eps_input, eps_format=self.eps_format, decay=self.decay,
                          train=TrainSettings(steps=self.steps, batch_size=self.batch_size, lr=self.lr, seed=self.seed))
 
 
 def _accuracy_row(name, scores, gold, labels, seconds) -> dict:
+    from cptune.scoring import classification_metrics
+
     predicted = scores.argmax(dim=-1).tolist()
     metrics = classification_metrics(predicted, gold, len(labels))
     return {"method": name, **metrics, "seconds": round(seconds, 1)}
@@ -75,12 +75,23 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> dict:
     ``classifier/`` is a PEFT adapter folder that ``cptune eval`` and ``cptune predict`` (and
     :meth:`CPTClassifier.load`) take as it is.
     """
+    import torch
+
+    from cptune.app.classifier import CPTClassifier
+    from cptune.cpt.saving import write_json_atomic
+    from cptune.data import load_dataset, sample_splits
+    from cptune.models import load_model
+    from cptune.scoring import score_texts
+    from cptune.text.context import build_context
+    from cptune.text.template import Template
+
     torch.manual_seed(settings.seed)
     fmt, label_words = DATASET_TEMPLATES[settings.dataset]
     template = Template(fmt)
     dataset = load_dataset(settings.dataset)
     shots, _, test = sample_splits(dataset, settings.shots, settings.test_size, settings.seed)
-    base, tokenizer = load_model(settings.model)
+    base, tokenizer = load_model(settings.model, device=settings.device, dtype=settings.dtype,
+                                 device_map=settings.device_map)
     labels = list(label_words)
     gold = [labels.index(ex.label) for ex in test]
     texts = [ex.text for ex in test]
@@ -96,7 +107,8 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> dict:
     timed("zero-shot", None)
     context = build_context(shots, template, tokenizer, label_words)
     with torch.no_grad():
-        icl_embeds = base.get_input_embeddings()(context.token_ids.unsqueeze(0))
+        table = base.get_input_embeddings()
+        icl_embeds = table(context.token_ids.unsqueeze(0).to(table.weight.device))  # (1, N, d)
     timed("ICL", icl_embeds)
     clf = CPTClassifier((base, tokenizer), template=template, labels=label_words, recipe=settings.recipe(),
                         progress=progress)

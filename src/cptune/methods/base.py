@@ -265,30 +265,34 @@ class BaseMethod:
         """Label names in the column order of :meth:`scores`."""
         return list(self.label_words)
 
-    def prepare(self, shots: Sequence[Any]) -> None:
+    def prepare(self, shots: Sequence[Any], queries: Sequence[Any] | None = None) -> None:
         """Set the method up on ``shots`` in its untrained state (e.g. CPT with delta 0 scores as ICL).
 
         Args:
             shots: the K labelled demonstrations, ``(text, label)`` pairs or objects with ``.text``
                 and ``.label``; labels must be keys of ``label_words``.
+            queries: the labelled training queries, likewise; ``None``: the shots themselves (true
+                few-shot). Every trained method trains on the same queries.
         """
         shots = list(shots)
-        if not shots:
-            raise ValueError("shots is empty; give at least one (text, label) example")
+        queries = shots if queries is None else list(queries)
+        for name, given in (("shots", shots), ("queries", queries)):
+            if not given:
+                raise ValueError(f"{name} is empty; give at least one (text, label) example")
         self._ready = False
         with frozen(self.base_model, self.settings.seed):
-            self._queries = render_queries(shots, self.template, self.tokenizer, self.label_words)
+            self._queries = render_queries(queries, self.template, self.tokenizer, self.label_words)
             self._prepare(shots)
         self._ready = True
 
-    def fit(self, shots: Sequence[Any]) -> FitInfo:
-        """Prepare on ``shots`` and train on them as queries; refitting starts again from scratch.
+    def fit(self, shots: Sequence[Any], queries: Sequence[Any] | None = None) -> FitInfo:
+        """Prepare on ``shots`` and train on ``queries`` (default: the shots); refitting starts again from scratch.
 
         Returns:
             The :class:`FitInfo`.
         """
         start = time.perf_counter()
-        self.prepare(shots)
+        self.prepare(shots, queries)
         with frozen(self.base_model, self.settings.seed):
             losses = self._train()
         return FitInfo(losses=losses, seconds=time.perf_counter() - start,

@@ -46,7 +46,7 @@ def test_demo_output_works_with_eval_and_predict(demo_out, capsys):
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["text"] for r in rows] == ["a gripping film", "dull and far too long"]
     assert all(set(r["probabilities"]) == {"negative", "positive"} for r in rows)
-    assert main(["eval", str(folder), "--test-size", "4"]) == 0
+    assert main(["eval", str(folder), "--data", "rotten_tomatoes", "--test-size", "4", "--json"]) == 0
     assert sum(map(sum, json.loads(capsys.readouterr().out)["confusion"])) == 4
 
 
@@ -109,7 +109,7 @@ def test_debug_prints_the_traceback_plain_run_does_not(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["demo", "--shots", "abc"], "argument --shots: invalid int value: 'abc'"),
-    (["train"], "the following arguments are required: --output"),
+    (["train"], "the following arguments are required: --data, --output"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
 ])
 def test_argument_mistakes_are_one_line_exit_2(args, message):
@@ -123,6 +123,7 @@ def test_output_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
     target.write_text("the user's file")
     assert main(["demo", "--output", str(target)]) == 2
     assert "is a file, not a folder" in _one_line(capsys.readouterr().err)
-    assert main(["train", "--model", "no-such-model-is-loaded", "--output", str(target)]) == 2
+    assert main(["train", "--model", "no-such-model-is-loaded", "--data", "rotten_tomatoes", "--output",
+                 str(target)]) == 2
     assert "is a file, not a folder" in _one_line(capsys.readouterr().err)
     assert target.read_text() == "the user's file"

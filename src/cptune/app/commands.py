@@ -1,0 +1,379 @@
+"""The ``cptune`` commands: thin shells over the public functions (the parser is :mod:`cptune.app.cli`).
+
+Only the data package is imported here at the top: ``cptune datasets`` answers without torch, and each
+command that runs a model imports what it needs when it starts.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from cptune.app import demo
+from cptune.app.cli import UserError
+from cptune.data import DATASET_DEFAULTS, FILE_FORMATS, Dataset, load_dataset, normalize_text, sample_splits
+
+CHECKPOINT_SUBDIR = "checkpoint"
+DEFAULT_TEMPLATE = "input: {x} output: {y}"
+PREDICT_CHUNK = 64  # texts of standard input or a text file scored (and printed) at a time
+
+
+def quiet_transformers() -> None:
+    """cptune reports its own progress; transformers' weight-loading bars and notices are noise here."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _model_options(args) -> dict:
+    return {"device": args.device, "dtype": args.dtype, "device_map": args.device_map}
+
+
+# -- demo --------------------------------------------------------------------------------------
+
+def run_demo(args) -> int:
+    quiet_transformers()
+    settings = demo.DemoSettings(**{f.name: getattr(args, f.name) for f in fields(demo.DemoSettings)})
+    print(f"cptune demo: {settings}", flush=True)
+    report = demo.run_demo(settings)
+    print()
+    print(f"{settings.dataset}, {settings.shots} shots, {settings.test_size} test examples, seed {settings.seed}, "
+          f"model {settings.model}")
+    print(demo.format_table(report))
+    print(f"classifier (a PEFT adapter folder) saved to {settings.output}/{demo.CLASSIFIER_SUBDIR}; results in "
+          f"{settings.output}/results.json")
+    print(f"next: cptune predict {settings.output}/{demo.CLASSIFIER_SUBDIR} \"a gripping film\"")
+    return 0
+
+
+# -- data and label words ----------------------------------------------------------------------
+
+def parse_label_words(text: str | None) -> dict[str, str] | None:
+    """``label=word,label=word`` as ``{label text: word}``; labels are matched to the data's by their text."""
+    if text is None:
+        return None
+    words = {}
+    for item in text.split(","):
+        label, sep, word = item.partition("=")
+        if not sep or not label.strip() or not word.strip():
+            raise UserError(f"--label-words item {item!r} is not label=word (e.g. neg=negative,pos=positive)")
+        words[label.strip()] = word.strip()
+    return words
+
+
+def label_words_for(labels: Iterable[Any], given: Mapping[str, str] | None) -> dict[Any, str]:
+    """``{label: word}`` for the data's labels (their own values, ints kept): the given words matched by
+    the label's text, else each label written as itself.
+
+    Raises:
+        UserError: a label of the data without a word, or a word for a label the data does not have.
+    """
+    labels = list(labels)
+    if given is None:
+        return {label: str(label) for label in labels}
+    by_text = {str(k): w for k, w in given.items()}
+    names = ", ".join(str(label) for label in labels)
+    missing = [label for label in labels if str(label) not in by_text]
+    if missing:
+        raise UserError(f"--label-words has no word for label {missing[0]!r}; the data's labels: {names}")
+    unknown = sorted(set(by_text) - {str(label) for label in labels})
+    if unknown:
+        raise UserError(f"--label-words names label {unknown[0]!r}, which the data does not have; its labels: {names}")
+    return {label: by_text[str(label)] for label in labels}
+
+
+def _format(data: str, template: str | None, label_words: str | None) -> tuple[str, dict[str, str] | None]:
+    """The template and label words asked for, else the known dataset's, else the general ones."""
+    fmt, words = DATASET_DEFAULTS.get(data, (DEFAULT_TEMPLATE, None))
+    given = parse_label_words(label_words)
+    return (template.replace("\\n", "\n") if template else fmt), (given if given is not None else words)
+
+
+def _load(args, default_split: str) -> Dataset:
+    return load_dataset(args.data, split=args.split, config=args.config, text_column=args.text_column,
+                        label_column=args.label_column, default_split=default_split)
+
+
+# -- train -------------------------------------------------------------------------------------
+
+def run_train(args) -> int:
+    quiet_transformers()
+    from cptune.app.classifier import CPTClassifier
+    from cptune.cpt.saving import check_can_save, remove_saved_files
+    from cptune.distributed import is_main_process
+    from cptune.recipe import CPTRecipe
+    from cptune.text.template import Template
+    from cptune.training import TrainSettings
+
+    fmt, words = _format(args.data, args.template, args.label_words)
+    Template(fmt)
+    recipe = CPTRecipe(eps_input=args.eps_input, eps_format=args.eps_format, decay=args.decay,  # checked now,
+                       train=TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr,  # before any
+                                           seed=args.seed))  # model is loaded
+    for name in ("checkpoint_every", "shots", "context_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')}={value} must be >= 1")
+    check_can_save(args.output)
+    output = Path(args.output)
+    checkpoint = output / CHECKPOINT_SUBDIR
+    if args.resume and not checkpoint.is_dir():
+        raise UserError(f"--resume: no checkpoint in {checkpoint}; run without --resume to start")
+    dataset = _load(args, default_split="train")
+    words = label_words_for(dataset.labels, words)  # every class of the data, also those a sample may miss
+    examples = dataset.examples
+    if args.shots is not None:
+        examples, _, _ = sample_splits(dataset, args.shots, 0, args.seed)
+    if args.context_size is not None and args.context_size > len(examples):
+        raise UserError(f"--context-size={args.context_size} is more than the {len(examples)} labelled examples used")
+    clf = CPTClassifier(args.model, template=fmt, labels=words, recipe=recipe, context_size=args.context_size,
+                        progress=True, calibrate=args.calibrate, **_model_options(args))
+    clf.fit([ex.text for ex in examples], [ex.label for ex in examples], checkpoint_dir=checkpoint,
+            checkpoint_every=args.checkpoint_every, resume=args.resume)
+    if is_main_process():  # under data parallelism every process trained the same delta; one writes
+        clf.save(output)
+        remove_saved_files(checkpoint)  # the classifier holds the final state; only our own files go
+        losses = clf.train_result.losses
+        print(f"trained {len(losses)} steps on {len(examples)} labelled examples (final loss {losses[-1]:.4f}); "
+              f"classifier saved to {output}")
+    return 0
+
+
+# -- eval --------------------------------------------------------------------------------------
+
+def _load_classifier(args):
+    from cptune.app.classifier import CLASSIFIER_FILE, CPTClassifier
+
+    folder = Path(args.classifier)
+    if not folder.exists():
+        raise UserError(f"classifier folder {folder} does not exist")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size={args.batch_size} must be >= 1")
+    options = {**_model_options(args), "batch_size": args.batch_size}
+    if args.template is None and args.label_words is None:
+        clf = CPTClassifier.load(folder, model=args.model, **options)
+    elif (folder / CLASSIFIER_FILE).is_file():
+        raise UserError(f"--template and --label-words are for adapter folders; {folder} is a classifier and has "
+                        f"its own ({CLASSIFIER_FILE})")
+    elif args.template is None or args.label_words is None:
+        raise UserError("an adapter folder needs both --template and --label-words")
+    else:
+        clf = CPTClassifier.from_adapter(folder, args.template.replace("\\n", "\n"),
+                                         parse_label_words(args.label_words), model=args.model, **options)
+    if args.calibrate is not None:
+        clf.calibrate = args.calibrate
+    return clf
+
+
+def class_index(classes: list, label: Any) -> int | None:
+    """The column of ``label`` among the classifier's classes: by value, else by text (``0`` and ``"0"``)."""
+    if label in classes:
+        return classes.index(label)
+    texts = [str(c) for c in classes]
+    return texts.index(str(label)) if str(label) in texts else None
+
+
+def evaluate(clf, dataset: Dataset, test_size: int | None = None, seed: int = 0) -> dict:
+    """Score every row of ``dataset`` whose text the classifier was not trained on (or a seeded sample of
+    ``test_size`` of them); accuracy, macro-F1, per-class precision/recall/F1/support, confusion.
+
+    Raises:
+        UserError: a label the classifier does not know, nothing left to score, or a bad ``test_size``.
+    """
+    from cptune.scoring import classification_metrics, per_class_metrics
+
+    trained = {text for text, _ in clf.examples}
+    rows = [ex for ex in dataset.examples if ex.text not in trained]
+    left_out = len(dataset.examples) - len(rows)
+    if not rows:
+        raise UserError(f"every row of {dataset.name} was used to train the classifier; nothing left to evaluate")
+    if test_size is not None:
+        if test_size < 1 or test_size > len(rows):
+            raise UserError(f"--test-size={test_size} must be from 1 to the {len(rows)} rows available")
+        rows = random.Random(seed).sample(rows, test_size)
+    classes = clf.classes_
+    gold = [class_index(classes, ex.label) for ex in rows]
+    unknown = next((ex.label for ex, g in zip(rows, gold, strict=True) if g is None), None)
+    if unknown is not None:
+        raise UserError(f"the data has label {unknown!r}, which the classifier does not know ({classes})")
+    predicted = clf.predict_proba([ex.text for ex in rows]).argmax(axis=1).tolist()
+    metrics = classification_metrics(predicted, gold, len(classes))
+    per_class = [{"label": label, **row} for label, row in zip(classes, per_class_metrics(metrics["confusion"]),
+                                                                strict=True)]
+    return {**metrics, "per_class": per_class, "labels": classes, "test_size": len(rows),
+            "left_out_trained": left_out, "rows": len(dataset.examples)}
+
+
+def format_metrics(report: dict) -> str:
+    """The metrics as Markdown tables: a summary, per class, the confusion matrix."""
+    lines = [f"accuracy {report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f} on {report['test_size']} rows",
+             "", "| label | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+    for row in report["per_class"]:
+        lines.append(f"| {row['label']} | {row['precision']:.4f} | {row['recall']:.4f} | {row['f1']:.4f} | "
+                     f"{row['support']} |")
+    labels = [str(label) for label in report["labels"]]
+    lines += ["", "confusion (rows: true label, columns: predicted)", "",
+              "| | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+    for label, counts in zip(labels, report["confusion"], strict=True):
+        lines.append(f"| **{label}** | " + " | ".join(map(str, counts)) + " |")
+    return "\n".join(lines)
+
+
+def run_eval(args) -> int:
+    quiet_transformers()
+    from cptune.cpt.saving import write_json_atomic
+
+    if not Path(args.classifier).exists():
+        raise UserError(f"classifier folder {args.classifier} does not exist")
+    if args.data is None:
+        raise UserError("eval needs the test data: --data (or --test-data) FILE, built-in name or hub id")
+    dataset = _load(args, default_split="test")  # a bad --data fails before the model loads
+    clf = _load_classifier(args)
+    metrics = evaluate(clf, dataset, args.test_size, args.seed)
+    if metrics["left_out_trained"]:
+        print(f"cptune: left out {metrics['left_out_trained']} of {metrics['rows']} rows: their text was used to "
+              "train the classifier", file=sys.stderr)
+    report = {"classifier": str(args.classifier), "data": dataset.name, "split": args.split,
+              "seed": args.seed if args.test_size else None, "calibrated": clf.calibrate, **metrics}
+    print(json.dumps(report) if args.json else format_metrics(report))
+    if args.output:
+        write_json_atomic(Path(args.output), report)
+    return 0
+
+
+# -- predict -----------------------------------------------------------------------------------
+
+def _chunks(lines: Iterable[str], size: int) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    for line in lines:
+        if line.strip():
+            chunk.append(line.rstrip("\n"))
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _text_lines(path: Path) -> Iterator[str]:
+    try:
+        with path.open(encoding="utf-8") as f:
+            yield from f
+    except UnicodeDecodeError:
+        raise UserError(f"--file {path} is not UTF-8 text") from None
+
+
+def run_predict(args) -> int:
+    quiet_transformers()
+    if args.texts and args.file:
+        raise UserError("give texts as arguments or --file, not both")
+    path = Path(args.file) if args.file else None
+    if path is not None and not path.is_file():
+        raise UserError(f"--file {path} does not exist")
+    annotate = path is not None and path.suffix.lower() in FILE_FORMATS
+    if annotate and not args.output:
+        raise UserError(f"--file {path} is a {path.suffix} data file: give --output FILE for the annotated copy "
+                        "(plain text files, one text per line, print JSON lines)")
+    if args.output and not annotate:
+        raise UserError(f"--output is for annotating a data --file ({', '.join(FILE_FORMATS)})")
+    clf = _load_classifier(args)  # a wrong folder fails before waiting on standard input
+    if annotate:
+        from cptune.app.annotate import annotate_file
+
+        written = annotate_file(clf, path, args.output, text_column=args.text_column, batch_size=args.batch_size)
+        print(f"cptune: {written} rows annotated into {args.output}", file=sys.stderr)
+        return 0
+    lines = args.texts if args.texts else (_text_lines(path) if path is not None else sys.stdin)
+    printed = 0
+    for texts in _chunks(lines, PREDICT_CHUNK):
+        probs = clf.predict_proba([normalize_text(t) for t in texts])  # as training data and annotated files are
+        for text, row in zip(texts, probs, strict=True):
+            best = int(row.argmax())
+            print(json.dumps({"text": text, "label": clf.classes_[best],
+                              "probabilities": {str(c): round(float(p), 6)
+                                                for c, p in zip(clf.classes_, row, strict=True)}}), flush=True)
+        printed += len(texts)
+    if not printed:
+        raise UserError("no texts to classify (give arguments, --file, or lines on standard input)")
+    return 0
+
+
+# -- datasets / compare ------------------------------------------------------------------------
+
+def run_datasets(args) -> int:
+    from cptune.data import list_datasets
+
+    print("| name | classes | size | stands in for | licence |")
+    print("|---|---|---|---|---|")
+    for d in list_datasets():
+        size = d.get("size") if d.get("size") is not None else "(" + str(d.get("note", "not installed")) + ")"
+        print(f"| {d['name']} | {d.get('num_classes', '')} | {size} | {d.get('stand_in_for') or '(hub)'} | "
+              f"{d.get('licence', '')} |")
+    return 0
+
+
+def method_settings(settings, items: list[str]):
+    """``settings`` with each ``NAME=VALUE`` of ``--set`` applied, the value read as the field's type."""
+    types = {f.name: type(getattr(settings, f.name)) for f in fields(settings)}
+    changes = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        name = name.strip()
+        if name == "seed":
+            raise UserError(f"--set {item!r}: each cell's seed comes from --seeds; give --seeds {text or 'N'}")
+        if not sep or name not in types:
+            names = ", ".join(n for n in types if n != "seed")
+            raise UserError(f"--set {item!r} is not NAME=VALUE with NAME one of: {names}")
+        kind = types[name]
+        try:
+            if kind is bool:
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                value = text.lower() in ("true", "1")
+            elif kind is type(None):  # a text field whose default is None (pt_init_text)
+                value = None if text.lower() == "none" else text
+            else:
+                value = kind(text)
+        except ValueError:
+            raise UserError(f"--set {item!r}: {text!r} is not a valid {kind.__name__}") from None
+        changes[name] = value
+    return settings.replace(**changes)
+
+
+def run_compare(args) -> int:
+    quiet_transformers()
+    from cptune.app.compare import RESULTS_NAME, make_grid, read_results, run_grid, summary_table, write_report
+    from cptune.distributed import is_main_process
+    from cptune.methods import MethodSettings
+    from cptune.text.template import Template
+
+    settings = method_settings(MethodSettings(), args.set)
+    if args.steps is not None:
+        settings = settings.replace(steps=args.steps)
+    if args.test_size < 1:
+        raise UserError(f"--test-size={args.test_size} must be >= 1")
+    output = Path(args.output)
+    if args.report_only:
+        rows, damaged = read_results(output / RESULTS_NAME)
+        if not rows:
+            raise UserError(f"no results in {output / RESULTS_NAME}")
+    else:
+        cells = make_grid(args.data, args.shots, args.seeds, args.methods, args.only)
+        template = args.template.replace("\\n", "\n") if args.template else None
+        if template is not None:
+            Template(template)  # check it before loading anything
+        rows = run_grid(cells, output, model=args.model, test_size=args.test_size, settings=settings,
+                        template=template, label_words=parse_label_words(args.label_words),
+                        train_size=args.train_size, model_options=_model_options(args))
+    if not is_main_process():
+        return 0
+    write_report(rows, output)
+    print(summary_table(rows))
+    print(f"results: {output / RESULTS_NAME}; table and plots: {output}/results.md, accuracy.png, gap.png")
+    return 0

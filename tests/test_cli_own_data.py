@@ -1,0 +1,164 @@
+"""A user's own files through the command line, on a tiny model: many labels, a k-shot context, a whole
+imbalanced test file, integer labels, annotated CSVs, and a command line that answers at once."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cptune import CPTClassifier
+from cptune.app.cli import main
+
+WORDS = ["fun", "dull", "great", "bad", "joy", "bore", "gripping", "long", "moving", "thin"]
+TRAIN_ROWS = [(f"a {w} film, take {i}", "pos" if k % 2 == 0 else "neg") for i in range(4) for k, w in enumerate(WORDS)]
+FAST = ["--steps", "2", "--batch-size", "4", "--lr", "0.01"]
+
+
+def _csv(path, rows, header=("text", "label")):
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dir, tmp_path_factory):
+    """A classifier trained on 40 labelled rows with a 4-shot context."""
+    folder = tmp_path_factory.mktemp("own")
+    data = _csv(folder / "train.csv", TRAIN_ROWS)
+    out = folder / "clf"
+    assert main(["train", "--model", str(tiny_dir), "--data", str(data), "--context-size", "4",
+                 "--label-words", "pos=positive,neg=negative", *FAST, "--output", str(out)]) == 0
+    return out
+
+
+def test_train_uses_every_row_with_a_k_shot_context(trained, capsys):
+    info = json.loads((trained / "cptune_classifier.json").read_text())
+    assert len(info["examples"]) == len(TRAIN_ROWS) and info["context_size"] == 4
+    config = json.loads((trained / "adapter_config.json").read_text())
+    demonstrations = {(code - 1) // 4 for code in config["cpt_tokens_type_mask"] if code > 0}  # 4k + role 1..4
+    assert len(demonstrations) == 4  # four demonstrations in the context, 40 training queries
+
+
+def test_train_prints_the_context_and_its_size(tiny_dir, tmp_path, capsys):
+    data = _csv(tmp_path / "train.csv", TRAIN_ROWS[:12])
+    assert main(["train", "--model", str(tiny_dir), "--data", str(data), "--context-size", "2", *FAST,
+                 "--output", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err
+    assert "context: 2 demonstrations" in err and "12 training queries" in err
+
+
+def test_eval_scores_every_row_of_an_imbalanced_file_and_leaves_out_training_texts(trained, tmp_path, capsys):
+    test_rows = [(f"an {w} story {i}", "pos" if w in ("fun", "great", "joy") else "neg")
+                 for i in range(3) for w in WORDS] + TRAIN_ROWS[:5]  # 9 pos, 21 neg, 5 seen in training
+    data = _csv(tmp_path / "test.csv", test_rows)
+    assert main(["eval", str(trained), "--data", str(data), "--json", "--output", str(tmp_path / "m.json")]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert "left out 5 of 35 rows" in captured.err
+    assert report["test_size"] == 30 and report["left_out_trained"] == 5
+    assert [row["support"] for row in report["per_class"]] == [
+        sum(label == c for _, label in test_rows[:30]) for c in report["labels"]]
+    # the figures follow from the classifier's own predictions
+    clf = CPTClassifier.load(trained)
+    predicted = clf.predict([t for t, _ in test_rows[:30]])
+    gold = [label for _, label in test_rows[:30]]
+    assert report["accuracy"] == pytest.approx(sum(p == g for p, g in zip(predicted, gold, strict=True)) / 30)
+    for row in report["per_class"]:
+        c = row["label"]
+        tp = sum(p == c and g == c for p, g in zip(predicted, gold, strict=True))
+        assert row["precision"] == pytest.approx(tp / max(predicted.count(c), 1))
+        assert row["recall"] == pytest.approx(tp / gold.count(c))
+    assert json.loads((tmp_path / "m.json").read_text()) == report
+    # the same metrics as tables
+    assert main(["eval", str(trained), "--data", str(data)]) == 0
+    table = capsys.readouterr().out
+    assert f"accuracy {report['accuracy']:.4f}" in table and "| label | precision | recall | F1 | support |" in table
+
+
+def test_eval_samples_only_when_asked(trained, tmp_path, capsys):
+    data = _csv(tmp_path / "test.csv", [(f"new {w} {i}", "pos" if i % 3 == 0 else "neg")
+                                        for i in range(4) for w in WORDS])
+    assert main(["eval", str(trained), "--test-data", str(data), "--test-size", "7", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["test_size"] == 7
+    assert main(["eval", str(trained), "--data", str(data), "--test-size", "41"]) == 2
+    assert "--test-size=41 must be from 1 to the 40 rows" in capsys.readouterr().err
+
+
+def test_integer_labels_end_to_end(tiny_dir, tmp_path, capsys):
+    data = tmp_path / "ints.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": int(label == "pos")}) + "\n" for t, label in TRAIN_ROWS))
+    out = tmp_path / "clf"
+    assert main(["train", "--model", str(tiny_dir), "--data", str(data), "--shots", "8",
+                 "--label-words", "0=negative,1=positive", *FAST, "--output", str(out)]) == 0
+    assert CPTClassifier.load(out).classes_ == [0, 1]
+    capsys.readouterr()
+    assert main(["predict", str(out), "a fun film"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["label"] in (0, 1) and set(row["probabilities"]) == {"0", "1"}
+    assert main(["eval", str(out), "--data", str(data), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["labels"] == [0, 1]
+
+
+def test_label_words_must_cover_the_data(tiny_dir, tmp_path, capsys):
+    data = _csv(tmp_path / "d.csv", TRAIN_ROWS[:6])
+    code = main(["train", "--model", str(tiny_dir), "--data", str(data), "--label-words", "pos=positive,bad=negative",
+                 "--output", str(tmp_path / "o")])
+    assert code == 2 and "no word for label 'neg'" in capsys.readouterr().err
+
+
+def test_predict_annotates_a_csv(trained, tmp_path, capsys):
+    source = _csv(tmp_path / "in.csv", [("a fun film", "7"), ("so dull, so long", "8")], header=("review", "id"))
+    out = tmp_path / "out.csv"
+    assert main(["predict", str(trained), "--file", str(source), "--text-column", "review", "--output", str(out)]) == 0
+    with out.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    clf = CPTClassifier.load(trained)
+    probs = clf.predict_proba(["a fun film", "so dull, so long"])
+    assert [r["id"] for r in rows] == ["7", "8"] and [r["review"] for r in rows] == ["a fun film", "so dull, so long"]
+    for r, p in zip(rows, probs, strict=True):
+        assert r["predicted_label"] == clf.classes_[int(p.argmax())]
+        for label, value in zip(clf.classes_, p, strict=True):
+            assert float(r[f"p_{label}"]) == pytest.approx(float(value), abs=1e-6)
+    assert main(["predict", str(trained), "--file", str(source)]) == 2
+    assert "give --output" in capsys.readouterr().err
+
+
+def test_compare_takes_data_and_a_train_size(tiny_dir, tmp_path):
+    data = _csv(tmp_path / "d.csv", TRAIN_ROWS + [(f"other {t}", label) for t, label in TRAIN_ROWS])
+    for option in ("--data", "--dataset"):
+        out = tmp_path / option.strip("-")
+        assert main(["compare", option, str(data), "--shots", "2", "--train-size", "6", "--seeds", "0",
+                     "--methods", "icl", "cpt", "--test-size", "4", "--steps", "1", "--model", str(tiny_dir),
+                     "--output", str(out)]) == 0
+        rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+        assert {r["method"] for r in rows} == {"icl", "cpt"} and all(r["train_size"] == 6 for r in rows)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["eval", "--help"], ["predict", "--help"],
+                                  ["compare", "--help"], ["demo", "--help"], ["download", "--help"],
+                                  ["--version"], ["datasets"]])
+def test_the_command_line_answers_without_torch(argv):
+    code = ("import sys, runpy; sys.argv = ['cptune', *sys.argv[1:]]\n"
+            "try:\n    runpy.run_module('cptune', run_name='__main__')\nexcept SystemExit as e:\n    code = e.code\n"
+            "heavy = [m for m in ('torch', 'transformers', 'datasets', 'pandas') if m in sys.modules]\n"
+            "print('HEAVY', heavy, file=sys.stderr); sys.exit(code or 0)")
+    out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "HEAVY []" in out.stderr, out.stderr
+    if argv == ["--version"]:
+        from cptune import __version__
+        assert out.stdout.strip() == f"cptune {__version__}"
+
+
+def test_the_parser_defaults_agree_with_the_library():
+    from cptune.app import cli
+    from cptune.app.demo import DemoSettings
+    from cptune.methods import METHODS
+    from cptune.models import DEFAULT_MODEL
+
+    assert cli.DEFAULT_MODEL == DEFAULT_MODEL == DemoSettings.model
+    assert cli.METHOD_NAMES == METHODS

@@ -190,3 +190,17 @@ def test_runs_as_a_module():
                           timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     assert done.returncode == 0, done.stderr
     assert "0 to fetch, 5 already present" in done.stdout
+
+
+def test_the_loaders_expect_the_versions_download_fetches():
+    """models.py and data/builtin.py name the pins they read (they cannot import app/download.py, a higher layer)."""
+    from pathlib import Path
+
+    from cptune.app.download import PACKAGES
+
+    src = Path(__file__).resolve().parents[1] / "src" / "cptune"
+    text = (src / "models.py").read_text() + (src / "data" / "builtin.py").read_text()
+    for package in PACKAGES:
+        spelled = (f'"{package.name}=={package.version}"', f'("{package.name}", "{package.version}"',
+                   f'"{package.name}-{package.version}.tar.gz"')  # a wheel's pin, a loader's tuple, the sdist
+        assert any(s in text for s in spelled), f"{package.name}=={package.version} is not what the loaders expect"

@@ -21,6 +21,7 @@ def test_help_runs():
         (["--decay", "1.5"], "opt_loss_decay_factor=1.5"),
         (["--eps-input", "-1"], "opt_projection_epsilon=-1.0"),
         (["--dataset", "imdb"], "unknown dataset 'imdb'"),
+        (["--data", "imdb"], "unknown dataset 'imdb'"),
         (["--shots", "0"], "shots=0 must be >= 1"),
         (["--model", "/does/not/exist"], "/does/not/exist"),
     ],

@@ -129,7 +129,8 @@ def _add_demo(sub) -> None:
                        description=DemoSettings.__doc__)
     for f in fields(DemoSettings):  # the declared defaults: building DemoSettings() would check (and import) more
         default = f.default
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=str if default is None else type(default),
+        names = ["--data", "--dataset"] if f.name == "dataset" else [f"--{f.name.replace('_', '-')}"]  # --data as
+        p.add_argument(*names, dest=f.name, type=str if default is None else type(default),  # on every command
                        default=default, help=f"{_DEMO_HELP[f.name]} (default: %(default)s)")
 
 

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _pyproject_requirements() -> dict[str, Requirement]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    lines = [*project["dependencies"], *project["optional-dependencies"]["test"]]
+    lines = [*project["dependencies"], *(r for extra in project["optional-dependencies"].values() for r in extra)]
     return {canonicalize_name(r.name): r for r in map(Requirement, lines)}
 
 
@@ -73,12 +73,12 @@ def test_running_environment_is_the_pinned_set():
             continue
         if not req.specifier.contains(installed):  # 2.13.0+cpu satisfies ==2.13.0
             wrong.append(f"{req} (installed {installed})")
-    assert not wrong, f"not the constraints.txt set (run `pip install -c constraints.txt -e '.[test]'`): {wrong}"
+    assert not wrong, f"not the constraints.txt set (run `pip install -c constraints.txt -e '.[test,serve]'`): {wrong}"
 
 
 def test_makefile_installs_with_constraints_and_the_download_module():
     makefile = (ROOT / "Makefile").read_text()
-    assert '-c constraints.txt -e ".[test]"' in makefile
+    assert '-c constraints.txt -e ".[test,serve]"' in makefile
     assert "-m cptune.app.download" in makefile
     for package in dl.PACKAGES:  # the list lives in cptune.app.download only
         assert package.pin not in makefile, f"Makefile pins {package.pin}; the pin belongs in cptune.app.download"

@@ -82,12 +82,29 @@ def save_adapter(
 
     files = {
         CONFIG_NAME: (json.dumps(config_dict, indent=2, sort_keys=True) + "\n").encode(),
-        WEIGHTS_NAME: safetensors_bytes({PROMPT_KEY: prompt}, metadata={"format": "pt"}),
-        STATE_NAME: safetensors_bytes(tensors, metadata={"format": "pt", _META_KEY: json.dumps(meta)}),
+        WEIGHTS_NAME: stable_safetensors_bytes({PROMPT_KEY: prompt}, metadata={"format": "pt"}),
+        STATE_NAME: stable_safetensors_bytes(tensors, metadata={"format": "pt", _META_KEY: json.dumps(meta)}),
     }
     for name, data in (extra_json or {}).items():
         files[name] = (json.dumps(data, indent=2) + "\n").encode()
     save_files(save_directory, files)
+
+
+def stable_safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """safetensors bytes that depend only on the tensors and the metadata, so saving twice gives the same file.
+
+    safetensors keeps the metadata in a hash map whose order changes from one call to the next, so a
+    file with two metadata keys came out in either order. The header (8-byte little-endian length,
+    then JSON padded with spaces to a multiple of 8) is rewritten here with the metadata keys sorted;
+    the tensor data that follows it is unchanged.
+    """
+    data = safetensors_bytes(tensors, metadata=metadata)
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + length :]
 
 
 def read_json_object(directory, name: str, what: str) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 Layers, each importing only the ones above it: ``roles`` (token roles, PEFT's packed codes) <- ``config``
 (CPTConfig) <- ``projection`` and ``loss`` (pure functions) <- ``embedding`` (CPTEmbedding) <- ``engine``
 (one context, many queries: the key/value cache) and ``saving`` (atomic writes, the manifest) <- ``files``
-(adapter folders: PEFT's format plus resume state) <- ``model`` (CPTModel, get_cpt_model, load_adapter).
+(adapter folders: PEFT's format plus resume state) and ``hub`` (repo ids to cached folders, uploads, the model
+card; only huggingface_hub and the standard library) <- ``model`` (CPTModel, get_cpt_model, load_adapter).
 """
 
 from cptune.cpt.config import CPTConfig

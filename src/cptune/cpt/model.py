@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,6 +16,7 @@ from cptune.cpt.config import CPTConfig
 from cptune.cpt.embedding import CPTEmbedding
 from cptune.cpt.engine import LAYOUTS, Prefix, encode_prefix, layout_report, max_positions, run_queries, run_rows
 from cptune.cpt.files import check_frozen_rows, read_adapter, save_adapter
+from cptune.cpt.hub import CARD_NAME, adapter_card, push_folder, resolve_folder
 from cptune.cpt.loss import IGNORE_INDEX, cpt_loss, cpt_loss_from_logits
 from cptune.cpt.roles import ROLES_PER_EXAMPLE, TokenRole
 
@@ -331,9 +335,69 @@ class CPTModel(nn.Module):
         save_adapter(self, save_directory, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, base_model: nn.Module, model_id, is_trainable: bool = False, **kwargs) -> CPTModel:
-        """Load a CPT adapter folder written by PEFT or cptune onto ``base_model``."""
-        return load_adapter(base_model, model_id, is_trainable=is_trainable, **kwargs)
+    def from_pretrained(
+        cls,
+        base_model: nn.Module,
+        model_id: str | os.PathLike,
+        is_trainable: bool = False,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        **kwargs,
+    ) -> CPTModel:
+        """Load a CPT adapter written by PEFT or cptune onto ``base_model``, from a folder or the hub.
+
+        Args:
+            base_model: the causal LM the adapter was trained on.
+            model_id: a local adapter folder, or a hub repo id ``owner/name`` (downloaded into the
+                Hugging Face cache; offline, read from it: :mod:`cptune.cpt.hub`). An existing folder wins.
+            is_trainable: keep the corrections trainable (to resume training).
+            revision: the hub repo's branch, tag or commit (default ``main``).
+            token: a hub token for a private repo (default: the stored login).
+            cache_dir: the hub cache (default: ``HF_HUB_CACHE`` and friends, read now).
+            **kwargs: ``adapter_name``, ``prefix_sharing`` (see :func:`load_adapter`).
+
+        Raises:
+            FileNotFoundError: no such folder; a repo or revision not on the hub, or not cached while offline.
+            cptune.cpt.saving.IncompleteSaveError: the files do not match the folder's manifest.
+            ValueError: unreadable files, or an adapter that does not fit ``base_model``.
+        """
+        folder = resolve_folder(model_id, revision, token=token, cache_dir=cache_dir)
+        return load_adapter(base_model, folder, is_trainable=is_trainable, **kwargs)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        private: bool | None = None,
+        commit_message: str | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        metrics: dict[str, Any] | None = None,
+    ):
+        """Upload the adapter, as :meth:`save_pretrained` writes it, plus a model card ``README.md``.
+
+        The save goes into a temporary folder (so the manifest and PEFT's files are exactly a local
+        save's), the card is added beside it, and the folder is uploaded in one commit
+        (:func:`cptune.cpt.hub.push_folder`). It loads back with :meth:`from_pretrained` and with
+        PEFT's ``PeftModel.from_pretrained``.
+
+        Args:
+            repo_id: ``owner/name`` (created if needed).
+            private: whether a new repo is private (``None``: the hub's default).
+            commit_message: the commit's message.
+            revision: the branch to commit to (default ``main``).
+            token: a hub token (default: the stored login).
+            metrics: evaluation figures ``{name: value}`` for the card.
+
+        Returns:
+            huggingface_hub's ``CommitInfo``.
+        """
+        with tempfile.TemporaryDirectory(prefix="cptune-push-") as tmp:
+            self.save_pretrained(tmp)
+            files = sorted([*(p.name for p in Path(tmp).iterdir()), CARD_NAME])
+            (Path(tmp) / CARD_NAME).write_text(adapter_card(self.config, repo_id, files, metrics), encoding="utf-8")
+            return push_folder(tmp, repo_id, private=private, commit_message=commit_message, revision=revision,
+                               token=token)
 
 
 def _is_right_padded(attention_mask: torch.Tensor) -> bool:

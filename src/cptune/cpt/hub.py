@@ -225,11 +225,10 @@ def card_front_matter(base_model: str | None, pipeline_tag: str | None = None) -
 
 
 def context_lines(config: CPTConfig) -> list[str]:
-    """Markdown bullet lines on the adapter: its base model, context size, projection radii and loss."""
+    """Markdown bullet lines on the adapter: its context size, projection radii and loss."""
     loss = (f"label tokens weighted by decay {config.opt_loss_decay_factor:g} per demonstration back from the query"
             if config.opt_weighted_loss_type == "decay" else "every label token weighted equally")
     return [
-        f"- base model: `{config.base_model_name_or_path or 'not recorded'}`",
         f"- context: {config.num_examples} demonstrations, {config.num_virtual_tokens} tokens",
         f"- projection radii (epsilon): {config.opt_projection_epsilon:g} for input text, "
         f"{config.opt_projection_format_epsilon:g} for template tokens",
@@ -274,15 +273,15 @@ def metrics_table(metrics: Mapping[str, Any] | None) -> list[str]:
     return rows
 
 
-def files_lines(names: list[str]) -> list[str]:
-    """Markdown bullet lines saying what each uploaded file is."""
+def files_lines(names: list[str], more: Mapping[str, str] | None = None) -> list[str]:
+    """Markdown bullet lines saying what each uploaded file is (``more``: ``{name: meaning}`` of other files)."""
     meaning = {
         "adapter_config.json": "PEFT's CPT config (the context's token ids and roles, the radii)",
         "adapter_model.safetensors": "PEFT's weights: the learned context embeddings",
         "cptune_state.safetensors": "cptune's resume state (frozen embeddings, corrections, roles); PEFT ignores it",
-        "cptune_classifier.json": "the classifier: template, label words, settings, training examples",
-        "cptune_manifest.json": "size and SHA-256 of each file above, checked on load",
+        "cptune_manifest.json": "size and SHA-256 of each file of the save, checked on load",
         CARD_NAME: "this card (not in the manifest)",
+        **(more or {}),
     }
     return [f"- `{name}`: {meaning.get(name, 'another file')}" for name in names]
 
@@ -309,6 +308,7 @@ def adapter_card(config: CPTConfig, repo_id: str, files: list[str], metrics: Map
         "",
         "## The adapter",
         "",
+        f"- base model: `{base or 'not recorded'}`",
         *context_lines(config),
         "",
     ]

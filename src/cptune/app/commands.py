@@ -139,7 +139,7 @@ def run_train(args) -> int:
     if is_main_process():  # under data parallelism every process trained the same delta; one writes
         clf.save(output)
         remove_saved_files(checkpoint)  # the classifier holds the final state; only our own files go
-        losses = clf.train_result.losses
+        losses = clf.train_result_.losses
         print(f"trained {len(losses)} steps on {len(examples)} labelled examples (final loss {losses[-1]:.4f}); "
               f"classifier saved to {output}")
     return 0
@@ -188,7 +188,7 @@ def evaluate(clf, dataset: Dataset, test_size: int | None = None, seed: int = 0)
     """
     from cptune.scoring import classification_metrics, per_class_metrics
 
-    trained = {text for text, _ in clf.examples}
+    trained = {text for text, _ in clf.examples_}
     rows = [ex for ex in dataset.examples if ex.text not in trained]
     left_out = len(dataset.examples) - len(rows)
     if not rows:

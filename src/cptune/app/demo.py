@@ -77,10 +77,9 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> dict:
     """
     import torch
 
-    from cptune.app.classifier import CPTClassifier
+    from cptune.app.classifier import CPTClassifier, shared_model
     from cptune.cpt.saving import write_json_atomic
     from cptune.data import load_dataset, sample_splits
-    from cptune.models import load_model
     from cptune.scoring import score_texts
     from cptune.text.context import build_context
     from cptune.text.template import Template
@@ -90,8 +89,7 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> dict:
     template = Template(fmt)
     dataset = load_dataset(settings.dataset)
     shots, _, test = sample_splits(dataset, settings.shots, settings.test_size, settings.seed)
-    base, tokenizer = load_model(settings.model, device=settings.device, dtype=settings.dtype,
-                                 device_map=settings.device_map)
+    base, tokenizer = shared_model(settings.model, settings.device, settings.dtype, settings.device_map)
     labels = list(label_words)
     gold = [labels.index(ex.label) for ex in test]
     texts = [ex.text for ex in test]
@@ -110,14 +108,14 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> dict:
         table = base.get_input_embeddings()
         icl_embeds = table(context.token_ids.unsqueeze(0).to(table.weight.device))  # (1, N, d)
     timed("ICL", icl_embeds)
-    clf = CPTClassifier((base, tokenizer), template=template, labels=label_words, recipe=settings.recipe(),
-                        progress=progress)
-    clf.model_name = settings.model  # the saved classifier reloads the base model by this name
+    clf = CPTClassifier(settings.model, template=template, labels=label_words, recipe=settings.recipe(),  # shares
+                        progress=progress, device=settings.device, dtype=settings.dtype,  # the model loaded above
+                        device_map=settings.device_map)
     start = time.perf_counter()
     clf.fit([ex.text for ex in shots], [ex.label for ex in shots])
     train_seconds = time.perf_counter() - start
     with torch.no_grad():
-        timed("CPT", clf.cpt_model.context_embeddings())
+        timed("CPT", clf.cpt_model_.context_embeddings())
     rows[-1]["train_seconds"] = round(train_seconds, 1)
     out = Path(settings.output)
     clf.save(out / CLASSIFIER_SUBDIR)
@@ -126,7 +124,7 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> dict:
         "template": fmt,
         "label_words": label_words,
         "context_tokens": len(context),
-        "final_train_loss": clf.train_result.losses[-1],
+        "final_train_loss": clf.train_result_.losses[-1],
         "results": rows,
         "data": dataset.provenance,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},

@@ -3,24 +3,36 @@
 
 import copy
 import hashlib
+import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx2
 import huggingface_hub
+import numpy as np
 import pytest
 import torch
 from huggingface_hub.errors import RepositoryNotFoundError
 from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import cptune
-from cptune.cpt.hub import hub_cache_dir, is_hub_id, offline_variable, resolve_folder
+from cptune import CPTClassifier
+from cptune.cpt.hub import card_front_matter, hub_cache_dir, is_hub_id, offline_variable, peft_snippet, resolve_folder
 from cptune.cpt.saving import MANIFEST_NAME, IncompleteSaveError
 from cptune.training import TrainSettings, train
 from tiny import tiny_model
 
 REPO = "owner/tiny-cpt"
+TEMPLATE = "Review: {x}\nSentiment: {y}"
+LABEL_WORDS = {"pos": "positive", "neg": "negative"}
+TEXTS = ["a gripping, funny and moving film", "dull, lifeless and far too long", "the best movie of the year",
+         "a waste of time", "the actors shine", "the plot is thin", "wonderful", "terrible, bad"]
+LABELS = ["pos", "neg"] * 4
+NEW = ["great", "far too long and dull", "a joy"]
 CFG = dict(opt_weighted_loss_type="decay", opt_loss_decay_factor=0.9, opt_projection_epsilon=0.4,
            opt_projection_format_epsilon=0.2)
 
@@ -287,3 +299,145 @@ def test_push_to_a_branch_creates_it_and_offline_push_is_refused(context, querie
     with pytest.raises(ValueError, match="cannot push to the Hugging Face hub while HF_HUB_OFFLINE is set"):
         model.push_to_hub(REPO)
     assert len(hub.calls) == 3
+
+
+# -- CPTClassifier -------------------------------------------------------------------------------
+
+
+def _classifier(tiny_dir, seed: int = 0, steps: int = 2) -> CPTClassifier:
+    clf = CPTClassifier(str(tiny_dir), template=TEMPLATE, labels=LABEL_WORDS, context_size=4,
+                        train=TrainSettings(steps=steps, batch_size=4, lr=5e-2, seed=seed))
+    return clf.fit(TEXTS, LABELS)
+
+
+def test_classifier_loads_by_repo_id_and_revision_and_predicts_as_saved(tiny_dir, cache, tmp_path):
+    clf = _classifier(tiny_dir)
+    clf.save(tmp_path / "v1")
+    other = _classifier(tiny_dir, seed=1, steps=4)
+    other.save(tmp_path / "v2")
+    cache_repo(cache, REPO, tmp_path / "v1")
+    commit = cache_repo(cache, REPO, tmp_path / "v2", ref="v2")
+    loaded = CPTClassifier.load(REPO)
+    assert loaded.classes_ == clf.classes_ and loaded.examples_ == clf.examples_
+    np.testing.assert_array_equal(loaded.predict_proba(NEW), clf.predict_proba(NEW))
+    for revision in ("v2", commit):
+        np.testing.assert_array_equal(CPTClassifier.load(REPO, revision=revision).predict_proba(NEW),
+                                      other.predict_proba(NEW))
+    assert not np.array_equal(clf.predict_proba(NEW), other.predict_proba(NEW))
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    model = cptune.CPTModel.from_pretrained(base, REPO)  # the classifier's adapter, on its own
+    assert torch.equal(model.context_embeddings(), clf.cpt_model_.context_embeddings())
+
+
+def test_classifier_missing_from_the_cache_offline_or_from_the_disk(tiny_dir, cache):
+    with pytest.raises(FileNotFoundError) as err:
+        CPTClassifier.load("owner/absent", revision="v1")
+    assert str(err.value) == (f"owner/absent is not a local folder, and hub repo owner/absent (revision v1) is not in "
+                              f"the Hugging Face cache {cache} while HF_HUB_OFFLINE is set; download it once online "
+                              "or unset HF_HUB_OFFLINE")
+    with pytest.raises(FileNotFoundError, match="classifier folder nowhere/at/all does not exist"):
+        CPTClassifier.load("nowhere/at/all")
+
+
+def test_classifier_push_sends_the_save_plus_its_card_and_loads_back_by_repo_id(tiny_dir, cache, tmp_path,
+                                                                               monkeypatch):
+    clf = _classifier(tiny_dir)
+    hub = HubRecorder(tmp_path).install(monkeypatch)
+    metrics = {"accuracy": 0.625, "macro_f1": 0.6, "test_size": 8}
+    assert clf.push_to_hub(REPO, private=False, commit_message="a tiny classifier", metrics=metrics) == "commit 1"
+    assert hub.calls == [
+        ("create_repo", {"repo_id": REPO, "token": None, "private": False, "exist_ok": True}),
+        ("upload_folder", {"repo_id": REPO, "commit_message": "a tiny classifier", "revision": None}),
+    ]
+    clf.save(tmp_path / "plain")
+    pushed = files_of(hub.folders[0])
+    card = pushed.pop("README.md").decode()
+    assert pushed == files_of(tmp_path / "plain")  # exactly the files and bytes of a plain save, plus the card
+    assert set(json.loads(pushed[MANIFEST_NAME])["files"]) == set(pushed) - {MANIFEST_NAME}  # the card is not listed
+
+    assert front_matter(card) == {"library_name": "cptune", "pipeline_tag": "text-classification",
+                                  "tags": ["cpt", "few-shot", "peft"]}  # a local base model is no hub base_model
+    config = clf.cpt_model_.config
+    expected = [
+        f"# {REPO}",
+        f"Made with cptune {cptune.__version__}.",
+        f"- base model: `{tiny_dir}`",
+        '- template: `"Review: {x}\\nSentiment: {y}"`, demonstrations separated by `"\\n"`',
+        f"- context: 4 demonstrations, {config.num_virtual_tokens} tokens",
+        "- projection radii (epsilon): 0.2 for input text, 0.1 for template tokens",
+        "- loss: label tokens weighted by decay 0.95 per demonstration back from the query",
+        "- training: 8 labelled examples as queries, 2 steps, batch size 4, AdamW lr 0.05 (linear schedule, "
+        "weight decay 0, 0 warm-up steps), seed 0",
+        "- scoring: not calibrated",
+        '| "pos" | "positive" |',
+        '| "neg" | "negative" |',
+        "| accuracy | 0.6250 |",
+        "| macro_f1 | 0.6000 |",
+        "| test_size | 8 |",
+        f'clf = CPTClassifier.load("{REPO}")',
+        f'cptune predict {REPO} "a gripping film"',
+        f'base, tokenizer = cptune.load_model("{tiny_dir}")  # the model it was trained on',
+        f'model = PeftModel.from_pretrained(base, "{REPO}")',
+        "- `README.md`: this card (not in the manifest)",
+        "- `cptune_classifier.json`: the classifier: base model, template, label words, settings, and its training "
+        "examples (texts and labels)",
+    ]
+    lines = card.splitlines()
+    for line in expected:
+        assert line in lines, line
+    assert config.num_examples == 4
+
+    cache_repo(cache, REPO, hub.folders[0])  # the pushed folder, as a download leaves it in the cache
+    loaded = CPTClassifier.load(REPO)
+    np.testing.assert_array_equal(loaded.predict_proba(NEW), clf.predict_proba(NEW))
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)  # the card's PEFT recipe, on the local copy
+    theirs = PeftModel.from_pretrained(base, hub.folders[0]).eval()
+    batch = AutoTokenizer.from_pretrained(tiny_dir)(NEW, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        ours = clf.cpt_model_(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        peft_logits = theirs(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.allclose(ours, peft_logits, atol=1e-5), (ours - peft_logits).abs().max()
+
+
+def test_a_recorded_evaluation_is_saved_loaded_and_written_into_the_card(tiny_dir, tmp_path, monkeypatch):
+    clf = _classifier(tiny_dir, steps=1)
+    clf.evaluation_ = {"accuracy": 0.75, "test_size": 4}
+    clf.save(tmp_path / "saved")
+    loaded = CPTClassifier.load(tmp_path / "saved")
+    assert loaded.evaluation_ == {"accuracy": 0.75, "test_size": 4}
+    hub = HubRecorder(tmp_path).install(monkeypatch)
+    loaded.push_to_hub(REPO)
+    card = (hub.folders[0] / "README.md").read_text().splitlines()
+    assert "| accuracy | 0.7500 |" in card and "| test_size | 4 |" in card
+    loaded.push_to_hub(REPO, metrics={"accuracy": 0.5})  # given metrics replace the recorded ones in the card
+    card = (hub.folders[1] / "README.md").read_text().splitlines()
+    assert "| accuracy | 0.5000 |" in card and "| test_size | 4 |" not in card
+    assert _classifier(tiny_dir, steps=1).evaluation_ is None  # none unless someone records one
+
+
+def test_a_fresh_process_with_the_hub_variables_set_loads_by_repo_id(tiny_dir, tmp_path):
+    """As a user runs it: HF_HUB_CACHE and HF_HUB_OFFLINE set before Python starts, nothing passed explicitly."""
+    clf = _classifier(tiny_dir)
+    clf.save(tmp_path / "saved")
+    cache = tmp_path / "user-cache"
+    cache_repo(cache, REPO, tmp_path / "saved")
+    code = (f"from cptune import CPTClassifier; import json; "
+            f"print(json.dumps(CPTClassifier.load({REPO!r}).predict_proba({NEW!r}).tolist()))")
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    np.testing.assert_array_equal(np.array(json.loads(done.stdout.splitlines()[-1]), dtype=np.float32),
+                                  clf.predict_proba(NEW))
+
+
+def test_the_card_names_a_hub_base_model_and_loads_it_with_transformers():
+    assert front_matter(card_front_matter("HuggingFaceTB/SmolLM2-135M-Instruct", "text-classification")) == {
+        "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "library_name": "cptune",
+        "pipeline_tag": "text-classification", "tags": ["cpt", "few-shot", "peft"]}
+    for local in ("smollm2-135m", "/models/tiny", "./owner/name"):
+        assert "base_model" not in front_matter(card_front_matter(local))
+    assert peft_snippet("HuggingFaceTB/SmolLM2-135M-Instruct", REPO).splitlines() == [
+        "```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM", "",
+        'base = AutoModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")',
+        f'model = PeftModel.from_pretrained(base, "{REPO}")', "```"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -11,7 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from cptune.app.card import write_classifier_card
 from cptune.cpt.files import CONFIG_NAME, read_config, read_json_object, save_adapter
+from cptune.cpt.hub import push_folder, resolve_folder
 from cptune.cpt.model import load_adapter
 from cptune.cpt.saving import check_manifest
 from cptune.data.types import label_sort_key
@@ -49,6 +52,10 @@ class CPTClassifier:
     :attr:`cpt_model_`, :attr:`examples_`, :attr:`train_result_`, :attr:`placement_`), and
     :meth:`score` is accuracy, so ``cross_val_score`` and ``GridSearchCV`` work. Texts are the
     samples: ``X`` is a list (or array, Series) of strings.
+
+    ``evaluation_`` (``None`` after :meth:`fit`) is a ``{name: value}`` dict of evaluation figures
+    you may set; :meth:`save` keeps it, :meth:`load` reads it back and :meth:`push_to_hub` writes it
+    into the model card.
 
     Args:
         model: embedded default name, local folder, ``.gguf`` file or hub id; or a
@@ -279,6 +286,7 @@ class CPTClassifier:
         self._set_labels(table)
         self.examples_ = list(zip(texts, labels, strict=True))
         self.model_name_ = self._model_name()
+        self.evaluation_ = None  # figures of an earlier fit do not describe this one
         self.cpt_model_, self.train_result_ = fit_cpt(
             base, tokenizer, self.examples_, self._template(), self._words(), self._recipe(),
             model_name=self.model_name_, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
@@ -331,6 +339,7 @@ class CPTClassifier:
             "context_size": self.context_size,
             "trained_on": getattr(self, "placement_", None),
             "examples": [list(pair) for pair in self.examples_],
+            **({"evaluation": dict(self.evaluation_)} if getattr(self, "evaluation_", None) is not None else {}),
         }
 
     def save(self, directory: str | Path) -> None:
@@ -341,21 +350,70 @@ class CPTClassifier:
         model = self._fitted("save()")
         save_adapter(model, directory, extra_json={CLASSIFIER_FILE: self._description()})
 
-    @classmethod
-    def load(cls, directory: str | Path, model: str | tuple | None = None, **kwargs) -> CPTClassifier:
-        """Load a saved classifier; ``model`` overrides the base model recorded in it.
+    def push_to_hub(
+        self,
+        repo_id: str,
+        private: bool | None = None,
+        commit_message: str | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        metrics: Mapping[str, Any] | None = None,
+    ):
+        """Upload the classifier, as :meth:`save` writes it, plus a model card ``README.md``, to a hub repo.
+
+        The save goes into a temporary folder, the card (:mod:`cptune.app.card`) is written beside
+        it and the folder is uploaded in one commit (:func:`cptune.cpt.hub.push_folder`). It loads
+        back with ``CPTClassifier.load(repo_id)``, and its adapter with PEFT. The training examples
+        are part of the save, so they go up too (see docs/hub.md).
 
         Args:
-            directory: the folder :meth:`save` wrote.
+            repo_id: ``owner/name`` (created if needed).
+            private: whether a new repo is private (``None``: the hub's default).
+            commit_message: the commit's message.
+            revision: the branch to commit to (default ``main``).
+            token: a hub token (default: the stored login).
+            metrics: evaluation figures ``{name: value}`` for the card (default: :attr:`evaluation_`).
+
+        Returns:
+            huggingface_hub's ``CommitInfo``.
+        """
+        self._fitted("push_to_hub()")
+        with tempfile.TemporaryDirectory(prefix="cptune-push-") as tmp:
+            self.save(tmp)
+            write_classifier_card(tmp, repo_id, self._description(), metrics, info_file=CLASSIFIER_FILE)
+            return push_folder(tmp, repo_id, private=private, commit_message=commit_message, revision=revision,
+                               token=token)
+
+    @classmethod
+    def load(
+        cls,
+        directory: str | Path,
+        model: str | tuple | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | Path | None = None,
+        **kwargs,
+    ) -> CPTClassifier:
+        """Load a saved classifier, from a folder or a hub repo; ``model`` overrides the base model recorded in it.
+
+        Args:
+            directory: the folder :meth:`save` wrote, or a hub repo id ``owner/name`` that
+                :meth:`push_to_hub` wrote (downloaded into the Hugging Face cache; offline, read from
+                it: :mod:`cptune.cpt.hub`). An existing local folder wins.
             model: the base model (default: the one recorded).
+            revision: the hub repo's branch, tag or commit (default ``main``).
+            token: a hub token for a private repo (default: the stored login).
+            cache_dir: the hub cache (default: ``HF_HUB_CACHE`` and friends, read now).
             **kwargs: other constructor arguments (``device``, ``dtype``, ``batch_size``, ...).
 
         Raises:
-            FileNotFoundError: no such folder, or a folder without ``cptune_classifier.json`` (for
-                a plain CPT adapter folder the message says to use :meth:`from_adapter`).
+            FileNotFoundError: no such folder or repo (offline: not in the cache), or a folder without
+                ``cptune_classifier.json`` (for a plain CPT adapter folder the message says to use
+                :meth:`from_adapter`).
             cptune.cpt.saving.IncompleteSaveError: an interrupted or altered save.
         """
-        directory = _existing_folder(directory, "classifier folder")
+        folder = resolve_folder(directory, revision, token=token, cache_dir=cache_dir)
+        directory = _existing_folder(folder, "classifier folder")
         check_manifest(directory, reading=(CLASSIFIER_FILE,))
         if not (directory / CLASSIFIER_FILE).is_file() and (directory / CONFIG_NAME).is_file():
             raise FileNotFoundError(
@@ -375,6 +433,7 @@ class CPTClassifier:
             **{"context_size": info.get("context_size"), **kwargs},
         )
         clf._load_adapter(directory, [tuple(pair) for pair in info.get("examples", [])])
+        clf.evaluation_ = info.get("evaluation")
         return clf
 
     @classmethod
@@ -412,6 +471,7 @@ class CPTClassifier:
         self.examples_ = examples
         self.model_name_ = self._model_name()
         self.train_result_ = None
+        self.evaluation_ = None
         self.cpt_model_ = load_adapter(base, directory)
 
 

@@ -57,7 +57,8 @@ def classifier_card(
     base = info["model"]
     template = info["template"]
     train = info["train"]
-    steps = f"{train['steps']} steps" if train.get("steps") is not None else f"{train['epochs']} epochs"
+    count, unit = (train["steps"], "step") if train.get("steps") is not None else (train["epochs"], "epoch")
+    steps = f"{count} {unit}{'' if count == 1 else 's'}"
     scoring = ", ".join([*(["length-normalised"] if info.get("length_normalize") else []),
                          "contextually calibrated" if info.get("calibrate") else "not calibrated"])
     lines = [
@@ -88,7 +89,7 @@ def classifier_card(
         "",
         "| label | word |",
         "|---|---|",
-        *(f"| {json.dumps(label)} | {json.dumps(word)} |" for label, word in info["labels"]),
+        *(f"| {_cell(label)} | {_cell(word)} |" for label, word in info["labels"]),
         "",
     ]
     table = metrics_table(metrics)
@@ -124,6 +125,11 @@ def classifier_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    """A label or label word in a Markdown table cell: as JSON (strings quoted, types visible), bars escaped."""
+    return json.dumps(value, ensure_ascii=False).replace("|", "\\|")
 
 
 def write_classifier_card(folder: str | Path, repo_id: str, info: Mapping[str, Any],

@@ -329,6 +329,26 @@ def test_classifier_loads_by_repo_id_and_revision_and_predicts_as_saved(tiny_dir
     assert torch.equal(model.context_embeddings(), clf.cpt_model_.context_embeddings())
 
 
+def test_the_command_line_predicts_and_evaluates_by_repo_id(tiny_dir, cache, tmp_path, capsys):
+    from cptune.app.cli import main
+
+    clf = _classifier(tiny_dir)
+    clf.save(tmp_path / "v1")
+    cache_repo(cache, REPO, tmp_path / "v1")
+    capsys.readouterr()
+    assert main(["predict", REPO, *NEW]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [row["label"] for row in rows] == clf.predict(NEW)
+    data = tmp_path / "test.jsonl"
+    gold = [clf.classes_[i % 2] for i in range(len(NEW))]
+    data.write_text("".join(json.dumps({"text": t, "label": label}) + "\n" for t, label in zip(NEW, gold, strict=True)))
+    assert main(["eval", REPO, "--data", str(data), "--json"]) == 0
+    right = sum(p == g for p, g in zip(clf.predict(NEW), gold, strict=True))
+    assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(right / len(NEW))
+    assert main(["predict", "no-such-folder", "x"]) == 2
+    assert "does not exist (nor is it a hub repo id" in capsys.readouterr().err
+
+
 def test_classifier_missing_from_the_cache_offline_or_from_the_disk(tiny_dir, cache):
     with pytest.raises(FileNotFoundError) as err:
         CPTClassifier.load("owner/absent", revision="v1")

@@ -147,18 +147,25 @@ def run_train(args) -> int:
 
 # -- eval --------------------------------------------------------------------------------------
 
+def _check_classifier_name(name: str) -> None:
+    """A local folder, or a hub repo id (``owner/name``) that CPTClassifier.load downloads."""
+    from cptune.cpt.hub import is_hub_id
+
+    if not Path(name).exists() and not is_hub_id(name):
+        raise UserError(f"classifier folder {name} does not exist (nor is it a hub repo id, owner/name)")
+
+
 def _load_classifier(args):
     from cptune.app.classifier import CLASSIFIER_FILE, CPTClassifier
 
-    folder = Path(args.classifier)
-    if not folder.exists():
-        raise UserError(f"classifier folder {folder} does not exist")
+    _check_classifier_name(args.classifier)
+    folder = args.classifier if not Path(args.classifier).exists() else Path(args.classifier)
     if args.batch_size < 1:
         raise UserError(f"--batch-size={args.batch_size} must be >= 1")
     options = {**_model_options(args), "batch_size": args.batch_size}
     if args.template is None and args.label_words is None:
         clf = CPTClassifier.load(folder, model=args.model, **options)
-    elif (folder / CLASSIFIER_FILE).is_file():
+    elif (Path(folder) / CLASSIFIER_FILE).is_file():
         raise UserError(f"--template and --label-words are for adapter folders; {folder} is a classifier and has "
                         f"its own ({CLASSIFIER_FILE})")
     elif args.template is None or args.label_words is None:
@@ -229,8 +236,7 @@ def run_eval(args) -> int:
     quiet_transformers()
     from cptune.cpt.saving import write_json_atomic
 
-    if not Path(args.classifier).exists():
-        raise UserError(f"classifier folder {args.classifier} does not exist")
+    _check_classifier_name(args.classifier)
     if args.data is None:
         raise UserError("eval needs the test data: --data (or --test-data) FILE, built-in name or hub id")
     dataset = _load(args, default_split="test")  # a bad --data fails before the model loads

@@ -214,3 +214,74 @@ def _check_lengths(base_model, context_len: int, queries: Sequence[Sequence[int]
             f"text {longest} needs {needed} positions (context {context_len} + query {len(queries[longest])} + "
             f"label {label_len} - 1 tokens), more than the model's {limit}; shorten the text or the context"
         )
+
+
+class ContextScorer:
+    """:func:`score_texts` with everything that does not depend on the texts done once.
+
+    Built once: the label token ids, the context's key/value cache (:func:`encode_context`) and, with
+    ``calibrate``, the content-free inputs' label scores after it. Each call then pays only for its own
+    query tokens, which is what a server answering many requests after one learned context wants.
+    ``scorer.scores(scorer.query_ids(texts))`` equals ``score_texts(...)`` with the same arguments
+    (up to float rounding: the queries are batched differently).
+
+    Args:
+        base_model: the frozen causal LM.
+        tokenizer: its tokenizer.
+        template: how queries are written.
+        label_words: label -> word, in the order of the returned columns.
+        context_embeds: ``(1, N, d)`` context embeddings; ``None`` for zero-shot.
+        batch_size: queries per forward.
+        length_normalize: divide each label's score by its token count.
+        calibrate: contextual calibration against :data:`CONTENT_FREE_TEXTS`, scored here once.
+    """
+
+    @torch.no_grad()
+    def __init__(
+        self,
+        base_model,
+        tokenizer,
+        template,
+        label_words: dict[str, str],
+        context_embeds: torch.Tensor | None = None,
+        batch_size: int = 8,
+        length_normalize: bool = False,
+        calibrate: bool = False,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        self.base_model, self.tokenizer, self.template = base_model, tokenizer, template
+        self.batch_size, self.length_normalize = batch_size, length_normalize
+        ids = label_token_ids(template, tokenizer, label_words)
+        self.label_ids = [ids[label] for label in label_words]
+        self.context_tokens = 0 if context_embeds is None else int(context_embeds.shape[1])
+        self.context = encode_context(base_model, context_embeds)
+        self.content_free_scores = None  # (len(CONTENT_FREE_TEXTS), C) when calibrating
+        if calibrate:
+            self.content_free_scores = self._raw_scores(self.query_ids(CONTENT_FREE_TEXTS))
+
+    def query_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text as a query (:func:`query_token_ids`, BOS first when there is no context)."""
+        return query_token_ids(list(texts), self.template, self.tokenizer, add_bos=self.context is None)
+
+    def check_lengths(self, query_ids: Sequence[Sequence[int]]) -> None:
+        """Refuse a query longer than the model's positions allow after the context.
+
+        Raises:
+            ValueError: naming the first longest query's index, the positions it needs and the model's.
+        """
+        _check_lengths(self.base_model, self.context_tokens, query_ids, max(len(ids) for ids in self.label_ids))
+
+    @torch.no_grad()
+    def scores(self, query_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+        """``(len(query_ids), C)`` label scores (calibrated log-probabilities when calibrating), after
+        :meth:`check_lengths`."""
+        self.check_lengths(query_ids)
+        scores = self._raw_scores(query_ids)
+        if self.content_free_scores is None:
+            return scores
+        return contextual_calibration(scores, self.content_free_scores)
+
+    def _raw_scores(self, query_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+        return label_log_likelihoods(self.base_model, self.context, query_ids, self.label_ids,
+                                     batch_size=self.batch_size, length_normalize=self.length_normalize)

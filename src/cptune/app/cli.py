@@ -223,7 +223,16 @@ def _add_download(sub) -> None:
     download.add_parser(sub)
 
 
-# command -> (adds its parser, the module whose run_<command> runs it)
+def _add_serve(sub) -> None:
+    from cptune.app import serve
+
+    p = serve.add_parser(sub)  # the folder and the server's options; the model's options as for predict:
+    add_model_args(p, model_default=None)
+    p.add_argument("--batch-size", type=int, default=8, help="texts per forward (default: %(default)s)")
+    add_calibrate_arg(p)
+
+
+# command -> (adds its parser, the module that runs it: run_<command> in cptune.app.commands, else run)
 COMMANDS = {
     "demo": (_add_demo, "cptune.app.commands"),
     "train": (_add_train, "cptune.app.commands"),
@@ -232,6 +241,7 @@ COMMANDS = {
     "datasets": (_add_datasets, "cptune.app.commands"),
     "compare": (_add_compare, "cptune.app.commands"),
     "download": (_add_download, "cptune.app.download"),
+    "serve": (_add_serve, "cptune.app.serve"),
 }
 
 
@@ -249,8 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _handler(command: str):
-    module = importlib.import_module(COMMANDS[command][1])
-    return getattr(module, "run" if COMMANDS[command][1].endswith(".download") else f"run_{command}")
+    name = COMMANDS[command][1]
+    return getattr(importlib.import_module(name), f"run_{command}" if name == "cptune.app.commands" else "run")
 
 
 class _StderrHandler(logging.StreamHandler):

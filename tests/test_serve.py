@@ -1,0 +1,474 @@
+"""`cptune serve`: the context-once scorer against score_texts, the batcher, and a real server process on
+loopback answered over real HTTP (concurrent requests equal to predict_proba, every error status, SIGTERM
+under load), and its page driven in headless Chromium where Debian's package is installed.
+
+Every loop is bounded in count and time; nothing leaves 127.0.0.1."""
+
+import asyncio
+import base64
+import http.client
+import json
+import os
+import re
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+import cptune
+from cptune import CPTClassifier, TrainSettings
+from cptune.app import serve
+from cptune.app.cli import main
+from cptune.scoring import ContextScorer, score_texts
+from tiny import tiny_model, tiny_tokenizer
+
+LOOPBACK = "127.0.0.1"
+STARTUP_S = 120  # a server process imports torch and loads the model; the CPU may be shared
+REQUEST_S = 60
+ARTIFACTS = Path(__file__).parent / "artifacts"  # gitignored; the browser test's screenshot
+LABELS = {0: "negative", 1: "very positive"}  # integer labels (JSON numbers), a two-token label word
+TRAIN = [(f"a {w} film, take {i}", int(k % 2 == 0)) for i in range(2)
+         for k, w in enumerate(["fun", "dull", "great", "bad", "joy", "bore", "gripping", "long"])]
+TEXTS = ["a fun film", "so dull, so long", "great", "the plot is thin", "wonderful actors", "", "terrible, bad",
+         "a gripping and moving story", "far too long and dull", "the best movie of the year"]
+LIMITS = ["--max-texts", "8", "--max-chars", "1500"]
+TOO_MANY_POSITIONS = "中" * 1000  # 1000 characters (within --max-chars) but 3000 tokens: the tiny Llama has 2048
+
+
+# -- the scorer and the batcher, in process --------------------------------------------------------
+
+@pytest.mark.parametrize("calibrate", [False, True])
+@pytest.mark.parametrize("length_normalize", [False, True])
+def test_context_scorer_equals_score_texts(calibrate, length_normalize):
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    template = cptune.Template("input: {x} output: {y}")
+    words = {"neg": "negative", "pos": "very positive", "mid": "neutral"}
+    demonstration = tok("input: a waste of time output: negative\n")["input_ids"]
+    context = model.get_input_embeddings()(torch.tensor([demonstration]))  # (1, N, d)
+    scorer = ContextScorer(model, tok, template, words, context, batch_size=3,
+                           length_normalize=length_normalize, calibrate=calibrate)
+    for texts in (TEXTS, TEXTS[:1]):  # batches of other sizes, the same scores
+        expected = score_texts(model, tok, template, words, texts, context, batch_size=8,
+                               length_normalize=length_normalize, calibrate=calibrate)
+        assert torch.allclose(scorer.scores(scorer.query_ids(texts)), expected, atol=1e-5, rtol=0)
+    assert scorer.context_tokens == context.shape[1]
+    zero_shot = ContextScorer(model, tok, template, words, None, calibrate=calibrate)
+    assert torch.allclose(zero_shot.scores(zero_shot.query_ids(TEXTS)),
+                          score_texts(model, tok, template, words, TEXTS, None, calibrate=calibrate), atol=1e-5)
+
+
+def test_batcher_batches_concurrent_requests_and_drains_on_close():
+    calls = []
+
+    def answer(requests):
+        calls.append([len(texts) for texts in requests])
+        time.sleep(0.05)  # the model's time: requests keep arriving meanwhile
+        return [[f"{t}!" for t in texts] if texts[0] != "fail" else ValueError("no") for texts in requests]
+
+    async def scenario():
+        batcher = serve.Batcher(answer, max_batch=8, max_wait_s=0.2)
+        batcher.start()
+        sizes = [3, 3, 3, 20, 1, 2]
+        tasks = [asyncio.create_task(batcher.submit([f"r{i}t{j}" for j in range(n)])) for i, n in enumerate(sizes)]
+        failing = asyncio.create_task(batcher.submit(["fail"]))
+        await asyncio.sleep(0)  # every request queued
+        await batcher.close()  # answers everything submitted before it
+        with pytest.raises(serve.RequestError):  # closed: refused
+            await batcher.submit(["late"])
+        with pytest.raises(ValueError, match="no"):
+            await failing
+        return [t.result() for t in tasks], batcher
+
+    results, batcher = asyncio.run(scenario())
+    assert results[0] == ["r0t0!", "r0t1!", "r0t2!"] and results[3][-1] == "r3t19!" and len(results[3]) == 20
+    assert calls == [[3, 3], [3], [20], [1, 2, 1]]  # in order, whole requests, <= 8 texts unless one is larger
+    assert batcher.batches == 4 and batcher.in_flight == 0 and batcher.received == 7
+
+
+# -- a trained classifier and a server process -----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def classifier(tiny_dir, tmp_path_factory):
+    """A tiny classifier with calibration and length normalisation on (the server must reproduce both)."""
+    folder = tmp_path_factory.mktemp("serve") / "clf"
+    clf = CPTClassifier(model=str(tiny_dir), labels=LABELS, context_size=4, calibrate=True, length_normalize=True,
+                        train=TrainSettings(steps=2, lr=0.01, batch_size=4))
+    clf.fit([t for t, _ in TRAIN], [y for _, y in TRAIN]).save(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def expected(classifier):
+    """``texts -> (n, C) probabilities`` of the classifier loaded in this process."""
+    clf = CPTClassifier.load(classifier)
+    cache = {}
+
+    def probabilities(texts):
+        missing = [t for t in dict.fromkeys(texts) if t not in cache]
+        if missing:
+            cache.update(zip(missing, clf.predict_proba(missing).tolist(), strict=True))
+        return [cache[t] for t in texts]
+
+    probabilities.classes = clf.classes_
+    return probabilities
+
+
+class Server:
+    """``python -m cptune serve FOLDER --port 0 ...`` as a child process, on loopback."""
+
+    def __init__(self, folder, *options):
+        self.log = tempfile.TemporaryFile(mode="w+")
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "cptune", "serve", str(folder), "--host", LOOPBACK,
+                                      "--port", "0", *options], stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     env=env)
+        self.url, self.port = self._wait_ready()
+
+    def _wait_ready(self):
+        deadline = time.monotonic() + STARTUP_S
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.proc.stdout, selectors.EVENT_READ)
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                if sel.select(timeout=0.5):
+                    line = self.proc.stdout.readline()
+                    found = re.fullmatch(r"cptune: serving .+ on (http://127\.0\.0\.1:(\d+))\n", line)
+                    if found:
+                        return found[1], int(found[2])
+        self.stop()
+        raise AssertionError(f"the server did not start (exit {self.proc.returncode}): {self.stderr()[-2000:]}")
+
+    def stderr(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+def request(port, method, path, body=None, timeout=REQUEST_S):
+    """``(status, parsed JSON or text)``; http.client so that no proxy setting can send it elsewhere."""
+    conn = http.client.HTTPConnection(LOOPBACK, port, timeout=timeout)
+    try:
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json"} if data else {})
+        response = conn.getresponse()
+        raw = response.read().decode()
+        is_json = response.getheader("content-type", "").startswith("application/json")
+        return response.status, json.loads(raw) if is_json else raw
+    finally:
+        conn.close()
+
+
+def check_predictions(answer, texts, expected, atol=1e-5):
+    want = expected(texts)
+    assert len(answer["predictions"]) == len(texts)
+    for got, probs in zip(answer["predictions"], want, strict=True):
+        assert list(got["probabilities"]) == [str(c) for c in expected.classes]
+        assert list(got["probabilities"].values()) == pytest.approx(probs, abs=atol)
+        best = max(range(len(probs)), key=probs.__getitem__)
+        if max(probs) - sorted(probs)[-2] > 1e-4:  # a clear winner: the same label, its JSON type kept
+            assert got["label"] == expected.classes[best] and type(got["label"]) is type(expected.classes[best])
+
+
+@pytest.fixture(scope="module")
+def server(classifier):
+    running = Server(classifier, *LIMITS, "--max-wait-ms", "100")
+    yield running
+    running.stop()
+    assert running.proc.returncode == 0, running.stderr()[-2000:]
+
+
+def test_concurrent_requests_equal_predict_proba(server, expected):
+    before = request(server.port, "GET", "/health")[1]
+    batches = [TEXTS[i % 7 : i % 7 + 1 + i % 3] for i in range(16)]  # 1 to 3 texts each
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda texts: request(server.port, "POST", "/predict", {"texts": texts}), batches))
+    for (status, answer), texts in zip(answers, batches, strict=True):
+        assert status == 200, answer
+        check_predictions(answer, texts, expected)
+    after = request(server.port, "GET", "/health")[1]
+    assert after["requests"] - before["requests"] == 16 and after["in_flight"] == 0
+    assert after["batches"] - before["batches"] < 16  # concurrent requests shared model calls
+
+
+def test_health_info_and_page(server, classifier):
+    assert request(server.port, "GET", "/health")[0] == 200
+    status, info = request(server.port, "GET", "/info")
+    saved = json.loads((classifier / "cptune_classifier.json").read_text())
+    assert status == 200 and info["labels"] == [{"label": 0, "word": "negative"}, {"label": 1, "word": "very positive"}]
+    assert info["template"] == saved["template"]["format"] and info["calibrate"] and info["length_normalize"]
+    assert info["context_tokens"] > 0 and info["placement"] == "cpu, float32" and info["cptune_version"]
+    assert info["limits"] == {"max_batch": 32, "max_wait_ms": 100.0, "max_texts": 8, "max_chars": 1500}
+    status, page = request(server.port, "GET", "/")
+    assert status == 200 and "<textarea" in page and "<script>" in page
+    assert not re.search(r"(src|href)=\"?(https?:)?//", page)  # nothing loaded from elsewhere
+
+
+def test_empty_request_is_answered_without_the_model(server):
+    assert request(server.port, "POST", "/predict", {"texts": []}) == (200, {"predictions": []})
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ({"texts": ["a"] * 9}, 413, "9 texts in one request; the limit is 8 (--max-texts)"),
+    ({"texts": ["ok", "x" * 1501]}, 413, "text 1 has 1501 characters; the limit is 1500 (--max-chars)"),
+    ({"texts": [TOO_MANY_POSITIONS]}, 413, "more than the model's 2048"),
+    (b'{"texts": ["unclosed', 400, "the body is not JSON"),
+    (b"\xff\xfe\x00", 400, "the body is not JSON"),
+    ({"text": ["a"]}, 400, 'the body must be a JSON object {"texts": [string, ...]}'),
+    ({"texts": "a"}, 400, '"texts" must be a list of strings; got a string'),
+    ({"texts": ["a", 3]}, 400, '"texts" must be a list of strings; item 1 is a number'),
+    ([1, 2], 400, "got a list"),
+    (b'{"texts": ["a lone surrogate \\ud800"]}', 500, "the model failed on this request: TypeError"),
+])
+def test_errors_are_one_line_json(server, expected, body, status, message):
+    got, answer = request(server.port, "POST", "/predict", body)
+    assert got == status and message in answer["detail"], answer
+    assert "\n" not in answer["detail"] and "Traceback" not in answer["detail"]
+    ok, answer = request(server.port, "POST", "/predict", {"texts": ["still serving"]})  # nothing broke
+    assert ok == 200
+    check_predictions(answer, ["still serving"], expected)
+
+
+def test_one_failing_request_leaves_the_others_in_its_batch_answered(classifier, expected, monkeypatch):
+    served = serve.load_served(str(classifier))
+    good, long, broken = ["a fun film", "great"], [TOO_MANY_POSITIONS], ["a lone surrogate \ud800"]
+    rows, too_long, failed = served.answer([good, long, broken])
+    check_predictions({"predictions": rows}, good, expected)
+    assert (too_long.status, failed.status) == (413, 500)
+    real = served.scorer.scores
+    poisoned = served.scorer.query_ids(["poison"])[0]
+
+    def scores(ids):  # a model that fails on one text: the batch fails, then each request alone
+        if poisoned in ids:
+            raise RuntimeError("CUDA error: an illegal memory access\nmore lines")
+        return real(ids)
+
+    monkeypatch.setattr(served.scorer, "scores", scores)
+    first, bad, last = served.answer([good, ["x", "poison"], ["great"]])
+    check_predictions({"predictions": first}, good, expected)
+    check_predictions({"predictions": last}, ["great"], expected)
+    assert bad.status == 500 and bad.message == "the model failed on this request: RuntimeError: CUDA error: an " \
+                                                "illegal memory access"
+
+
+# -- SIGTERM under load ----------------------------------------------------------------------------
+
+def test_sigterm_answers_every_received_request_then_exits_0(classifier, expected):
+    """Requests the server has received (counted by /health) when SIGTERM comes are all answered, correctly;
+    requests sent after it are answered or refused, never wrong; the process exits 0 within a bound."""
+    server = Server(classifier, "--max-batch", "8")
+    try:
+        texts = [f"{TEXTS[i]} " + " ".join(TEXTS * 3) for i in range(8)]  # ~150 tokens each: ~0.2 s a request
+        n = 10
+        pool = ThreadPoolExecutor(n + 4)
+        first = [pool.submit(request, server.port, "POST", "/predict", {"texts": texts}) for _ in range(n)]
+        deadline = time.monotonic() + 30
+        health = request(server.port, "GET", "/health")[1]
+        while health["requests"] < n and time.monotonic() < deadline:
+            time.sleep(0.02)
+            health = request(server.port, "GET", "/health")[1]
+        assert health["requests"] == n and health["in_flight"] >= 2, health  # a meaningful test: work in flight
+        server.proc.send_signal(signal.SIGTERM)
+        late = [pool.submit(request, server.port, "POST", "/predict", {"texts": texts[:1]}, 30) for _ in range(4)]
+        for future in first:  # received before SIGTERM: every one answered, and right
+            status, answer = future.result(timeout=REQUEST_S)
+            assert status == 200, answer
+            check_predictions(answer, texts, expected)
+        for future in late:  # sent after: answered right, or refused / closed before an answer; never wrong
+            try:
+                status, answer = future.result(timeout=REQUEST_S)
+            except (ConnectionError, http.client.RemoteDisconnected, http.client.BadStatusLine):
+                continue
+            assert status == 200, answer
+            check_predictions(answer, texts[:1], expected)
+        assert server.proc.wait(timeout=30) == 0, server.stderr()[-2000:]
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((LOOPBACK, server.port), timeout=5).close()
+        log = server.stderr()
+        assert "cptune: stopped" in log and "Traceback" not in log, log[-2000:]
+        pool.shutdown(wait=True, cancel_futures=True)
+    finally:
+        server.stop()
+
+
+# -- the command line ------------------------------------------------------------------------------
+
+def test_serve_help_and_option_mistakes(tmp_path, capsys):
+    out = subprocess.run([sys.executable, "-m", "cptune", "serve", "--help"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0 and "--max-wait-ms" in out.stdout and "--calibrate" in out.stdout
+    for args, message in [(["--max-batch", "0"], "--max-batch=0 must be an integer >= 1"),
+                          (["--port", "70000"], "--port=70000 must be from 0 to 65535"),
+                          ([], f"classifier folder {tmp_path / 'none'} does not exist")]:
+        assert main(["serve", str(tmp_path / "none"), "--port", "0", *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+
+
+def test_a_busy_port_and_a_missing_extra_are_one_line(tmp_path, capsys, monkeypatch):
+    with socket.socket() as taken:
+        taken.bind((LOOPBACK, 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", str(tmp_path), "--port", str(port)]) == 1
+        assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # as if not installed
+    assert main(["serve", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs fastapi" in err[0] and "pip install 'cptune[serve]'" in err[0]
+
+
+# -- the page in headless Chromium -----------------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+class DevTools:
+    """The smallest Chrome DevTools protocol client: one page target over a WebSocket (RFC 6455, standard
+    library only; text frames, no extensions)."""
+
+    def __init__(self, ws_url: str, timeout: float):
+        url = urllib.parse.urlsplit(ws_url)
+        assert url.hostname == LOOPBACK, ws_url
+        self.sock = socket.create_connection((url.hostname, url.port), timeout=timeout)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall(f"GET {url.path} HTTP/1.1\r\nHost: {url.netloc}\r\nUpgrade: websocket\r\n"
+                          f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                          .encode())
+        head = b""
+        while b"\r\n\r\n" not in head and len(head) < 65536:
+            head += self.sock.recv(4096)
+        head, self.buffer = head.split(b"\r\n\r\n", 1)
+        assert head.split(b"\r\n")[0].split(b" ")[1] == b"101", head
+        self.last_id = 0
+
+    def _read(self, n: int) -> bytes:
+        while len(self.buffer) < n:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("DevTools closed the connection")
+            self.buffer += chunk
+        data, self.buffer = self.buffer[:n], self.buffer[n:]
+        return data
+
+    def _message(self) -> dict:
+        parts = []
+        while True:
+            b0, b1 = self._read(2)
+            size = b1 & 0x7F
+            if size == 126:
+                size = int.from_bytes(self._read(2), "big")
+            elif size == 127:
+                size = int.from_bytes(self._read(8), "big")
+            payload = self._read(size)  # frames from the server are not masked
+            if b0 & 0x0F == 8:
+                raise ConnectionError("DevTools closed the WebSocket")
+            if b0 & 0x0F in (0, 1, 2):
+                parts.append(payload)
+                if b0 & 0x80:
+                    return json.loads(b"".join(parts))
+
+    def call(self, method: str, **params):
+        self.last_id += 1
+        data = json.dumps({"id": self.last_id, "method": method, "params": params}).encode()
+        mask = os.urandom(4)
+        size = len(data)
+        header = bytes([0x81]) + (bytes([0x80 | size]) if size < 126 else
+                                  bytes([0x80 | 126]) + size.to_bytes(2, "big") if size < 65536 else
+                                  bytes([0x80 | 127]) + size.to_bytes(8, "big"))
+        self.sock.sendall(header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data)))
+        for _ in range(10_000):  # events come in between; the answer carries our id
+            message = self._message()
+            if message.get("id") == self.last_id:
+                if "error" in message:
+                    raise RuntimeError(f"{method}: {message['error']}")
+                return message["result"]
+        raise AssertionError(f"no answer to {method}")
+
+    def evaluate(self, expression: str):
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in result:
+            raise AssertionError(f"{expression}: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    def wait_for(self, expression: str, timeout: float):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = self.evaluate(expression)
+            if value:
+                return value
+            time.sleep(0.1)
+        raise AssertionError(f"timed out waiting for {expression}")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian: apt-get install chromium)")
+def test_page_in_headless_chromium(server, expected, tmp_path):
+    text = "a gripping and moving story"
+    profile = tmp_path / "profile"
+    browser = subprocess.Popen(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-address=127.0.0.1",
+         "--remote-debugging-port=0", f"--user-data-dir={profile}", "--no-first-run", "--no-default-browser-check",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-extensions",
+         "--disable-default-apps", "--disable-domain-reliability", "--no-pings", "--metrics-recording-only",
+         "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",  # no name resolves but loopback
+         "--proxy-server=127.0.0.1:9",  # and anything not on loopback goes to a closed local port
+         "--window-size=900,700", "about:blank"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        active = profile / "DevToolsActivePort"
+        deadline = time.monotonic() + 30
+        while not (active.is_file() and active.read_text().strip()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        port = int(active.read_text().split()[0])
+        targets = request(port, "GET", "/json/list")[1]
+        pages = [t for t in (json.loads(targets) if isinstance(targets, str) else targets) if t["type"] == "page"]
+        page = DevTools(pages[0]["webSocketDebuggerUrl"], timeout=30)
+        page.call("Page.enable")
+        page.call("Page.navigate", url=server.url + "/")
+        page.wait_for("document.readyState === 'complete' && "
+                      "document.getElementById('about').textContent.includes('very positive')", 30)
+        page.evaluate("document.getElementById('texts').focus()")
+        page.call("Input.insertText", text=text)  # typed, as an input method would
+        box = page.evaluate("(() => { const r = document.getElementById('classify').getBoundingClientRect();"
+                            " return [r.x + r.width / 2, r.y + r.height / 2]; })()")
+        for kind in ("mousePressed", "mouseReleased"):  # a real click on the button
+            page.call("Input.dispatchMouseEvent", type=kind, x=box[0], y=box[1], button="left", clickCount=1)
+        shown = page.wait_for("(() => { const r = document.querySelector('#results .result'); return r && "
+                              "[r.querySelector('.text').textContent, r.querySelector('.label').textContent, "
+                              "[...r.querySelectorAll('.p')].map(p => p.textContent)]; })()", 30)
+        probs = expected([text])[0]
+        best = max(range(len(probs)), key=probs.__getitem__)
+        assert shown[0] == text
+        assert shown[1] in [f"{c} ({LABELS[c]})" for c in expected.classes]
+        if max(probs) - min(probs) > 1e-4:  # a clear winner (two classes): the label predict_proba gives
+            assert shown[1] == f"{expected.classes[best]} ({LABELS[expected.classes[best]]})"
+        assert [float(p) for p in shown[2]] == pytest.approx(probs, abs=1e-3)  # shown with 3 decimals
+        assert page.evaluate("document.getElementById('error').textContent") == ""
+        shot = base64.b64decode(page.call("Page.captureScreenshot", format="png")["data"])
+        assert shot.startswith(b"\x89PNG")
+        ARTIFACTS.mkdir(exist_ok=True)
+        (ARTIFACTS / "serve_page.png").write_bytes(shot)
+        print(f"screenshot: {ARTIFACTS / 'serve_page.png'}")
+    finally:
+        browser.terminate()
+        try:
+            browser.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            browser.kill()
+            browser.wait(timeout=10)

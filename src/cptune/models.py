@@ -23,6 +23,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from cptune.cpt.hub import offline_variable
 from cptune.cpt.saving import current_umask, write_json_atomic
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -238,12 +239,6 @@ def convert_embedded_model(cache_dir: str | os.PathLike[str] | None = None) -> P
     return target
 
 
-def _offline_requested() -> bool:
-    """Read the offline switches at call time (huggingface_hub only reads them at import)."""
-    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
-    return any(flag.strip().upper() in {"1", "ON", "YES", "TRUE"} for flag in flags)
-
-
 def load_model(
     name_or_path: str | os.PathLike[str] = DEFAULT_MODEL,
     dtype: torch.dtype | str = AUTO,
@@ -301,7 +296,7 @@ def load_model(
     else:
         source = None
     model_kwargs: dict = {} if device_map is None else {"device_map": device_map}
-    if source is None and _offline_requested():
+    if source is None and offline_variable() is not None:  # read now, not at huggingface_hub's import
         # transformers 5.23 probes the hub for adapter_config.json unless told separately.
         kwargs["local_files_only"] = True
         model_kwargs["adapter_kwargs"] = {"local_files_only": True}

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from cptune.cpt.saving import prepare_folder, write_file_atomic, write_text_atomic
 from cptune.data import DATASET_DEFAULTS, Dataset, load_dataset, sample_splits
-from cptune.methods import METHODS, MethodSettings, make_method
+from cptune.methods import ALL_METHODS, ENCODER_METHODS, METHODS, MethodSettings, make_method
 from cptune.models import DEFAULT_MODEL, load_model
 from cptune.recipe import context_examples
 from cptune.scoring import CONTENT_FREE_TEXTS, classification_metrics, contextual_calibration
@@ -57,9 +57,9 @@ def make_grid(datasets: Sequence[str], shots: Sequence[int], seeds: Sequence[int
     for name, axis in (("datasets", datasets), ("shots", shots), ("seeds", seeds), ("methods", methods)):
         if not axis:
             raise ValueError(f"{name} is empty; give at least one")
-    bad = [m for m in methods if m not in METHODS]
+    bad = [m for m in methods if m not in ALL_METHODS]
     if bad:
-        raise ValueError(f"unknown method {bad[0]!r}; accepted: {', '.join(METHODS)}")
+        raise ValueError(f"unknown method {bad[0]!r}; accepted: {', '.join(ALL_METHODS)}")
     bad_shots = [k for k in shots if k < 1]
     if bad_shots:
         raise ValueError(f"shots={bad_shots[0]} must be >= 1")
@@ -306,7 +306,7 @@ def summary_table(rows: list[dict], metric: str = "accuracy") -> str:
     shots = sorted({r["shots"] for r in rows})
     lines = ["| dataset | method | " + " | ".join(f"{k} shots" for k in shots) + " |",
              "|---|---|" + "---|" * len(shots)]
-    order = {m: i for i, m in enumerate(METHODS)}
+    order = {m: i for i, m in enumerate(ALL_METHODS)}
     for (dataset, method), by_shots in sorted(groups.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 99))):
         cells = []
         for k in shots:
@@ -326,7 +326,7 @@ def paired_table(rows: list[dict], reference: str = "cpt", metric: str = "accura
     """
     by_key = {(r["dataset"], r["shots"], r["seed"], r["method"]): _metric(r, metric) for r in rows}
     lines = [f"| {reference} vs | cells | mean difference | {reference} wins / ties / losses |", "|---|---|---|---|"]
-    for other in METHODS:
+    for other in ALL_METHODS:
         if other == reference:
             continue
         diffs = [v - by_key[(d, k, s, other)] for (d, k, s, m), v in by_key.items()
@@ -346,7 +346,7 @@ def _difference_row(name: str, diffs: list[float]) -> str:
 def calibration_table(rows: list[dict]) -> str:
     """Markdown: per method, calibrated minus raw accuracy over the cells that have both."""
     lines = ["| method | cells | mean (calibrated - raw) | calibration helps / same / hurts |", "|---|---|---|---|"]
-    for method in METHODS:
+    for method in ALL_METHODS:
         diffs = [r["calibrated"]["accuracy"] - r["accuracy"] for r in rows
                  if r["method"] == method and _metric(r, "calibrated_accuracy") is not None]
         if diffs:
@@ -354,10 +354,23 @@ def calibration_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def loss_table(rows: list[dict]) -> str:
-    """Markdown: mean train loss (label NLL on the shots), test loss and their gap, per method."""
+LOSS_KINDS = (
+    (METHODS, "label NLL", "Train vs test loss (label NLL; the generalisation gap)"),
+    (ENCODER_METHODS, "cross-entropy over the labels",
+     "Train vs test loss of the encoder methods (their head's cross-entropy over the labels, a "
+     "probability among the C labels: not comparable with the causal-LM methods' label NLL above)"),
+)
+"""Methods whose losses share a scale, the loss's name, and the report's heading for them."""
+
+
+def loss_table(rows: list[dict], methods: Sequence[str] = METHODS) -> str:
+    """Markdown: mean train loss (on the training examples), test loss and their gap, per method of ``methods``.
+
+    ``methods`` should share a loss scale (:data:`LOSS_KINDS`): the causal-LM methods' label NLL is
+    not comparable with the encoder methods' cross-entropy over the labels.
+    """
     lines = ["| method | cells | train loss | test loss | gap (test - train) |", "|---|---|---|---|---|"]
-    for method in METHODS:
+    for method in methods:
         mine = [r for r in rows if r["method"] == method and _finite(r.get("train_loss"), r.get("test_loss"))]
         if mine:
             train = statistics.fmean(r["train_loss"] for r in mine)
@@ -376,7 +389,9 @@ def report_markdown(rows: list[dict]) -> str:
     parts += ["## Macro-F1", "", summary_table(rows, "macro_f1"), ""]
     if any(r["method"] == "cpt" for r in rows):
         parts += ["## CPT against each method, same cells (accuracy)", "", paired_table(rows), ""]
-    parts += ["## Train vs test loss (label NLL; the generalisation gap)", "", loss_table(rows), ""]
+    for methods, _, heading in LOSS_KINDS:
+        if any(r["method"] in methods for r in rows):
+            parts += [f"## {heading}", "", loss_table(rows, methods), ""]
     parts += ["## Seconds to fit a cell (set-up and training; scoring not included)", "",
               summary_table(rows, "fit_seconds"), ""]
     return "\n".join(parts)
@@ -395,7 +410,7 @@ def write_report(rows: list[dict], output: Path) -> list[Path]:
     written.append(output / "results.md")
 
     datasets = sorted({r["dataset"] for r in rows})
-    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    methods = [m for m in ALL_METHODS if any(r["method"] == m for r in rows)]
     metrics = ["accuracy"] + (["calibrated_accuracy"] if any("calibrated" in r for r in rows) else [])
     fig, axes = plt.subplots(len(metrics), len(datasets), figsize=(5 * len(datasets), 4 * len(metrics)),
                              squeeze=False, sharey=True)
@@ -423,17 +438,21 @@ def write_report(rows: list[dict], output: Path) -> list[Path]:
     written.append(_save_png(fig, output / "accuracy.png"))
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in methods:
-        mine = [r for r in rows if r["method"] == method and _finite(r.get("train_loss"), r.get("test_loss"))]
-        if mine:
-            ax.scatter([r["train_loss"] for r in mine], [r["test_loss"] for r in mine], label=method, alpha=0.7)
-    lim = [0, max([r["test_loss"] for r in rows if _finite(r.get("test_loss"))] + [1.0]) * 1.05]
-    ax.plot(lim, lim, color="grey", linewidth=0.8, linestyle="--", label="train = test")
-    ax.set_xlabel("train loss (label NLL on the shots)")
-    ax.set_ylabel("test loss (label NLL on the test set)")
-    ax.set_title("generalisation gap: distance above the diagonal")
-    ax.legend()
+    kinds = [(name, [m for m in methods if m in group]) for group, name, _ in LOSS_KINDS]
+    kinds = [(name, mine) for name, mine in kinds if mine] or kinds[:1]  # one panel per loss scale present
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4), squeeze=False)
+    for ax, (loss_name, group) in zip(axes[0], kinds, strict=True):
+        finite = [r for r in rows if r["method"] in group and _finite(r.get("train_loss"), r.get("test_loss"))]
+        for method in group:
+            mine = [r for r in finite if r["method"] == method]
+            if mine:
+                ax.scatter([r["train_loss"] for r in mine], [r["test_loss"] for r in mine], label=method, alpha=0.7)
+        lim = [0, max([r["test_loss"] for r in finite] + [1.0]) * 1.05]
+        ax.plot(lim, lim, color="grey", linewidth=0.8, linestyle="--", label="train = test")
+        ax.set_xlabel(f"train loss ({loss_name} on the training examples)")
+        ax.set_ylabel(f"test loss ({loss_name} on the test set)")
+        ax.set_title("generalisation gap: distance above the diagonal")
+        ax.legend()
     fig.tight_layout()
     written.append(_save_png(fig, output / "gap.png"))
     plt.close(fig)

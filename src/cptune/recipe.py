@@ -76,14 +76,35 @@ def cpt_model_for(base_model, context: Context, recipe: CPTRecipe, model_name: s
     return get_cpt_model(base_model, config)
 
 
+def balanced_order(examples: Sequence[Any], seed: int) -> list:
+    """Every example, in rounds of one per class: each class's examples shuffled with
+    ``random.Random(seed)``, each round in a seeded random class order; a class that runs out leaves
+    its turn to the others. Any prefix is as balanced as the counts allow and never sorted by class.
+
+    Args:
+        examples: ``(text, label)`` pairs or objects with ``.text`` and ``.label``.
+        seed: the seed of the order.
+    """
+    rng = random.Random(seed)
+    pools: dict[Hashable, list] = {}
+    for ex in examples:
+        pools.setdefault(ex.label if hasattr(ex, "label") else ex[1], []).append(ex)
+    for pool in pools.values():
+        rng.shuffle(pool)
+    order: list = []
+    while any(pools.values()):
+        labels = [label for label in pools if pools[label]]
+        rng.shuffle(labels)
+        order.extend(pools[label].pop() for label in labels)
+    return order
+
+
 def context_examples(examples: Sequence[Any], size: int | None, seed: int) -> list:
     """The demonstrations of a ``size``-shot context drawn from labelled ``examples``.
 
     ``None`` (or a size equal to the number of examples) keeps every example, in the given order.
-    Otherwise each class's examples are shuffled with ``random.Random(seed)`` and taken in rounds of
-    one example per class, each round in a seeded random class order (so the context is balanced
-    as far as the counts allow and never sorted by class); a class that runs out leaves its turn to
-    the others.
+    Otherwise the first ``size`` of :func:`balanced_order` (balanced as far as the counts allow,
+    never sorted by class).
 
     Args:
         examples: ``(text, label)`` pairs or objects with ``.text`` and ``.label``.
@@ -99,18 +120,7 @@ def context_examples(examples: Sequence[Any], size: int | None, seed: int) -> li
     if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= len(examples):
         raise ValueError(f"context_size={size!r} must be an integer from 1 to the number of labelled examples "
                          f"({len(examples)}), or None for all of them")
-    rng = random.Random(seed)
-    pools: dict[Hashable, list] = {}
-    for ex in examples:
-        pools.setdefault(ex.label if hasattr(ex, "label") else ex[1], []).append(ex)
-    for pool in pools.values():
-        rng.shuffle(pool)
-    chosen: list = []
-    while len(chosen) < size:
-        order = [label for label in pools if pools[label]]
-        rng.shuffle(order)
-        chosen.extend(pools[label].pop() for label in order[: size - len(chosen)])
-    return chosen
+    return balanced_order(examples, seed)[:size]
 
 
 def check_context_fits(base_model, context: Context, queries: Mapping[str, Any], shots: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, replace
@@ -21,10 +22,13 @@ from cptune.data.types import label_sort_key
 from cptune.models import AUTO, DEFAULT_MODEL, load_model, placement, resolve_dtype
 from cptune.recipe import CPTRecipe, fit_cpt
 from cptune.scoring import score_texts
+from cptune.selection import AUTO as AUTO_TEMPLATE
+from cptune.selection import DEFAULT_BUDGET, choose_template
 from cptune.text.template import Template
 from cptune.training import TrainSettings
 
 CLASSIFIER_FILE = "cptune_classifier.json"
+logger = logging.getLogger("cptune")
 LABEL_TYPES = (str, int, float, bool)
 """The label values a classifier keeps as they are (and writes to its JSON file as they are)."""
 
@@ -62,7 +66,14 @@ class CPTClassifier:
             ``(model, tokenizer)`` pair already loaded. A name is loaded on first use and the last
             one loaded is shared by classifiers with the same name, device and dtype (so clones in
             a grid search do not reload it); a pair is used as it is (``sklearn.clone`` deep-copies it).
-        template: a :class:`Template` or its format string (``"input: {x} output: {y}"``).
+        template: a :class:`Template` or its format string (default ``"input: {x} output: {y}"``),
+            used as it is; or ``"auto"``: chosen with the label words from the labelled examples
+            alone by :func:`cptune.selection.choose_template` (a catalogue of general and per-task
+            templates, the words' case variants; two-fold cross-validated label log-likelihood),
+            recorded as :attr:`template_choice_` (the candidates' scores and the cost). ``"auto"``
+            is not yet the default: with a few examples its choice is noisy (docs/results.md).
+        selection_budget: forward passes ``"auto"`` may spend choosing (candidates past it are
+            not scored).
         labels: ``{label: label word}``, a list of labels (each written as itself), or ``None``
             (the labels seen in :meth:`fit`, written as themselves). Labels are str, int, float or
             bool and keep their type: :attr:`classes_` and :meth:`predict` give them back as given.
@@ -116,6 +127,7 @@ class CPTClassifier:
         device: str = AUTO,
         dtype: str = AUTO,
         device_map: str | dict | None = None,
+        selection_budget: int = DEFAULT_BUDGET,
     ) -> None:
         self.model = model
         self.template = template
@@ -130,6 +142,7 @@ class CPTClassifier:
         self.device = device
         self.dtype = dtype
         self.device_map = device_map
+        self.selection_budget = selection_budget
         self._check_params()
 
     # -- the estimator contract -------------------------------------------------------------
@@ -179,7 +192,11 @@ class CPTClassifier:
         return f"CPTClassifier({shown})"
 
     def _check_params(self) -> None:
-        self._template()
+        if not self._auto():
+            self._template()
+        if not isinstance(self.selection_budget, int) or isinstance(self.selection_budget, bool) \
+                or self.selection_budget < 0:
+            raise ValueError(f"selection_budget={self.selection_budget!r} must be a number of forward passes >= 0")
         label_table(self.labels)
         self._recipe()
         size = self.context_size
@@ -194,7 +211,13 @@ class CPTClassifier:
         if not isinstance(self.model, str) and not (isinstance(self.model, tuple) and len(self.model) == 2):
             raise ValueError(f"model={self.model!r} must be a name or path, or a (model, tokenizer) pair")
 
+    def _auto(self) -> bool:
+        return isinstance(self.template, str) and self.template.strip().lower() == AUTO_TEMPLATE
+
     def _template(self) -> Template:
+        """The fixed template (for ``"auto"``, the chosen one once fitted)."""
+        if self._auto():
+            return self.template_
         return self.template if isinstance(self.template, Template) else Template(self.template)
 
     def _recipe(self) -> CPTRecipe:
@@ -283,8 +306,16 @@ class CPTClassifier:
             raise ValueError(f"context_size={self.context_size} but fit got {len(texts)} labelled examples; "
                              f"give at least {self.context_size} or a smaller context_size")
         base, tokenizer = self._base()
-        self._set_labels(table)
         self.examples_ = list(zip(texts, labels, strict=True))
+        self.template_choice_ = None
+        if self._auto():  # from the labelled examples alone
+            choice = choose_template(base, tokenizer, self.examples_, table, seed=self._recipe().train.seed,
+                                     budget=self.selection_budget)
+            logger.info("chose %s", choice.summary())
+            table, self.template_, self.template_choice_ = choice.label_words, choice.template, choice.to_json()
+        else:
+            self.template_ = self._template()
+        self._set_labels(table)
         self.model_name_ = self._model_name()
         self.evaluation_ = None  # figures of an earlier fit do not describe this one
         self.cpt_model_, self.train_result_ = fit_cpt(
@@ -331,6 +362,7 @@ class CPTClassifier:
         return {
             "model": self.model_name_,
             "template": asdict(self._template()),
+            "template_choice": getattr(self, "template_choice_", None),
             "labels": [[label, word] for label, word in self.label_words_.items()],
             "train": asdict(recipe.train),
             "cpt": recipe.adapter_fields(),
@@ -433,6 +465,7 @@ class CPTClassifier:
             **{"context_size": info.get("context_size"), **kwargs},
         )
         clf._load_adapter(directory, [tuple(pair) for pair in info.get("examples", [])])
+        clf.template_choice_ = info.get("template_choice")  # how "auto" chose the saved template, if it did
         clf.evaluation_ = info.get("evaluation")
         return clf
 
@@ -461,6 +494,8 @@ class CPTClassifier:
             model = read_config(directory).base_model_name_or_path
             if not model:
                 raise ValueError(f"{directory / CONFIG_NAME} names no base model; pass model=")
+        if isinstance(template, str) and template.strip().lower() == AUTO_TEMPLATE:
+            raise ValueError("from_adapter needs the template the adapter's context was built with, not 'auto'")
         clf = cls(model=model, template=template, labels=labels, **kwargs)
         clf._load_adapter(directory, [])
         return clf
@@ -468,6 +503,8 @@ class CPTClassifier:
     def _load_adapter(self, directory: Path, examples: list) -> None:
         base, _ = self._base()
         self._set_labels(label_table(self.labels))
+        self.template_ = self._template()
+        self.template_choice_ = None
         self.examples_ = examples
         self.model_name_ = self._model_name()
         self.train_result_ = None

@@ -111,6 +111,7 @@ _DEMO_HELP = {
     "dtype": "auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16, float16, float64",
     "device_map": "spread the model over devices through accelerate, e.g. auto",
     "dataset": "built-in dataset",
+    "template": "auto (chosen from the shots alone, used by every method) or a format with {x} and {y}",
     "shots": "demonstrations in the context (balanced across classes)",
     "test_size": "balanced test examples, disjoint from the shots",
     "seed": "seed of the split and of training",
@@ -146,7 +147,12 @@ def _add_train(sub) -> None:
                         "an error says when they do not fit the model)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling and of training (default: %(default)s)")
     add_model_args(p)
-    p.add_argument("--template", default=None, help="format with {x} and {y}; \\n for newline (default: the dataset's)")
+    p.add_argument("--template", default=None,
+                   help="a format with {x} and {y}, \\n for newline; or auto: chosen with the label words' case "
+                        "from the labelled rows alone, the choice and its scores saved (default: the dataset's, "
+                        "else input: {x} output: {y})")
+    p.add_argument("--selection-budget", type=int, default=400,
+                   help="forward passes --template auto may spend choosing (default: %(default)s)")
     p.add_argument("--label-words", default=None, help="label=word,label=word (default: the dataset's, else each "
                                                        "label written as itself)")
     p.add_argument("--steps", type=int, default=40, help="optimizer steps (default: %(default)s)")
@@ -210,7 +216,8 @@ def _add_compare(sub) -> None:
     p.add_argument("--steps", type=int, default=None, help="optimizer steps of trained methods (default: 40)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="a method setting, e.g. cpt_lr=1e-4 or decay=1 (repeatable; names: cptune.MethodSettings)")
-    p.add_argument("--template", default=None, help="{x} and {y} format; \\n for newline (default: each dataset's)")
+    p.add_argument("--template", default=None, help="{x} and {y} format, \\n for newline; or auto: chosen per cell "
+                                                    "from its labelled examples (default: each dataset's)")
     p.add_argument("--label-words", default=None, help="label=word,label=word (default: each dataset's)")
     p.add_argument("--only", default=None, help="run only matching cells, e.g. dataset=subj,shots=4,seed=0,method=cpt")
     p.add_argument("--report-only", action="store_true", help="do not run cells; rebuild the table and plots")

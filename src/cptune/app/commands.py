@@ -112,7 +112,8 @@ def run_train(args) -> int:
     from cptune.training import TrainSettings
 
     fmt, words = _format(args.data, args.template, args.label_words)
-    Template(fmt)
+    if fmt != "auto":
+        Template(fmt)
     recipe = CPTRecipe(eps_input=args.eps_input, eps_format=args.eps_format, decay=args.decay,  # checked now,
                        train=TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr,  # before any
                                            seed=args.seed))  # model is loaded
@@ -133,7 +134,8 @@ def run_train(args) -> int:
     if args.context_size is not None and args.context_size > len(examples):
         raise UserError(f"--context-size={args.context_size} is more than the {len(examples)} labelled examples used")
     clf = CPTClassifier(args.model, template=fmt, labels=words, recipe=recipe, context_size=args.context_size,
-                        progress=True, calibrate=args.calibrate, **_model_options(args))
+                        progress=True, calibrate=args.calibrate, selection_budget=args.selection_budget,
+                        **_model_options(args))
     clf.fit([ex.text for ex in examples], [ex.label for ex in examples], checkpoint_dir=checkpoint,
             checkpoint_every=args.checkpoint_every, resume=args.resume)
     if is_main_process():  # under data parallelism every process trained the same delta; one writes
@@ -372,7 +374,7 @@ def run_compare(args) -> int:
     else:
         cells = make_grid(args.data, args.shots, args.seeds, args.methods, args.only)
         template = args.template.replace("\\n", "\n") if args.template else None
-        if template is not None:
+        if template is not None and template != "auto":
             Template(template)  # check it before loading anything
         rows = run_grid(cells, output, model=args.model, test_size=args.test_size, settings=settings,
                         template=template, label_words=parse_label_words(args.label_words),

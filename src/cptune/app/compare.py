@@ -28,6 +28,8 @@ from cptune.methods import ALL_METHODS, ENCODER_METHODS, METHODS, MethodSettings
 from cptune.models import DEFAULT_MODEL, load_model
 from cptune.recipe import context_examples
 from cptune.scoring import CONTENT_FREE_TEXTS, classification_metrics, contextual_calibration
+from cptune.selection import AUTO as AUTO_TEMPLATE
+from cptune.selection import choose_template
 from cptune.text.template import Template
 
 RESULTS_NAME = "results.jsonl"
@@ -170,9 +172,15 @@ def run_cell(cell: Cell, dataset: Dataset, base_model, tokenizer, model_name: st
     """Fit and evaluate one cell; returns its result row (``template``/``label_words``: see :func:`cell_format`;
     ``train_size``: see :func:`_splits`)."""
     fmt, words = cell_format(dataset, template, label_words)
-    template = Template(fmt)
     shots, train_queries, test = _splits(dataset, cell, test_size, train_size)
-    method = make_method(cell.method, base_model, tokenizer, template, words, settings.replace(seed=cell.seed))
+    choice, used_words = None, words
+    if fmt == AUTO_TEMPLATE:  # chosen from the cell's labelled examples alone, then used by its method
+        choice = choose_template(base_model, tokenizer, [(ex.text, ex.label) for ex in train_queries], words,
+                                 seed=cell.seed)
+        template, used_words = choice.template, choice.label_words
+    else:
+        template = Template(fmt)
+    method = make_method(cell.method, base_model, tokenizer, template, used_words, settings.replace(seed=cell.seed))
     fit = method.fit(shots, train_queries)
     start = time.perf_counter()
     scores = method.scores([ex.text for ex in test] + list(CONTENT_FREE_TEXTS))
@@ -199,6 +207,7 @@ def run_cell(cell: Cell, dataset: Dataset, base_model, tokenizer, model_name: st
         "model": model_name,
         "template": fmt,
         "label_words": words,
+        "template_choice": choice.to_json() if choice is not None else None,
         "settings": asdict(settings.replace(seed=cell.seed)),
         "data": dataset.provenance,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},

@@ -29,6 +29,7 @@ class DemoSettings:
     dtype: str = "auto"
     device_map: str | None = None
     dataset: str = "rotten_tomatoes"
+    template: str = "input: {x} output: {y}"
     shots: int = 4
     test_size: int = 200
     seed: int = 0
@@ -48,7 +49,10 @@ class DemoSettings:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         from cptune.cpt.saving import check_can_save
+        from cptune.text.template import Template
 
+        if self.template != "auto":
+            Template(self.template.replace("\\n", "\n"))
         self.recipe()
         check_can_save(self.output)
 
@@ -81,15 +85,24 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> dict:
     from cptune.cpt.saving import write_json_atomic
     from cptune.data import load_dataset, sample_splits
     from cptune.scoring import score_texts
+    from cptune.selection import choose_template
     from cptune.text.context import build_context
     from cptune.text.template import Template
 
     torch.manual_seed(settings.seed)
-    fmt, label_words = DATASET_TEMPLATES[settings.dataset]
-    template = Template(fmt)
+    _, label_words = DATASET_TEMPLATES[settings.dataset]
     dataset = load_dataset(settings.dataset)
     shots, _, test = sample_splits(dataset, settings.shots, settings.test_size, settings.seed)
     base, tokenizer = shared_model(settings.model, settings.device, settings.dtype, settings.device_map)
+    choice = None
+    if settings.template == "auto":  # chosen from the shots alone; every method below then uses it
+        choice = choose_template(base, tokenizer, [(ex.text, ex.label) for ex in shots], label_words,
+                                 seed=settings.seed)
+        template, label_words = choice.template, choice.label_words
+        if progress:
+            print(f"chose {choice.summary()}", flush=True)
+    else:
+        template = Template(settings.template.replace("\\n", "\n"))
     labels = list(label_words)
     gold = [labels.index(ex.label) for ex in test]
     texts = [ex.text for ex in test]
@@ -121,7 +134,8 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> dict:
     clf.save(out / CLASSIFIER_SUBDIR)
     report = {
         "settings": asdict(settings),
-        "template": fmt,
+        "template": template.format,
+        "template_choice": choice.to_json() if choice is not None else None,
         "label_words": label_words,
         "context_tokens": len(context),
         "final_train_loss": clf.train_result_.losses[-1],

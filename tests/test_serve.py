@@ -101,8 +101,8 @@ def test_batcher_batches_concurrent_requests_and_drains_on_close():
 def classifier(tiny_dir, tmp_path_factory):
     """A tiny classifier with calibration and length normalisation on (the server must reproduce both)."""
     folder = tmp_path_factory.mktemp("serve") / "clf"
-    clf = CPTClassifier(model=str(tiny_dir), labels=LABELS, context_size=4, calibrate=True, length_normalize=True,
-                        train=TrainSettings(steps=2, lr=0.01, batch_size=4))
+    clf = CPTClassifier(model=str(tiny_dir), template="input: {x} output: {y}", labels=LABELS, context_size=4,
+                        calibrate=True, length_normalize=True, train=TrainSettings(steps=2, lr=0.01, batch_size=4))
     clf.fit([t for t, _ in TRAIN], [y for _, y in TRAIN]).save(folder)
     return folder
 
@@ -124,7 +124,8 @@ def expected(classifier):
 
 
 class Server:
-    """``python -m cptune serve FOLDER --port 0 ...`` as a child process, on loopback."""
+    """``python -m cptune serve FOLDER --port 0 ...`` as a child process, on loopback; :meth:`wait_ready`
+    before use (several start at once: their imports overlap)."""
 
     def __init__(self, folder, *options):
         self.log = tempfile.TemporaryFile(mode="w+")
@@ -132,9 +133,11 @@ class Server:
         self.proc = subprocess.Popen([sys.executable, "-m", "cptune", "serve", str(folder), "--host", LOOPBACK,
                                       "--port", "0", *options], stdout=subprocess.PIPE, stderr=self.log, text=True,
                                      env=env)
-        self.url, self.port = self._wait_ready()
+        self.url = self.port = None
 
-    def _wait_ready(self):
+    def wait_ready(self):
+        if self.port is not None:
+            return self
         deadline = time.monotonic() + STARTUP_S
         with selectors.DefaultSelector() as sel:
             sel.register(self.proc.stdout, selectors.EVENT_READ)
@@ -143,7 +146,8 @@ class Server:
                     line = self.proc.stdout.readline()
                     found = re.fullmatch(r"cptune: serving .+ on (http://127\.0\.0\.1:(\d+))\n", line)
                     if found:
-                        return found[1], int(found[2])
+                        self.url, self.port = found[1], int(found[2])
+                        return self
         self.stop()
         raise AssertionError(f"the server did not start (exit {self.proc.returncode}): {self.stderr()[-2000:]}")
 
@@ -187,11 +191,21 @@ def check_predictions(answer, texts, expected, atol=1e-5):
 
 
 @pytest.fixture(scope="module")
-def server(classifier):
-    running = Server(classifier, *LIMITS, "--max-wait-ms", "100")
-    yield running
-    running.stop()
-    assert running.proc.returncode == 0, running.stderr()[-2000:]
+def servers(classifier):
+    """Two server processes started together: one for most tests, one for the SIGTERM test to stop."""
+    started = {"main": Server(classifier, *LIMITS, "--max-wait-ms", "100"),
+               "to_stop": Server(classifier, "--max-batch", "8")}
+    try:
+        yield started
+    finally:
+        for running in started.values():
+            running.stop()
+    assert started["main"].proc.returncode == 0, started["main"].stderr()[-2000:]
+
+
+@pytest.fixture(scope="module")
+def server(servers):
+    return servers["main"].wait_ready()
 
 
 def test_concurrent_requests_equal_predict_proba(server, expected):
@@ -269,13 +283,13 @@ def test_one_failing_request_leaves_the_others_in_its_batch_answered(classifier,
 
 # -- SIGTERM under load ----------------------------------------------------------------------------
 
-def test_sigterm_answers_every_received_request_then_exits_0(classifier, expected):
+def test_sigterm_answers_every_received_request_then_exits_0(servers, expected):
     """Requests the server has received (counted by /health) when SIGTERM comes are all answered, correctly;
     requests sent after it are answered or refused, never wrong; the process exits 0 within a bound."""
-    server = Server(classifier, "--max-batch", "8")
+    server = servers["to_stop"].wait_ready()
     try:
-        texts = [f"{TEXTS[i]} " + " ".join(TEXTS * 3) for i in range(8)]  # ~150 tokens each: ~0.2 s a request
-        n = 10
+        texts = [f"{TEXTS[i]} " + " ".join(TEXTS * 2) for i in range(8)]  # ~100 tokens each: ~0.1 s a request
+        n = 8
         pool = ThreadPoolExecutor(n + 4)
         first = [pool.submit(request, server.port, "POST", "/predict", {"texts": texts}) for _ in range(n)]
         deadline = time.monotonic() + 30

@@ -136,7 +136,8 @@ class ServedClassifier:
     the label ids, the content-free scores), answering batches of requests.
 
     Args:
-        clf: a fitted (or loaded) :class:`cptune.CPTClassifier` running on ``base_model``.
+        clf: a :class:`cptune.CPTClassifier` loaded by ``CPTClassifier.load`` (its template fixed), running
+            on ``base_model``.
         base_model: the causal LM the classifier runs on.
         tokenizer: its tokenizer.
         model_name: the base model's name, for ``/info``.

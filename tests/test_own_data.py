@@ -118,6 +118,7 @@ def test_labels_seen_in_fit_are_sorted_and_numpy_scalars_become_python(tiny_dir)
     ({1: "one", "1": "uno"}, "written the same"),
     ([1, True], "same label"),
     ({(1, 2): "pair"}, "tuple"),
+    ([float("inf"), 1.0], "finite"),
     ({"a": ""}, "non-empty"),
     ("ab", "mapping or a list"),
 ])

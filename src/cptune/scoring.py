@@ -181,24 +181,9 @@ def score_texts(
         calibrate: apply :func:`contextual_calibration` with :data:`CONTENT_FREE_TEXTS` scored after
             the same context; the result is then calibrated log-probabilities over the labels.
     """
-    ids = label_token_ids(template, tokenizer, label_words)
-    context = encode_context(base_model, context_embeds)
-    texts = list(texts)
-    queries = query_token_ids(texts + list(CONTENT_FREE_TEXTS) * calibrate, template, tokenizer,
-                              add_bos=context is None)
-    _check_lengths(base_model, 0 if context_embeds is None else context_embeds.shape[1], queries,
-                   max(len(ids[label]) for label in label_words))
-    scores = label_log_likelihoods(
-        base_model,
-        context,
-        queries,
-        [ids[label] for label in label_words],
-        batch_size=batch_size,
-        length_normalize=length_normalize,
-    )
-    if not calibrate:
-        return scores
-    return contextual_calibration(scores[: len(texts)], scores[len(texts) :])
+    scorer = ContextScorer(base_model, tokenizer, template, label_words, context_embeds, batch_size=batch_size,
+                           length_normalize=length_normalize, calibrate=calibrate)
+    return scorer.scores(scorer.query_ids(texts))
 
 
 def _check_lengths(base_model, context_len: int, queries: Sequence[Sequence[int]], label_len: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, replace
@@ -546,9 +547,9 @@ def plain_label(label: Any) -> Any:
     """
     if isinstance(label, np.generic):
         label = label.item()
-    if not isinstance(label, LABEL_TYPES) or (isinstance(label, float) and label != label):
+    if not isinstance(label, LABEL_TYPES) or (isinstance(label, float) and not math.isfinite(label)):
         raise ValueError(f"label {label!r} ({type(label).__name__}) is not accepted; labels are str, int, float "
-                         "or bool (not NaN)")
+                         "or bool (a finite float: JSON has no NaN or infinity)")
     return label
 
 

@@ -147,10 +147,9 @@ class ServedClassifier:
         import torch
 
         from cptune.scoring import ContextScorer
-        from cptune.text.template import Template
 
         self.classes = list(clf.classes_)
-        template = clf.template if isinstance(clf.template, Template) else Template(clf.template)
+        template = clf.template_  # the fitted template (for template="auto", the one chosen)
         words = {str(label): word for label, word in clf.label_words_.items()}  # as the text layer keys them
         with torch.no_grad():
             context = clf.cpt_model_.context_embeddings()  # (1, N, d)

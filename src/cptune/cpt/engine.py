@@ -270,7 +270,7 @@ def layout_for(model) -> str:
     """
     if model not in _layouts:
         layout, reason = _layouts[model] = _check_packed(model)
-        logger.info("cptune: %s queries for %s (%s)", layout, type(model).__name__, reason)
+        logger.info("%s queries for %s (%s)", layout, type(model).__name__, reason)
     return _layouts[model][0]
 
 

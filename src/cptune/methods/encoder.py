@@ -103,15 +103,17 @@ def head_log_probs(head, embeddings: np.ndarray, num_labels: int) -> torch.Tenso
     """
     probs = np.full((len(embeddings), num_labels), ABSENT_LABEL_PROBABILITY, dtype=np.float64)
     probs[:, head.classes_] = head.predict_proba(embeddings)  # (n, C_seen) into their columns
-    return torch.log_softmax(torch.from_numpy(np.log(probs)), dim=-1).float()
+    logs = np.log(np.maximum(probs, np.finfo(np.float64).tiny))  # an underflowed 0 stays finite
+    return torch.log_softmax(torch.from_numpy(logs), dim=-1).float()
 
 
 @contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """Seed Python's, NumPy's and torch's global generators for the block; restore all three after."""
+def seeded(seed: int, device: torch.device | None = None) -> Iterator[None]:
+    """Seed Python's, NumPy's and torch's global generators for the block; restore all three after
+    (and ``device``'s generator if it is a CUDA device)."""
     py_state, np_state = random.getstate(), np.random.get_state()
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[device] if device is not None and device.type == "cuda" else []):
             random.seed(seed)
             np.random.seed(seed)
             torch.manual_seed(seed)
@@ -199,7 +201,7 @@ class EncoderMethod:
         """
         start = time.perf_counter()
         self.prepare(shots, queries)
-        with seeded(self.settings.seed):
+        with seeded(self.settings.seed, self.device):
             losses = self._train(*self._train_data)
         return FitInfo(losses=losses, seconds=time.perf_counter() - start,
                        trainable_parameters=self.trainable_parameters())

@@ -367,7 +367,7 @@ LOSS_KINDS = (
     (METHODS, "label NLL", "Train vs test loss (label NLL; the generalisation gap)"),
     (ENCODER_METHODS, "cross-entropy over the labels",
      "Train vs test loss of the encoder methods (their head's cross-entropy over the labels, a "
-     "probability among the C labels: not comparable with the causal-LM methods' label NLL above)"),
+     "probability among the C labels: not comparable with the causal-LM methods' label NLL)"),
 )
 """Methods whose losses share a scale, the loss's name, and the report's heading for them."""
 

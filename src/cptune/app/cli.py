@@ -210,7 +210,9 @@ def _add_compare(sub) -> None:
                    help="train every method on N labelled examples, the context's shots among them "
                         "(default: the shots alone, the paper's true few-shot setting)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="seeds (default: %(default)s)")
-    p.add_argument("--methods", nargs="+", default=list(METHOD_NAMES), help="methods (default: all six)")
+    p.add_argument("--methods", nargs="+", default=list(METHOD_NAMES),
+                   help="methods (default: the six causal-LM methods; also setfit and embedding-lr, the sentence-"
+                        "encoder baselines of the setfit extra)")
     add_model_args(p)
     p.add_argument("--test-size", type=int, default=200, help="balanced test examples (default: %(default)s)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps of trained methods (default: 40)")

@@ -174,12 +174,13 @@ def run_cell(cell: Cell, dataset: Dataset, base_model, tokenizer, model_name: st
     fmt, words = cell_format(dataset, template, label_words)
     shots, train_queries, test = _splits(dataset, cell, test_size, train_size)
     choice, used_words = None, words
-    if fmt == AUTO_TEMPLATE:  # chosen from the cell's labelled examples alone, then used by its method
+    if fmt == AUTO_TEMPLATE and cell.method not in ENCODER_METHODS:  # from the cell's labelled data alone; the
+        # encoder methods do not read a template, so they skip the choice
         choice = choose_template(base_model, tokenizer, [(ex.text, ex.label) for ex in train_queries], words,
                                  seed=cell.seed)
         template, used_words = choice.template, choice.label_words
     else:
-        template = Template(fmt)
+        template = Template(fmt if fmt != AUTO_TEMPLATE else "input: {x} output: {y}")
     method = make_method(cell.method, base_model, tokenizer, template, used_words, settings.replace(seed=cell.seed))
     fit = method.fit(shots, train_queries)
     start = time.perf_counter()

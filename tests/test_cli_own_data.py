@@ -140,7 +140,7 @@ def test_compare_takes_data_and_a_train_size(tiny_dir, tmp_path):
 
 @pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["eval", "--help"], ["predict", "--help"],
                                   ["compare", "--help"], ["demo", "--help"], ["download", "--help"],
-                                  ["--version"], ["datasets"]])
+                                  ["serve", "--help"], ["--version"], ["datasets"]])
 def test_the_command_line_answers_without_torch(argv):
     code = ("import sys, runpy; sys.argv = ['cptune', *sys.argv[1:]]\n"
             "try:\n    runpy.run_module('cptune', run_name='__main__')\nexcept SystemExit as e:\n    code = e.code\n"

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from cptune.app.cli import main
@@ -134,9 +135,26 @@ def test_report_tables_from_known_rows():
     assert "| d | icl | 0.733 ± 0.153 (n=3) |" in summary_table(rows)
     assert "| d | cpt | 0.800 ± 0.141 (n=2) |" in summary_table(rows, "calibrated_accuracy")
     # cpt - icl on seeds 0 and 1: +0.1 and 0.0 -> mean +0.050, 1 win, 1 tie, 0 losses
-    assert "| icl | 2 | +0.050 | 1 / 1 / 0 |" in paired_table(rows)
-    assert "| icl | 2 | +0.100 | 1 / 1 / 0 |" in paired_table(rows, metric="calibrated_accuracy")
+    # (bootstrap means of two cells lie in {0, 0.05, 0.1}: the 95% interval spans the two differences)
+    assert "| icl | 2 | +0.050 | [+0.000, +0.100] | 1 / 1 / 0 |" in paired_table(rows)
+    assert "| icl | 2 | +0.100 | [+0.000, +0.200] | 1 / 1 / 0 |" in paired_table(rows, metric="calibrated_accuracy")
+    assert "| d | 2 | icl | 2 | +0.050 |" in paired_table(rows, by=("dataset", "shots"))
     assert "| cpt | 2 | 0.300 | 0.700 | +0.400 |" in loss_table(rows)
     # calibrated - raw: cpt +0.1, +0.1; icl +0.2, -0.1, 0.0
-    assert "| cpt | 2 | +0.100 | 2 / 0 / 0 |" in calibration_table(rows)
-    assert "| icl | 3 | +0.033 | 1 / 1 / 1 |" in calibration_table(rows)
+    assert "| cpt | 2 | +0.100 | [+0.100, +0.100] | 2 / 0 / 0 |" in calibration_table(rows)
+    assert "| icl | 3 | +0.033 | [" in calibration_table(rows) and "| 1 / 1 / 1 |" in calibration_table(rows)
+
+
+def test_bootstrap_interval_matches_the_normal_approximation_and_is_seeded():
+    from cptune.app.compare import bootstrap_interval
+
+    rng = np.random.default_rng(1)
+    diffs = rng.normal(0.05, 0.1, size=400).tolist()
+    low, high = bootstrap_interval(diffs)
+    half = 1.96 * np.std(diffs) / np.sqrt(len(diffs))  # the interval the central limit theorem gives
+    assert low == pytest.approx(np.mean(diffs) - half, abs=0.003) and high == pytest.approx(np.mean(diffs) + half,
+                                                                                           abs=0.003)
+    assert bootstrap_interval(diffs) == (low, high)  # seeded: the same report twice
+    assert bootstrap_interval([0.02] * 5) == pytest.approx((0.02, 0.02))
+    with pytest.raises(ValueError, match="at least one"):
+        bootstrap_interval([])

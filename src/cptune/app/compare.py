@@ -19,6 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -329,33 +330,70 @@ def summary_table(rows: list[dict], metric: str = "accuracy") -> str:
     return "\n".join(lines)
 
 
-def paired_table(rows: list[dict], reference: str = "cpt", metric: str = "accuracy") -> str:
+BOOTSTRAP_RESAMPLES = 10_000
+"""Resamples of the percentile bootstrap behind every paired interval (seeded, so reports are reproducible)."""
+
+
+def bootstrap_interval(diffs: Sequence[float], level: float = 0.95, resamples: int = BOOTSTRAP_RESAMPLES,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of paired differences.
+
+    The cells are resampled with replacement ``resamples`` times; the interval runs between the
+    ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of the resampled means. It describes the
+    spread over these cells (seeds, datasets, shot counts), not the test-set sampling inside each cell.
+
+    Raises:
+        ValueError: no differences, or a level outside (0, 1).
+    """
+    if not diffs:
+        raise ValueError("bootstrap_interval needs at least one difference")
+    if not 0 < level < 1:
+        raise ValueError(f"level={level} must be in (0, 1)")
+    values = np.asarray(diffs, dtype=np.float64)
+    picks = np.random.default_rng(seed).integers(0, len(values), size=(resamples, len(values)))
+    means = values[picks].mean(axis=1)  # (resamples,)
+    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
+
+
+def paired_table(rows: list[dict], reference: str = "cpt", metric: str = "accuracy",
+                 by: Sequence[str] = ()) -> str:
     """Markdown: ``reference`` minus each other method on the same (dataset, shots, seed) cells.
 
-    Columns: cells compared, mean difference, and wins / ties / losses of ``reference``.
+    Columns: the group (one row per value of the ``by`` keys, e.g. ``("dataset", "shots")``; all
+    cells together when empty), the method, cells compared, mean difference with its bootstrap 95%
+    interval (:func:`bootstrap_interval`), and wins / ties / losses of ``reference``.
     """
     by_key = {(r["dataset"], r["shots"], r["seed"], r["method"]): _metric(r, metric) for r in rows}
-    lines = [f"| {reference} vs | cells | mean difference | {reference} wins / ties / losses |", "|---|---|---|---|"]
-    for other in ALL_METHODS:
-        if other == reference:
-            continue
-        diffs = [v - by_key[(d, k, s, other)] for (d, k, s, m), v in by_key.items()
-                 if m == reference and v is not None and by_key.get((d, k, s, other)) is not None]
-        if diffs:
-            lines.append(_difference_row(other, diffs))
+    group_of = {name: i for i, name in enumerate(CELL_KEYS)}
+    head = "".join(f"| {name} " for name in by)
+    lines = [f"{head}| {reference} vs | cells | mean difference | 95% interval | {reference} wins / ties / losses |",
+             "|---" * (len(by) + 5) + "|"]
+    groups = sorted({tuple(key[group_of[name]] for name in by) for key in by_key}, key=str)
+    for group in groups:
+        for other in ALL_METHODS:
+            if other == reference:
+                continue
+            diffs = [v - by_key[(d, k, s, other)] for (d, k, s, m), v in by_key.items()
+                     if m == reference and v is not None and by_key.get((d, k, s, other)) is not None
+                     and tuple((d, k, s, m)[group_of[name]] for name in by) == group]
+            if diffs:
+                lines.append("".join(f"| {value} " for value in group) + _difference_row(other, diffs))
     return "\n".join(lines)
 
 
 def _difference_row(name: str, diffs: list[float]) -> str:
-    """``| name | cells | mean difference | above / equal / below zero |`` for paired differences."""
+    """``| name | cells | mean difference | 95% interval | above / equal / below zero |`` for paired differences."""
     above, below = sum(x > 1e-12 for x in diffs), sum(x < -1e-12 for x in diffs)
-    return (f"| {name} | {len(diffs)} | {statistics.fmean(diffs):+.3f} | "
+    low, high = bootstrap_interval(diffs)
+    return (f"| {name} | {len(diffs)} | {statistics.fmean(diffs):+.3f} | [{low:+.3f}, {high:+.3f}] | "
             f"{above} / {len(diffs) - above - below} / {below} |")
 
 
 def calibration_table(rows: list[dict]) -> str:
     """Markdown: per method, calibrated minus raw accuracy over the cells that have both."""
-    lines = ["| method | cells | mean (calibrated - raw) | calibration helps / same / hurts |", "|---|---|---|---|"]
+    lines = ["| method | cells | mean (calibrated - raw) | 95% interval | calibration helps / same / hurts |",
+             "|---|---|---|---|---|"]
     for method in ALL_METHODS:
         diffs = [r["calibrated"]["accuracy"] - r["accuracy"] for r in rows
                  if r["method"] == method and _metric(r, "calibrated_accuracy") is not None]
@@ -398,7 +436,9 @@ def report_markdown(rows: list[dict]) -> str:
         parts += ["## What contextual calibration changes (accuracy, same cells)", "", calibration_table(rows), ""]
     parts += ["## Macro-F1", "", summary_table(rows, "macro_f1"), ""]
     if any(r["method"] == "cpt" for r in rows):
-        parts += ["## CPT against each method, same cells (accuracy)", "", paired_table(rows), ""]
+        parts += ["## CPT against each method, same cells (accuracy; bootstrap 95% interval over the cells)", "",
+                  paired_table(rows), "", "### By dataset and shots", "",
+                  paired_table(rows, by=("dataset", "shots")), ""]
     for methods, _, heading in LOSS_KINDS:
         if any(r["method"] in methods for r in rows):
             parts += [f"## {heading}", "", loss_table(rows, methods), ""]

@@ -78,7 +78,7 @@ def worker(spec: dict) -> int:
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     t0 = time.perf_counter()
-    base, tok = load_model()
+    base, tok = load_model(device="cpu", dtype="float32")  # a CPU measurement, GPU or not
     model_rss = _peak_rss_gib()
     template = cptune.Template(TEMPLATE)
     shots, extra, _ = sample_splits(load_dataset("rotten_tomatoes"), POOL_SHOTS, 0, seed=0, extra_train=NUM_QUERIES)

@@ -72,7 +72,7 @@ def _setup(shots: int):
     from cptune.data import load_dataset
     from cptune.models import load_model
 
-    base, tok = load_model()
+    base, tok = load_model(device="cpu", dtype="float32")  # a CPU measurement, GPU or not
     demos, extra, test = _training_queries(load_dataset("rotten_tomatoes"), shots)
     template = Template(TEMPLATE_TEXT)
     return base, tok, template, build_context(demos, template, tok, LABEL_WORDS), extra, test

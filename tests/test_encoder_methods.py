@@ -203,7 +203,7 @@ def test_report_keeps_the_two_loss_scales_apart_and_pairs_cpt_with_setfit():
                 "train_loss": loss, "test_loss": loss + 1, "fit_seconds": 1.0}
 
     rows = [row("cpt", s, 0.7, 0.5) for s in (0, 1)] + [row("setfit", s, 0.6 + 0.3 * s, 0.1) for s in (0, 1)]
-    assert "| setfit | 2 | -0.050 | 1 / 0 / 1 |" in paired_table(rows)
+    assert "| setfit | 2 | -0.050 | [-0.200, +0.100] | 1 / 0 / 1 |" in paired_table(rows)
     assert "setfit" not in loss_table(rows) and "| setfit | 2 | 0.100 | 1.100 | +1.000 |" in loss_table(
         rows, ENCODER_METHODS)
     report = report_markdown(rows)

@@ -351,16 +351,26 @@ class BaseMethod:
         Raises:
             ValueError: for unequal lengths, a label not in ``label_words`` or ``scores`` of the wrong shape.
         """
-        texts, labels = list(texts), [str(label) for label in labels]
-        if len(texts) != len(labels) or not texts:
-            raise ValueError(f"got {len(texts)} texts and {len(labels)} labels; give the same non-zero number")
-        unknown = sorted(set(labels) - set(self.label_words))
-        if unknown:
-            raise ValueError(f"label {unknown[0]!r} is not in label_words; accepted: {', '.join(self.label_words)}")
-        if scores is None:
-            scores = self.scores(texts)
-        elif tuple(scores.shape) != (len(texts), len(self.label_words)):
-            want = (len(texts), len(self.label_words))
-            raise ValueError(f"scores has shape {tuple(scores.shape)}; expected {want} (texts, labels)")
-        gold = torch.tensor([self.labels.index(label) for label in labels], device=scores.device)
-        return float(-scores.gather(1, gold[:, None]).mean())
+        return mean_gold_loss(self, texts, labels, scores)
+
+
+def mean_gold_loss(method, texts: Sequence[str], labels: Sequence[Any], scores: torch.Tensor | None = None) -> float:
+    """Mean over texts of ``-scores[i, gold_i]`` for a method with ``label_words``, ``labels`` and
+    ``scores(texts)`` (the body of every method's ``label_loss``).
+
+    Raises:
+        ValueError: for unequal lengths, a label not in ``label_words`` or ``scores`` of the wrong shape.
+    """
+    texts, labels = list(texts), [str(label) for label in labels]
+    if len(texts) != len(labels) or not texts:
+        raise ValueError(f"got {len(texts)} texts and {len(labels)} labels; give the same non-zero number")
+    unknown = sorted(set(labels) - set(method.label_words))
+    if unknown:
+        raise ValueError(f"label {unknown[0]!r} is not in label_words; accepted: {', '.join(method.label_words)}")
+    if scores is None:
+        scores = method.scores(texts)
+    elif tuple(scores.shape) != (len(texts), len(method.label_words)):
+        want = (len(texts), len(method.label_words))
+        raise ValueError(f"scores has shape {tuple(scores.shape)}; expected {want} (texts, labels)")
+    gold = torch.tensor([method.labels.index(label) for label in labels], device=scores.device)
+    return float(-scores.gather(1, gold[:, None]).mean())

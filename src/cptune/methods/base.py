@@ -324,10 +324,7 @@ class BaseMethod:
         """
         if not self._ready:
             raise RuntimeError(f"{self.name}: call fit(shots) (or prepare(shots)) before scores()")
-        texts = list(texts)
-        bad = [t for t in texts if not isinstance(t, str)]
-        if bad:
-            raise ValueError(f"texts must be strings; got {bad[0]!r}")
+        texts = text_list(texts)
         if not texts:
             return torch.zeros(0, len(self.label_words))
         context = self.context_embeddings()
@@ -374,3 +371,16 @@ def mean_gold_loss(method, texts: Sequence[str], labels: Sequence[Any], scores: 
         raise ValueError(f"scores has shape {tuple(scores.shape)}; expected {want} (texts, labels)")
     gold = torch.tensor([method.labels.index(label) for label in labels], device=scores.device)
     return float(-scores.gather(1, gold[:, None]).mean())
+
+
+def text_list(texts: Sequence[str]) -> list[str]:
+    """``texts`` as a list, every one a string (what every method's ``scores`` takes).
+
+    Raises:
+        ValueError: naming the first text that is not a string.
+    """
+    texts = list(texts)
+    bad = [t for t in texts if not isinstance(t, str)]
+    if bad:
+        raise ValueError(f"texts must be strings; got {bad[0]!r}")
+    return texts

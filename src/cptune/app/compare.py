@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from cptune.cpt.saving import prepare_folder, write_file_atomic, write_text_atomic
 from cptune.data import DATASET_DEFAULTS, Dataset, load_dataset, sample_splits
-from cptune.methods import ALL_METHODS, ENCODER_METHODS, METHODS, MethodSettings, make_method
+from cptune.methods import ALL_METHODS, ENCODER_METHODS, METHODS, MethodSettings, make_method, settings_read
 from cptune.models import DEFAULT_MODEL, load_model
 from cptune.recipe import context_examples
 from cptune.scoring import CONTENT_FREE_TEXTS, classification_metrics, contextual_calibration
@@ -129,7 +129,7 @@ def append_result(path: Path, row: dict) -> None:
 
 # -- running cells ---------------------------------------------------------------------------
 
-def _splits(dataset: Dataset, cell: Cell, test_size: int, train_size: int | None = None):
+def cell_splits(dataset: Dataset, cell: Cell, test_size: int, train_size: int | None = None):
     """Test set from (dataset, seed) only; shots from the rest with (seed, shots).
 
     With ``train_size`` N, N labelled examples are drawn from the rest with (seed, N) and the cell's
@@ -169,16 +169,22 @@ def cell_format(dataset: Dataset, template: str | None = None,
 
 def run_cell(cell: Cell, dataset: Dataset, base_model, tokenizer, model_name: str, test_size: int,
              settings: MethodSettings, template: str | None = None, label_words: dict[str, str] | None = None,
-             train_size: int | None = None) -> dict:
+             train_size: int | None = None, choices: dict | None = None) -> dict:
     """Fit and evaluate one cell; returns its result row (``template``/``label_words``: see :func:`cell_format`;
-    ``train_size``: see :func:`_splits`)."""
+    ``train_size``: see :func:`cell_splits`; ``choices``: a dict that keeps ``template="auto"``'s choice per
+    dataset, shots and seed, so the methods of one split share it instead of choosing again)."""
     fmt, words = cell_format(dataset, template, label_words)
-    shots, train_queries, test = _splits(dataset, cell, test_size, train_size)
+    shots, train_queries, test = cell_splits(dataset, cell, test_size, train_size)
     choice, used_words = None, words
     if fmt == AUTO_TEMPLATE and cell.method not in ENCODER_METHODS:  # from the cell's labelled data alone; the
         # encoder methods do not read a template, so they skip the choice
-        choice = choose_template(base_model, tokenizer, [(ex.text, ex.label) for ex in train_queries], words,
-                                 seed=cell.seed)
+        key = (cell.dataset, cell.shots, cell.seed)
+        choice = (choices or {}).get(key)
+        if choice is None:
+            choice = choose_template(base_model, tokenizer, [(ex.text, ex.label) for ex in train_queries], words,
+                                     seed=cell.seed)
+            if choices is not None:
+                choices[key] = choice
         template, used_words = choice.template, choice.label_words
     else:
         template = Template(fmt if fmt != AUTO_TEMPLATE else "input: {x} output: {y}")
@@ -216,21 +222,24 @@ def run_cell(cell: Cell, dataset: Dataset, base_model, tokenizer, model_name: st
     }
 
 
-def _run_config(row: dict) -> dict:
-    """What, besides the cell, decides a row's result (compared when a grid resumes)."""
-    settings = {k: v for k, v in row.get("settings", {}).items() if k != "seed"}
+def _run_config(row: dict, method: str) -> dict:
+    """What, besides the cell, decides a row's result (compared when a grid resumes): the settings
+    compared are those ``method`` reads, so changing CPT's learning rate leaves the other methods'
+    cells resumable."""
+    read = settings_read(method) if method in ALL_METHODS else ()
+    settings = {k: v for k, v in row.get("settings", {}).items() if k in read}
     words = row.get("label_words")  # JSON keys are text: 0 and "0" are the same label here
     words = {str(k): v for k, v in words.items()} if isinstance(words, dict) else words
     return {"model": row.get("model"), "test_size": row.get("test_size"), "template": row.get("template"),
             "label_words": words, "train_size": row.get("train_size"), "settings": settings}
 
 
-def _check_same_config(rows: list[dict], expected: dict[str, dict], path: Path) -> None:
+def _check_same_config(rows: list[dict], expected: dict[str, dict], methods: set[str], path: Path) -> None:
+    """Refuse to add cells beside rows of the same datasets and methods that were run differently."""
     for r in rows:
-        want = expected.get(r["dataset"])
-        if want is None:
+        if r["dataset"] not in expected or r["method"] not in methods:
             continue
-        have = _run_config(r)
+        want, have = _run_config(expected[r["dataset"]], r["method"]), _run_config(r, r["method"])
         diff = [k for k in want if have[k] != want[k]]
         if diff:
             key = diff[0]
@@ -240,8 +249,9 @@ def _check_same_config(rows: list[dict], expected: dict[str, dict], path: Path) 
                 there, now = have["settings"].get(key), want["settings"].get(key)
             else:
                 there, now = have[key], want[key]
-            raise ValueError(f"{path} holds cells run with {key}={there!r}, this run has {key}={now!r}; "
-                             "use another --output (cells are only resumed under the same settings)")
+            raise ValueError(f"{path} holds {r['method']} cells run with {key}={there!r}, this run has "
+                             f"{key}={now!r}; use another --output (cells are only resumed under the same "
+                             "settings)")
 
 
 def run_grid(cells: Iterable[Cell], output: Path, model: str = DEFAULT_MODEL, test_size: int = 200,
@@ -252,7 +262,7 @@ def run_grid(cells: Iterable[Cell], output: Path, model: str = DEFAULT_MODEL, te
 
     ``template`` and ``label_words`` replace the datasets' defaults (see :func:`cell_format`);
     ``train_size`` N trains every method on N labelled examples, the cell's shots among them (see
-    :func:`_splits`); ``model_options`` (``device``, ``dtype``, ``device_map``) go to
+    :func:`cell_splits`); ``model_options`` (``device``, ``dtype``, ``device_map``) go to
     :func:`cptune.models.load_model`. A dataset with splits (a hub id, a saved DatasetDict) is read
     from its ``train`` split, test examples included.
 
@@ -260,8 +270,9 @@ def run_grid(cells: Iterable[Cell], output: Path, model: str = DEFAULT_MODEL, te
         All rows in the file afterwards (earlier ones included).
 
     Raises:
-        ValueError: if the file holds cells of the same datasets run with other settings, template,
-            label words, model or test size (resuming would mix them).
+        ValueError: if the file holds cells of the same datasets and methods run with another
+            template, label words, model, test size or train size, or with other values of the settings
+            that method reads (:func:`cptune.methods.settings_read`): resuming would mix them.
     """
     settings = settings or MethodSettings()
     output = Path(output)
@@ -274,17 +285,18 @@ def run_grid(cells: Iterable[Cell], output: Path, model: str = DEFAULT_MODEL, te
     expected = {}
     for name, dataset in datasets.items():
         fmt, words = cell_format(dataset, template, label_words)
-        expected[name] = _run_config({"model": model, "test_size": test_size, "template": fmt, "label_words": words,
-                                      "train_size": train_size, "settings": asdict(settings)})
-    _check_same_config(rows, expected, path)
+        expected[name] = {"model": model, "test_size": test_size, "template": fmt, "label_words": words,
+                          "train_size": train_size, "settings": asdict(settings)}
+    _check_same_config(rows, expected, {c.method for c in cells}, path)
     done = {tuple(r[k] for k in CELL_KEYS) for r in rows}
     todo = [c for c in cells if c.key() not in done]
     base_model, tokenizer = load_model(model, **(model_options or {})) if todo else (None, None)
     bar = tqdm(todo, desc="compare", disable=not progress)
+    choices: dict = {}
     for cell in bar:
         bar.set_postfix_str(f"{cell.dataset} k={cell.shots} seed={cell.seed} {cell.method}")
         row = run_cell(cell, datasets[cell.dataset], base_model, tokenizer, model, test_size, settings,
-                       template, label_words, train_size)
+                       template, label_words, train_size, choices)
         append_result(path, row)
         rows.append(row)
     return rows

@@ -88,9 +88,23 @@ def make_method(
     settings = MethodSettings() if settings is None else settings
     if not isinstance(settings, MethodSettings):
         raise ValueError(f"settings must be a MethodSettings; got {type(settings).__name__}")
-    cls = {"zero-shot": ZeroShot, "icl": ICL, "cpt": CPT, "pt": PromptTuning, "ipt": InstructionPromptTuning,
-           "lora": LoRA, "setfit": SetFit, "embedding-lr": EmbeddingLR}[name]
-    return cls(base_model, tokenizer, template, label_words, settings)
+    return _CLASSES[name](base_model, tokenizer, template, label_words, settings)
+
+
+def settings_read(name: str) -> tuple[str, ...]:
+    """The :class:`MethodSettings` fields that can change method ``name``'s scores, besides ``seed``
+    (``cptune compare`` resumes a cell only when these match).
+
+    Raises:
+        ValueError: for an unknown name.
+    """
+    if name not in ALL_METHODS:
+        raise ValueError(f"unknown method {name!r}; accepted: {', '.join(ALL_METHODS)}")
+    return _CLASSES[name].settings_read
+
+
+_CLASSES = {"zero-shot": ZeroShot, "icl": ICL, "cpt": CPT, "pt": PromptTuning, "ipt": InstructionPromptTuning,
+            "lora": LoRA, "setfit": SetFit, "embedding-lr": EmbeddingLR}
 
 
 __all__ = [
@@ -116,4 +130,5 @@ __all__ = [
     "make_method",
     "model_device",
     "optimize",
+    "settings_read",
 ]

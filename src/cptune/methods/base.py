@@ -244,6 +244,8 @@ class BaseMethod:
 
     name = ""
     needs_fit = True
+    settings_read: tuple[str, ...] = ("length_normalize",)
+    """The :class:`MethodSettings` fields that can change this method's scores (besides ``seed``)."""
 
     def __init__(self, base_model, tokenizer, template: Template, label_words: Mapping[str, str],
                  settings: MethodSettings) -> None:

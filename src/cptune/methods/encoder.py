@@ -158,6 +158,8 @@ class EncoderMethod:
     """
 
     name = ""
+    settings_read: tuple[str, ...] = ()
+    """No :class:`MethodSettings` field but ``seed`` reaches the encoder methods."""
 
     def __init__(self, base_model, tokenizer, template: Template, label_words: Mapping[str, str],
                  settings: MethodSettings) -> None:

@@ -84,6 +84,7 @@ class PromptTuning(BaseMethod):
     """
 
     name = "pt"
+    settings_read = (*BaseMethod.settings_read, "steps", "batch_size", "pt_lr", "pt_tokens", "pt_init_text")
     with_demonstrations = False
 
     def init_text(self) -> str:
@@ -168,6 +169,7 @@ class LoRA(BaseMethod):
     """
 
     name = "lora"
+    settings_read = (*BaseMethod.settings_read, "steps", "batch_size", "lora_lr", "lora_r", "lora_alpha")
 
     def _prepare(self, shots: list) -> None:
         peft = _peft()

@@ -92,3 +92,26 @@ def test_cuda_classifier_matches_the_cpu_one(tiny_dir):
     auto.fit(texts, labels)
     want = "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
     assert auto.placement_ == f"cuda:0, {want}"
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_data_parallel_step_reduces_only_tensors_on_the_model_device(context, queries, monkeypatch, device):
+    """NCCL, the backend on GPUs, reduces no CPU tensors: every tensor handed to all_reduce sits on the
+    model's device. Two processes are simulated (this one as rank 0 with a row, as rank 1 without)."""
+    import cptune
+    import cptune.training as training
+    from tiny import tiny_model
+
+    reduced = []
+
+    def all_reduce_sum(tensor):  # the other process contributes nothing
+        reduced.append(tensor.device)
+        return tensor
+
+    monkeypatch.setattr(training, "all_reduce_sum", all_reduce_sum)
+    for rank, batch_size in ((0, 2), (1, 1)):  # rank 1 of batch 1 has no row: the empty branch
+        monkeypatch.setattr(training, "process_group", lambda rank=rank: (rank, 2))
+        model = cptune.get_cpt_model(tiny_model().to(device), context.to_config(opt_projection_epsilon=0.5))
+        result = training.train(model, queries, TrainSettings(steps=2, batch_size=batch_size), progress=False)
+        assert len(result.losses) == 2 and all(np.isfinite(result.losses))
+    assert len(reduced) == 12 and set(reduced) == {torch.empty(0, device=device).device}  # cuda:0, not cuda

@@ -244,11 +244,11 @@ def _data_parallel_step(model, queries, local_rows: torch.Tensor, device) -> tor
     context = model.context_embeddings().detach().requires_grad_(True)  # (1, N, d) model dtype
     if len(local_rows):
         out = model(**_take(queries, local_rows, device), return_logits=False, context_embeds=context)
-        local_sum = out.loss * out.num_label_tokens
-        count = torch.tensor([float(out.num_label_tokens)], dtype=torch.float64)
+        local_sum, local_count = out.loss * out.num_label_tokens, float(out.num_label_tokens)
     else:  # more processes than rows in this batch: contribute nothing
-        local_sum = (context * 0.0).sum()
-        count = torch.zeros(1, dtype=torch.float64)
+        local_sum, local_count = (context * 0.0).sum(), 0.0
+    # On the loss's device: NCCL, the backend on GPUs, reduces no CPU tensors.
+    count = torch.tensor([local_count], dtype=torch.float64, device=local_sum.device)
     total_count = max(float(all_reduce_sum(count).item()), 1.0)
     (grad,) = torch.autograd.grad(local_sum / total_count, context)
     all_reduce_sum(grad)

@@ -151,3 +151,26 @@ def test_the_command_line_chooses_when_asked_and_records_it(tiny_dir, tmp_path, 
                  "icl", "--template", "auto", "--test-size", "2", "--model", str(tiny_dir), "--output", str(grid)]) == 0
     row = json.loads((grid / "results.jsonl").read_text().splitlines()[0])
     assert row["template"] == "auto" and row["template_choice"]["examples"] == 6  # the cell's labelled data only
+
+
+def test_auto_is_the_default_of_the_classifier_the_train_command_and_the_demo(tiny_dir, tmp_path, capsys):
+    import csv
+
+    from cptune.app.cli import main
+    from cptune.app.demo import DemoSettings
+    from cptune.models import load_model
+
+    texts, labels = [t for t, _ in EXAMPLES], [label for _, label in EXAMPLES]
+    clf = CPTClassifier(str(tiny_dir), labels=WORDS, train=TrainSettings(steps=1, batch_size=2)).fit(texts, labels)
+    expected = choose_template(*load_model(str(tiny_dir), device="cpu", dtype="float32"), EXAMPLES, WORDS)
+    assert clf.template_choice_ is not None and clf.template_.format == expected.template.format
+    assert clf.label_words_ == expected.label_words
+    data = tmp_path / "d.csv"
+    with data.open("w", newline="") as f:
+        csv.writer(f).writerows([("text", "label"), *EXAMPLES])
+    assert main(["train", "--model", str(tiny_dir), "--data", str(data), "--steps", "1", "--output",
+                 str(tmp_path / "clf")]) == 0
+    info = json.loads((tmp_path / "clf" / "cptune_classifier.json").read_text())
+    assert info["template_choice"]["format"] == info["template"]["format"] and info["template_choice"]["scores"]
+    assert "cptune: chose template" in capsys.readouterr().err
+    assert DemoSettings().template == "auto"

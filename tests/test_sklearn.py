@@ -24,7 +24,7 @@ def estimator(tiny_dir):
 def test_get_params_are_the_constructor_arguments_as_given(estimator, tiny_dir):
     params = estimator.get_params()
     assert params["model"] == str(tiny_dir) and params["train"] is FAST and params["context_size"] == 4
-    assert params["labels"] == {0: "negative", 1: "positive"} and params["template"] == "input: {x} output: {y}"
+    assert params["labels"] == {0: "negative", 1: "positive"} and params["template"] == "auto"
     assert set(params) == {"model", "template", "labels", "train", "recipe", "context_size", "length_normalize",
                            "calibrate", "batch_size", "progress", "device", "dtype", "device_map", "selection_budget"}
     assert is_classifier(estimator)

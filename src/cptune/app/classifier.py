@@ -67,12 +67,12 @@ class CPTClassifier:
             ``(model, tokenizer)`` pair already loaded. A name is loaded on first use and the last
             one loaded is shared by classifiers with the same name, device and dtype (so clones in
             a grid search do not reload it); a pair is used as it is (``sklearn.clone`` deep-copies it).
-        template: a :class:`Template` or its format string (default ``"input: {x} output: {y}"``),
-            used as it is; or ``"auto"``: chosen with the label words from the labelled examples
+        template: ``"auto"`` (default): chosen with the label words from the labelled examples
             alone by :func:`cptune.selection.choose_template` (a catalogue of general and per-task
             templates, the words' case variants; two-fold cross-validated label log-likelihood),
-            recorded as :attr:`template_choice_` (the candidates' scores and the cost). ``"auto"``
-            is not yet the default: with a few examples its choice is noisy (docs/results.md).
+            recorded as :attr:`template_choice_` (the candidates' scores and the cost; with fewer
+            than two examples nothing can be scored and the generic ``"input: {x} output: {y}"``
+            is used); or a :class:`Template` or its format string, used as it is.
         selection_budget: forward passes ``"auto"`` may spend choosing (candidates past it are
             not scored).
         labels: ``{label: label word}``, a list of labels (each written as itself), or ``None``
@@ -116,7 +116,7 @@ class CPTClassifier:
     def __init__(
         self,
         model: str | tuple = DEFAULT_MODEL,
-        template: Template | str = "input: {x} output: {y}",
+        template: Template | str = AUTO_TEMPLATE,
         labels: Mapping[Any, str] | Sequence[Any] | None = None,
         train: TrainSettings | None = None,
         recipe: CPTRecipe | None = None,

@@ -147,10 +147,9 @@ def _add_train(sub) -> None:
                         "an error says when they do not fit the model)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling and of training (default: %(default)s)")
     add_model_args(p)
-    p.add_argument("--template", default=None,
-                   help="a format with {x} and {y}, \\n for newline; or auto: chosen with the label words' case "
-                        "from the labelled rows alone, the choice and its scores saved (default: the dataset's, "
-                        "else input: {x} output: {y})")
+    p.add_argument("--template", default="auto",
+                   help="auto: chosen with the label words' case from the labelled rows alone, the choice and its "
+                        "scores saved (default); or a format with {x} and {y}, \\n for newline")
     p.add_argument("--selection-budget", type=int, default=400,
                    help="forward passes --template auto may spend choosing (default: %(default)s)")
     p.add_argument("--label-words", default=None, help="label=word,label=word (default: the dataset's, else each "

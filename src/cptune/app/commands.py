@@ -89,7 +89,7 @@ def label_words_for(labels: Iterable[Any], given: Mapping[str, str] | None) -> d
 
 
 def _format(data: str, template: str | None, label_words: str | None) -> tuple[str, dict[str, str] | None]:
-    """The template and label words asked for, else the known dataset's, else the general ones."""
+    """The template asked for (``auto`` by default) and the label words asked for, else the known dataset's."""
     fmt, words = DATASET_DEFAULTS.get(data, (DEFAULT_TEMPLATE, None))
     given = parse_label_words(label_words)
     return (template.replace("\\n", "\n") if template else fmt), (given if given is not None else words)

@@ -29,7 +29,7 @@ class DemoSettings:
     dtype: str = "auto"
     device_map: str | None = None
     dataset: str = "rotten_tomatoes"
-    template: str = "input: {x} output: {y}"
+    template: str = "auto"
     shots: int = 4
     test_size: int = 200
     seed: int = 0

@@ -7,15 +7,8 @@ import pytest
 
 from cptune.app import compare
 from cptune.app.cli import main
-from cptune.app.compare import (
-    append_result,
-    calibration_table,
-    loss_table,
-    make_grid,
-    paired_table,
-    read_results,
-    summary_table,
-)
+from cptune.app.compare import append_result, make_grid, read_results
+from cptune.app.report import best_other_table, calibration_table, loss_table, paired_table, summary_table
 from cptune.methods import settings_read
 from tiny import save_tiny_model
 
@@ -147,8 +140,21 @@ def test_report_tables_from_known_rows():
     assert "| icl | 3 | +0.033 | [" in calibration_table(rows) and "| 1 / 1 / 1 |" in calibration_table(rows)
 
 
+def test_cpt_against_the_best_other_method_uses_shared_cells_and_states_the_goal():
+    rows = [_row(0, "cpt", 0.80, 0), _row(1, "cpt", 0.70, 0), _row(2, "cpt", 0.90, 0),
+            _row(0, "icl", 0.75, 0), _row(1, "icl", 0.705, 0), _row(2, "icl", 0.85, 0),
+            _row(0, "lora", 0.60, 0), _row(1, "lora", 0.60, 0), _row(2, "lora", 0.99, 0),
+            _row(3, "lora", 0.99, 0)]  # seed 3 has no cpt or icl cell: left out of every mean
+    table = best_other_table(rows)
+    # shared seeds 0-2: icl mean 0.768 beats lora 0.730; cpt - icl = +0.05, -0.005, +0.05 -> +0.032; the
+    # lowest resampled mean (-0.005, all three picks on seed 1) has probability 1/27 > 2.5%: the low end
+    assert "| d | 2 | 0.800 | icl | 0.768 | 3 | +0.032 | [-0.005, +0.050] | 2 / 0 / 1 | yes |" in table
+    slightly_worse = [{**r, "accuracy": 0.685} if (r["method"], r["seed"]) == ("cpt", 1) else r for r in rows]
+    assert best_other_table(slightly_worse).endswith("| [-0.020, +0.050] | 2 / 0 / 1 | no |")  # low end < -0.01
+
+
 def test_bootstrap_interval_matches_the_normal_approximation_and_is_seeded():
-    from cptune.app.compare import bootstrap_interval
+    from cptune.app.report import bootstrap_interval
 
     rng = np.random.default_rng(1)
     diffs = rng.normal(0.05, 0.1, size=400).tolist()

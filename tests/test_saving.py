@@ -22,8 +22,9 @@ import cptune
 from conftest import DEMOS, LABEL_WORDS, TEMPLATE
 from cptune.app.classifier import CPTClassifier
 from cptune.app.cli import main
-from cptune.app.compare import append_result, write_report
+from cptune.app.compare import append_result
 from cptune.app.demo import DemoSettings, run_demo
+from cptune.app.report import write_report
 from cptune.cpt.files import CONFIG_NAME, STATE_NAME, WEIGHTS_NAME
 from cptune.cpt.model import load_adapter
 from cptune.cpt.saving import (

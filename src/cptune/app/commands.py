@@ -356,7 +356,8 @@ def method_settings(settings, items: list[str]):
 
 def run_compare(args) -> int:
     quiet_transformers()
-    from cptune.app.compare import RESULTS_NAME, make_grid, read_results, run_grid, summary_table, write_report
+    from cptune.app.compare import RESULTS_NAME, make_grid, read_results, run_grid
+    from cptune.app.report import summary_table, write_report
     from cptune.distributed import is_main_process
     from cptune.methods import MethodSettings
     from cptune.text.template import Template

@@ -129,9 +129,12 @@ class _FakeGGUFLoader:
 
     calls = 0
     on_load = None
+    real_model_loader = real_tokenizer_loader = None  # for folders (the converted one), set by the fixture
 
     @classmethod
-    def model_from_pretrained(cls, directory, gguf_file, dtype):
+    def model_from_pretrained(cls, directory, gguf_file=None, **kwargs):
+        if gguf_file is None:
+            return cls.real_model_loader(directory, **kwargs)
         cls.calls += 1
         if cls.on_load is not None:
             cls.on_load()
@@ -139,8 +142,10 @@ class _FakeGGUFLoader:
         model.config.quantization_config = {"quant_method": "gguf"}
         return model
 
-    @staticmethod
-    def tokenizer_from_pretrained(directory, gguf_file):
+    @classmethod
+    def tokenizer_from_pretrained(cls, directory, gguf_file=None, **kwargs):
+        if gguf_file is None:
+            return cls.real_tokenizer_loader(directory, **kwargs)
         return _tiny_tokenizer()
 
 
@@ -150,6 +155,8 @@ def fake_gguf(monkeypatch, tmp_path):
     gguf.parent.mkdir()
     gguf.write_bytes(b"not really gguf")
     _FakeGGUFLoader.calls, _FakeGGUFLoader.on_load = 0, None
+    _FakeGGUFLoader.real_model_loader = pretrained.AutoModelForCausalLM.from_pretrained
+    _FakeGGUFLoader.real_tokenizer_loader = pretrained.AutoTokenizer.from_pretrained
     monkeypatch.setattr(pretrained, "embedded_model_path", lambda: gguf)
     monkeypatch.setattr(
         pretrained.AutoModelForCausalLM, "from_pretrained", _FakeGGUFLoader.model_from_pretrained
@@ -205,6 +212,27 @@ def test_incomplete_cache_folder_is_reported(fake_gguf, tmp_path):
     (cache / f"smollm2-135m-instruct-{pretrained._sha256(fake_gguf)[:12]}").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="lacks cptune-source.json"):
         pretrained.convert_embedded_model(cache)
+
+
+def test_local_gguf_converted_once(fake_gguf, tmp_path, monkeypatch):
+    monkeypatch.setenv("CPTUNE_CACHE", str(tmp_path / "cache"))
+    model, tokenizer = load_model(fake_gguf, dtype="float32", device="cpu")
+    folder = tmp_path / "cache" / f"fake-{pretrained._sha256(fake_gguf)[:12]}"
+    record = json.loads((folder / "cptune-source.json").read_text())
+    assert record["file"] == str(fake_gguf.resolve()) and record["sha256"] == pretrained._sha256(fake_gguf)
+    assert model.name_or_path == str(folder), "the base model should be named by its loadable folder"
+    batch = tokenizer(["the movie was great"], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, _tiny_model().eval()(**batch).logits)
+
+    again, _ = load_model(str(fake_gguf), dtype="bfloat16", device="cpu")
+    assert _FakeGGUFLoader.calls == 1, "the GGUF was read again instead of its converted folder"
+    assert again.dtype == torch.bfloat16 and again.name_or_path == str(folder)
+
+    fake_gguf.write_bytes(b"another GGUF file")  # a changed file is converted again, beside the first
+    load_model(fake_gguf, dtype="float32", device="cpu")
+    assert _FakeGGUFLoader.calls == 2
+    assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 2
 
 
 @pytest.mark.slow

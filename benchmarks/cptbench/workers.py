@@ -85,7 +85,7 @@ def _layout(base) -> str:
     return layout_report(base)
 
 
-def _probe_delta(context, hidden: int) -> torch.Tensor:
+def probe_delta(context, hidden: int) -> torch.Tensor:
     """A fixed nonzero delta inside every projection ball (half the smallest radius), zero on frozen rows."""
     from cptune.cpt.roles import is_trainable
 
@@ -96,13 +96,15 @@ def _probe_delta(context, hidden: int) -> torch.Tensor:
     return delta * is_trainable(context.roles).unsqueeze(1)
 
 
-def _cptune_model(base, context):
+def cptune_model(base, context):
+    """cptune's CPT model on ``base`` for ``context``, with the benchmark's CPT fields."""
     from cptune import get_cpt_model
 
     return get_cpt_model(base, context.to_config(**CPT_FIELDS))
 
 
-def _peft_model(base, context):
+def peft_model(base, context):
+    """PEFT's CPT model on ``base`` for the same context and CPT fields (``base`` is wrapped, not copied)."""
     warnings.filterwarnings("ignore")
     import peft
 
@@ -111,7 +113,8 @@ def _peft_model(base, context):
     return peft.get_peft_model(base, cfg)
 
 
-def _peft_delta(model) -> torch.nn.Parameter:
+def peft_delta(model) -> torch.nn.Parameter:
+    """PEFT's trainable delta, ``(N, d)`` float32 (unprojected until its next forward)."""
     return model.prompt_encoder["default"].delta_embedding.weight
 
 
@@ -125,10 +128,10 @@ def _anonymous_copy(base):
     return copy.deepcopy(base)
 
 
-def _step_fn(impl: str, base, context, queries, model=None):
+def step_fn(impl: str, base, context, queries, model=None):
     """Return ``step() -> (loss, t_forward, t_backward, t_optimizer)`` for ``impl`` (built unless ``model``)."""
     if model is None:
-        model = _cptune_model(base, context) if impl == "cptune" else _peft_model(base, context)
+        model = cptune_model(base, context) if impl == "cptune" else peft_model(base, context)
     params = [model.prompt_encoder.delta] if impl == "cptune" else [p for p in model.parameters() if p.requires_grad]
     model.train()
     base.eval()  # as cptune.train does; SmolLM2 has no dropout, so PEFT's train mode changes nothing
@@ -171,8 +174,8 @@ def worker_train_time(shots: int, batch: int, steps: int, quiet_wait: float) -> 
     base = _anonymous_copy(base)
     layout = _layout(base)  # before the FLOP-counted warm-up: the self-check runs once per model
     queries = render_queries(extra[:batch], template, tok, LABEL_WORDS)
-    peft_model = _peft_model(base, context)
-    step = {impl: _step_fn(impl, base, context, queries, model=None if impl == "cptune" else peft_model)
+    shared_peft = peft_model(base, context)
+    step = {impl: step_fn(impl, base, context, queries, model=None if impl == "cptune" else shared_peft)
             for impl in TRAIN_IMPLS}
     out = {impl: {"impl": impl, "times": [], "phases": [], "foreign": [], "losses": []} for impl in TRAIN_IMPLS}
     for impl in TRAIN_IMPLS:  # warm-up round, untimed, counts the executed FLOPs
@@ -210,7 +213,7 @@ def worker_train_rss(impl: str, shots: int, batch: int) -> dict:
     base, tok, template, context, extra, _ = _setup(shots)
     queries = render_queries(extra[:batch], template, tok, LABEL_WORDS)
     layout = _layout(base)
-    step = _step_fn(impl, base, context, queries)
+    step = step_fn(impl, base, context, queries)
     with torch.no_grad():  # weights may be memory-mapped from the file: make them all resident first
         for p in base.parameters():
             p.sum()
@@ -241,12 +244,17 @@ def _pad_right(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Ten
 
 
 @torch.no_grad()
-def _peft_batch_scores(model, rows: list[list[int]], first_label_ids: list[int], num_context: int, pad: int):
-    """PEFT's forward on one batch (context re-encoded in every row); first label token's log-prob."""
-    ids, mask = _pad_right(rows, pad)
+def peft_batch_scores(model, rows: list[list[int]], first_label_ids: list[int], num_context: int, pad: int):
+    """PEFT's forward on one batch (context re-encoded in every row); first label token's log-prob.
+
+    Returns ``(len(rows), len(first_label_ids))`` on the model's device.
+    """
+    device = next(model.parameters()).device
+    ids, mask = (t.to(device) for t in _pad_right(rows, pad))
     logits = model(input_ids=ids, attention_mask=mask).logits  # (b, N + T, V), right padding
-    last = torch.tensor([num_context + len(r) - 1 for r in rows])
-    return torch.log_softmax(logits[torch.arange(len(rows)), last].float(), dim=-1)[:, first_label_ids]
+    last = torch.tensor([num_context + len(r) - 1 for r in rows], device=device)
+    rows_at = torch.arange(len(rows), device=device)
+    return torch.log_softmax(logits[rows_at, last].float(), dim=-1)[:, first_label_ids]
 
 
 def worker_classify(shots: int, batch: int, test_size: int, quiet_wait: float) -> dict:
@@ -263,13 +271,13 @@ def worker_classify(shots: int, batch: int, test_size: int, quiet_wait: float) -
     base = _anonymous_copy(base)  # shared by all three; neither wrapper changes it
     layout = _layout(base)
     texts = [ex.text for ex in test[:test_size]]
-    delta = _probe_delta(context, base.get_input_embeddings().weight.shape[1])
-    ours = _cptune_model(base, context)
-    theirs = _peft_model(base, context)
+    delta = probe_delta(context, base.get_input_embeddings().weight.shape[1])
+    ours = cptune_model(base, context)
+    theirs = peft_model(base, context)
     theirs.eval()
     with torch.no_grad():
         ours.prompt_encoder.delta.copy_(delta)
-        _peft_delta(theirs).copy_(delta)
+        peft_delta(theirs).copy_(delta)
     labels = list(label_token_ids(template, tok, LABEL_WORDS).values())
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     rows = query_token_ids(texts, template, tok)  # tokenisation: the same for all three, not timed
@@ -281,7 +289,7 @@ def worker_classify(shots: int, batch: int, test_size: int, quiet_wait: float) -
 
     score = {
         "cptune": lambda chunk, cache: label_log_likelihoods(base, cache, chunk, labels, batch),
-        "peft": lambda chunk, cache: _peft_batch_scores(theirs, chunk, [ids[0] for ids in labels], n, pad),
+        "peft": lambda chunk, cache: peft_batch_scores(theirs, chunk, [ids[0] for ids in labels], n, pad),
         "floor": lambda chunk, cache: label_log_likelihoods(base, None, chunk, labels, batch),
     }
     for impl in CLASSIFY_IMPLS:  # warm-up
@@ -320,14 +328,14 @@ def worker_agree(shots: int, batch: int) -> dict:
 
     base, tok, template, context, extra, _ = _setup(shots)
     queries = render_queries(extra[:batch], template, tok, LABEL_WORDS)
-    delta = _probe_delta(context, base.get_input_embeddings().weight.shape[1])
-    theirs = _peft_model(copy.deepcopy(base), context)
+    delta = probe_delta(context, base.get_input_embeddings().weight.shape[1])
+    theirs = peft_model(copy.deepcopy(base), context)
     with torch.no_grad():
-        _peft_delta(theirs).copy_(delta)
+        peft_delta(theirs).copy_(delta)
     loss_t = theirs(**{k: v.clone() for k, v in queries.items()}).loss
     loss_t.backward()
-    grad_t = _peft_delta(theirs).grad.clone()
-    ours = _cptune_model(base, context)
+    grad_t = peft_delta(theirs).grad.clone()
+    ours = cptune_model(base, context)
     result = {"shots": shots, "batch": batch, "dtype": "float32", "peft_loss": float(loss_t)}
     for mode in ("auto", "never"):
         ours.prefix_sharing = mode
@@ -369,13 +377,13 @@ def worker_profile(shots: int, batch: int, top: int = 14, classify_batches: int 
     queries = render_queries(extra[:batch], template, tok, LABEL_WORDS)
     result = {"shots": shots, "batch": batch, "impls": {}}
     for impl in TRAIN_IMPLS[:2]:
-        step = _step_fn(impl, base, context, queries)
+        step = step_fn(impl, base, context, queries)
         step()  # warm-up
         result["impls"][impl] = _profiled(step, top)
     labels = list(label_token_ids(template, tok, LABEL_WORDS).values())
     rows = query_token_ids([ex.text for ex in test[:classify_batches * 8]], template, tok)
     with torch.no_grad():
-        cache = encode_context(base, _cptune_model(base, context).context_embeddings())
+        cache = encode_context(base, cptune_model(base, context).context_embeddings())
 
     def scorer(context_cache):
         return lambda: label_log_likelihoods(base, context_cache, rows, labels, 8)

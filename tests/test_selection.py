@@ -10,7 +10,7 @@ import torch
 
 from cptune import CPTClassifier, TrainSettings
 from cptune.scoring import score_texts
-from cptune.selection import TEMPLATE_CATALOGUE, choose_template, halves, word_candidates
+from cptune.selection import TEMPLATE_CATALOGUE, choose_template, halves, held_out_log_probs, word_candidates
 from cptune.text.context import build_context
 from tiny import tiny_model, tiny_tokenizer
 
@@ -57,8 +57,11 @@ def test_the_choice_is_the_best_held_out_log_likelihood_computed_as_stated(pair)
         scores = score_texts(base, tok, template, entry["words"], [t for t, _ in queries], embeds)
         log_probs.append(torch.log_softmax(scores, dim=-1))
         gold += [list(entry["words"]).index(label) for _, label in queries]
-    mean = float(torch.cat(log_probs).gather(1, torch.tensor(gold)[:, None]).mean())
-    assert entry["log_prob"] == pytest.approx(mean, abs=1e-4)
+    by_hand = torch.cat(log_probs).gather(1, torch.tensor(gold)[:, None]).squeeze(1)
+    assert entry["log_prob"] == pytest.approx(float(by_hand.mean()), abs=1e-4)
+    public, public_gold = held_out_log_probs(base, tok, template, entry["words"], (a, b))  # what the study reads
+    assert public_gold.tolist() == gold
+    torch.testing.assert_close(public.gather(1, public_gold[:, None]).squeeze(1), by_hand, atol=1e-5, rtol=0)
     assert choice.forward_passes > 0 and choice.examples == len(EXAMPLES)
     assert choose_template(base, tok, EXAMPLES, WORDS, seed=1).scores == choice.scores  # deterministic
 

@@ -145,6 +145,24 @@ def _held_out(base_model, tokenizer, template: Template, words: dict[Any, str], 
     return torch.log_softmax(scores.float().cpu(), dim=-1), gold
 
 
+def held_out_log_probs(base_model, tokenizer, template: Template, words: Mapping[Any, str],
+                       parts: tuple[list, list]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two-fold held-out label log-probabilities of one candidate: each of ``parts`` (the :func:`halves`)
+    is the ICL context of the other's texts.
+
+    Returns:
+        ``(log_probs, gold)``: a ``(queries, labels)`` log-softmax over the labels of ``words`` (in their
+        order) for the second half's texts then the first's, and each query's gold label index.
+
+    Raises:
+        ValueError: words that tokenize alike, or a context longer than the model takes.
+    """
+    labels = list(words)
+    scored = [_held_out(base_model, tokenizer, template, dict(words), ctx, queries, labels)
+              for ctx, queries in ((parts[0], parts[1]), (parts[1], parts[0])) if ctx and queries]
+    return torch.cat([lp for lp, _ in scored]), torch.cat([g for _, g in scored])
+
+
 def choose_template(
     base_model,
     tokenizer,
@@ -182,7 +200,6 @@ def choose_template(
     if len(examples) < 2:
         return TemplateChoice(first, dict(label_words), examples=len(examples))
     half_a, half_b = halves(examples, seed)
-    labels = list(label_words)
     cost = _cost(len(half_a), len(half_b)) + _cost(len(half_b), len(half_a))
     spent = 0
     best: tuple[float, Template, dict] | None = None
@@ -195,14 +212,11 @@ def choose_template(
                 entry["skipped"] = f"over the budget of {budget} forward passes"
                 continue
             try:
-                parts = [_held_out(base_model, tokenizer, template, words, ctx, queries, labels)
-                         for ctx, queries in ((half_a, half_b), (half_b, half_a)) if ctx and queries]
+                log_probs, gold = held_out_log_probs(base_model, tokenizer, template, words, (half_a, half_b))
             except ValueError as err:  # words that tokenize alike, a context longer than the model
                 entry["skipped"] = str(err).splitlines()[0]
                 continue
             spent += cost
-            log_probs = torch.cat([lp for lp, _ in parts])
-            gold = torch.cat([g for _, g in parts])
             entry["log_prob"] = round(float(log_probs.gather(1, gold[:, None]).mean()), 4)
             entry["accuracy"] = round(float((log_probs.argmax(dim=1) == gold).float().mean()), 4)
             if best is None or entry["log_prob"] > best[0]:

@@ -8,7 +8,14 @@ import pytest
 from cptune.app import compare
 from cptune.app.cli import main
 from cptune.app.compare import append_result, make_grid, read_results
-from cptune.app.report import best_other_table, calibration_table, loss_table, paired_table, summary_table
+from cptune.app.report import (
+    best_other_table,
+    calibration_table,
+    loss_table,
+    paired_table,
+    summary_table,
+    versus_table,
+)
 from cptune.methods import settings_read
 from tiny import save_tiny_model
 
@@ -151,6 +158,29 @@ def test_cpt_against_the_best_other_method_uses_shared_cells_and_states_the_goal
     assert "| d | 2 | 0.800 | icl | 0.768 | 3 | +0.032 | [-0.005, +0.050] | 2 / 0 / 1 | yes |" in table
     slightly_worse = [{**r, "accuracy": 0.685} if (r["method"], r["seed"]) == ("cpt", 1) else r for r in rows]
     assert best_other_table(slightly_worse).endswith("| [-0.020, +0.050] | 2 / 0 / 1 | no |")  # low end < -0.01
+
+
+def test_each_method_against_the_same_method_of_another_grid(tmp_path, capsys):
+    auto = [_row(0, "cpt", 0.80, 0), _row(1, "cpt", 0.70, 0), _row(2, "cpt", 0.60, 0), _row(0, "icl", 0.5, 0)]
+    fixed = [_row(0, "cpt", 0.75, 0), _row(1, "cpt", 0.70, 0), _row(0, "icl", 0.6, 0),
+             _row(3, "cpt", 0.99, 0)]  # seed 2 only in auto, seed 3 only in fixed: neither is paired
+    table = versus_table(auto, fixed)
+    assert "| d | 2 | cpt | 2 | +0.025 | [+0.000, +0.050] | 1 / 1 / 0 |" in table
+    assert "| d | 2 | icl | 1 | -0.100 | [-0.100, -0.100] | 0 / 0 / 1 |" in table
+    for name, rows in (("auto", auto), ("fixed", fixed)):
+        (tmp_path / name).mkdir()
+        for row in rows:
+            append_result(tmp_path / name / "results.jsonl", row)
+    assert main(["compare", "--report-only", "--output", str(tmp_path / "auto"), "--versus",
+                 str(tmp_path / "fixed")]) == 0
+    report = (tmp_path / "auto" / "results.md").read_text()
+    assert f"## Against {tmp_path / 'fixed'}" in report and table in report
+    (tmp_path / "empty").mkdir()
+    assert main(["compare", "--report-only", "--output", str(tmp_path / "auto"), "--versus",
+                 str(tmp_path / "empty")]) != 0
+    err = capsys.readouterr().err
+    assert "--versus" in err and "no results" in err and "Traceback" not in err
+    assert (tmp_path / "auto" / "results.md").read_text() == report  # the failed call left the report alone
 
 
 def test_bootstrap_interval_matches_the_normal_approximation_and_is_seeded():

@@ -222,6 +222,9 @@ def _add_compare(sub) -> None:
     p.add_argument("--label-words", default=None, help="label=word,label=word (default: each dataset's)")
     p.add_argument("--only", default=None, help="run only matching cells, e.g. dataset=subj,shots=4,seed=0,method=cpt")
     p.add_argument("--report-only", action="store_true", help="do not run cells; rebuild the table and plots")
+    p.add_argument("--versus", default=None, metavar="DIR",
+                   help="another grid's output folder: the report adds each method minus the same method there, "
+                        "on the cells both have (e.g. --template auto against the fixed templates)")
     p.add_argument("--output", required=True, help="folder for results.jsonl, results.md, accuracy.png, gap.png")
 
 

@@ -368,6 +368,12 @@ def run_compare(args) -> int:
     if args.test_size < 1:
         raise UserError(f"--test-size={args.test_size} must be >= 1")
     output = Path(args.output)
+    versus = None
+    if args.versus is not None:
+        other, _ = read_results(Path(args.versus) / RESULTS_NAME)
+        if not other:
+            raise UserError(f"--versus {args.versus}: no results in {Path(args.versus) / RESULTS_NAME}")
+        versus = (str(args.versus), other)
     if args.report_only:
         rows, damaged = read_results(output / RESULTS_NAME)
         if not rows:
@@ -382,7 +388,7 @@ def run_compare(args) -> int:
                         train_size=args.train_size, model_options=_model_options(args))
     if not is_main_process():
         return 0
-    write_report(rows, output)
+    write_report(rows, output, versus)
     print(summary_table(rows))
     print(f"results: {output / RESULTS_NAME}; table and plots: {output}/results.md, accuracy.png, gap.png")
     return 0

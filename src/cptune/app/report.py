@@ -145,6 +145,28 @@ def best_other_table(rows: list[dict], reference: str = "cpt", metric: str = "ac
     return "\n".join(lines)
 
 
+def versus_table(rows: list[dict], baseline: list[dict], metric: str = "accuracy") -> str:
+    """Markdown: each method of ``rows`` minus the same method in ``baseline`` (another grid, e.g. the
+    fixed templates against ``template="auto"``), per (dataset, shots), on the seeds both have.
+
+    Columns: dataset, shots, method, cells paired, mean difference with its bootstrap 95% interval, and
+    how many cells are above / equal to / below the baseline.
+    """
+    ours = {(r["dataset"], r["shots"], r["seed"], r["method"]): _metric(r, metric) for r in rows}
+    theirs = {(r["dataset"], r["shots"], r["seed"], r["method"]): _metric(r, metric) for r in baseline}
+    lines = ["| dataset | shots | method | cells | mean difference | 95% interval | above / equal / below |",
+             "|---" * 7 + "|"]
+    groups = sorted({(d, k, m) for d, k, _, m in ours}, key=lambda g: (g[0], g[1], ALL_METHODS.index(g[2])
+                                                                      if g[2] in ALL_METHODS else len(ALL_METHODS)))
+    for dataset, shots, method in groups:
+        diffs = [v - theirs[key] for key, v in ours.items()
+                 if (key[0], key[1], key[3]) == (dataset, shots, method) and v is not None
+                 and theirs.get(key) is not None]
+        if diffs:
+            lines.append(f"| {dataset} | {shots} | {method} | {_difference_cells(diffs)} |")
+    return "\n".join(lines)
+
+
 def _difference_row(name: str, diffs: list[float]) -> str:
     """``| name | cells | mean difference | 95% interval | above / equal / below zero |`` for paired differences."""
     return f"| {name} | {_difference_cells(diffs)} |"
@@ -195,8 +217,9 @@ def loss_table(rows: list[dict], methods: Sequence[str] = METHODS) -> str:
     return "\n".join(lines)
 
 
-def report_markdown(rows: list[dict]) -> str:
-    """The ``results.md`` of a grid: accuracy tables (raw and calibrated), paired differences, losses."""
+def report_markdown(rows: list[dict], versus: tuple[str, list[dict]] | None = None) -> str:
+    """The ``results.md`` of a grid: accuracy tables (raw and calibrated), paired differences, losses; with
+    ``versus=(name, rows)``, also each method against the same method of that other grid (:func:`versus_table`)."""
     parts = ["## Accuracy (mean ± std over seeds)", "", summary_table(rows, "accuracy"), ""]
     if any("calibrated" in r for r in rows):
         parts += ["## Accuracy with contextual calibration (Zhao et al. 2021)", "",
@@ -209,6 +232,10 @@ def report_markdown(rows: list[dict]) -> str:
                   paired_table(rows, by=("dataset", "shots")), "",
                   "### Against the best other method of each dataset and shots", "",
                   best_other_table(rows), ""]
+    if versus is not None:
+        name, other = versus
+        parts += [f"## Against {name}: each method minus the same method there, same cells (accuracy)", "",
+                  versus_table(rows, other), ""]
     for methods, _, heading in LOSS_KINDS:
         if any(r["method"] in methods for r in rows):
             parts += [f"## {heading}", "", loss_table(rows, methods), ""]
@@ -217,8 +244,9 @@ def report_markdown(rows: list[dict]) -> str:
     return "\n".join(parts)
 
 
-def write_report(rows: list[dict], output: Path) -> list[Path]:
-    """Write ``results.md``, ``accuracy.png`` and ``gap.png`` into ``output`` (atomically); return the paths."""
+def write_report(rows: list[dict], output: Path, versus: tuple[str, list[dict]] | None = None) -> list[Path]:
+    """Write ``results.md`` (with :func:`report_markdown`'s ``versus``), ``accuracy.png`` and ``gap.png`` into
+    ``output`` (atomically); return the paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -226,7 +254,7 @@ def write_report(rows: list[dict], output: Path) -> list[Path]:
 
     output = Path(output)
     written = []
-    write_text_atomic(output / "results.md", report_markdown(rows))
+    write_text_atomic(output / "results.md", report_markdown(rows, versus))
     written.append(output / "results.md")
 
     datasets = sorted({r["dataset"] for r in rows})

@@ -28,6 +28,8 @@ import math
 import statistics
 from pathlib import Path
 
+from template_dev import key  # the candidates' names in template_dev.json (this script's folder is on sys.path)
+
 from cptune.app.compare import Cell, cell_format, cell_splits
 from cptune.cpt.saving import write_text_atomic
 from cptune.data import load_dataset
@@ -37,11 +39,6 @@ from cptune.selection import TEMPLATE_CATALOGUE, halves, held_out_log_probs, wor
 TEST_SIZE = 300
 MARGINS = (0.05, 0.1, 0.2)
 ZS = (1.0, 2.0)
-
-
-def key(template_format: str, words: dict) -> str:
-    """The candidate's name in template_dev.json."""
-    return f"{template_format!r} {'/'.join(str(w) for w in words.values())}"
 
 
 def cell_scores(base, tok, name: str, shots: int, seed: int) -> dict:
@@ -54,10 +51,10 @@ def cell_scores(base, tok, name: str, shots: int, seed: int) -> dict:
     for _, template in TEMPLATE_CATALOGUE:
         for candidate in word_candidates(words):
             log_probs, gold = held_out_log_probs(base, tok, template, candidate, parts)
-            candidates[key(template.format, candidate)] = [round(v, 5) for v in
+            candidates[key(template, candidate)] = [round(v, 5) for v in
                                                            log_probs.gather(1, gold[:, None]).squeeze(1).tolist()]
     return {"dataset": name, "shots": shots, "seed": seed,
-            "generic": key(TEMPLATE_CATALOGUE[0][1].format, words), "log_probs": candidates}
+            "generic": key(TEMPLATE_CATALOGUE[0][1], words), "log_probs": candidates}
 
 
 def pick(cell: dict, rule: str, value: float = 0.0) -> str:

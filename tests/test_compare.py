@@ -39,6 +39,7 @@ def test_grid_report_and_resume(tiny_dir, tmp_path, capsys):
         assert r["train_loss"] >= 0 and r["test_loss"] >= 0
         assert 0 <= r["calibrated"]["accuracy"] <= 1 and sum(map(sum, r["calibrated"]["confusion"])) == 4
         assert abs(sum(r["content_free_probs"]) - 1) < 1e-5
+        assert r["encoder"] is None and r["model"] == str(tiny_dir)  # causal-LM methods use no sentence encoder
     for name in ("results.md", "accuracy.png", "gap.png"):
         assert (out / name).stat().st_size > 0
     table = (out / "results.md").read_text()

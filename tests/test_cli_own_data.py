@@ -37,10 +37,28 @@ def trained(tiny_dir, tmp_path_factory):
 
 def test_train_uses_every_row_with_a_k_shot_context(trained, capsys):
     info = json.loads((trained / "cptune_classifier.json").read_text())
-    assert len(info["examples"]) == len(TRAIN_ROWS) and info["context_size"] == 4
+    assert info["training_size"] == len(TRAIN_ROWS) and info["context_size"] == 4
+    assert info["training_data"] == "context only" and len(info["examples"]) == 4  # the context's rows alone
     config = json.loads((trained / "adapter_config.json").read_text())
     demonstrations = {(code - 1) // 4 for code in config["cpt_tokens_type_mask"] if code > 0}  # 4k + role 1..4
     assert len(demonstrations) == 4  # four demonstrations in the context, 40 training queries
+    saved = b"".join(p.read_bytes() for p in trained.rglob("*") if p.is_file())
+    context = {text for text, _ in info["examples"]}
+    for text, _ in TRAIN_ROWS:  # no file of the output folder spells one of the 36 other rows
+        assert (text.encode() in saved) == (text in context), text
+
+
+def test_keep_training_data_saves_every_row_and_train_says_which(tiny_dir, tmp_path, capsys):
+    data = _csv(tmp_path / "train.csv", TRAIN_ROWS[:12])
+    for flag, words in (([], "with the context's 2 examples; the other 10 training texts only as salted hashes "
+                             "(--keep-training-data keeps them)"),
+                        (["--keep-training-data"], "with all 12 training rows (--keep-training-data)")):
+        out = tmp_path / f"clf{len(flag)}"
+        assert main(["train", "--model", str(tiny_dir), "--data", str(data), "--context-size", "2", *FAST, *flag,
+                     "--output", str(out)]) == 0
+        assert capsys.readouterr().out.strip().endswith(f"classifier saved to {out} {words}")
+        info = json.loads((out / "cptune_classifier.json").read_text())
+        assert len(info["examples"]) == (12 if flag else 2)
 
 
 def test_train_prints_the_context_and_its_size(tiny_dir, tmp_path, capsys):
@@ -59,6 +77,8 @@ def test_eval_scores_every_row_of_an_imbalanced_file_and_leaves_out_training_tex
     captured = capsys.readouterr()
     report = json.loads(captured.out)
     assert "left out 5 of 35 rows" in captured.err
+    held = {text for text, _ in json.loads((trained / "cptune_classifier.json").read_text())["examples"]}
+    assert any(text not in held for text, _ in TRAIN_ROWS[:5])  # some are known by their hashes alone
     assert report["test_size"] == 30 and report["left_out_trained"] == 5
     assert [row["support"] for row in report["per_class"]] == [
         sum(label == c for _, label in test_rows[:30]) for c in report["labels"]]

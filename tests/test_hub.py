@@ -5,7 +5,6 @@ import copy
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,13 +14,23 @@ import huggingface_hub
 import numpy as np
 import pytest
 import torch
-from huggingface_hub.errors import RepositoryNotFoundError
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+from huggingface_hub.hf_api import CommitInfo, ModelInfo
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import cptune
 from cptune import CPTClassifier
-from cptune.cpt.hub import card_front_matter, hub_cache_dir, is_hub_id, offline_variable, peft_snippet, resolve_folder
+from cptune.cpt.hub import (
+    card_front_matter,
+    hub_cache_dir,
+    is_hub_id,
+    offline_variable,
+    peft_snippet,
+    resolve_folder,
+    stale_files,
+)
 from cptune.cpt.saving import MANIFEST_NAME, IncompleteSaveError
 from cptune.training import TrainSettings, train
 from tiny import tiny_model
@@ -77,38 +86,121 @@ def _trained_adapter(context, queries, steps: int = 3, seed: int = 0):
     return base, model
 
 
-class HubRecorder:
-    """Stands in for the hub's side of HfApi.create_repo / create_branch / upload_folder: records each call and
-    copies the folder it is given (the temporary folder is gone once push_to_hub returns)."""
+GITATTRIBUTES = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
+"""What the hub's first commit of a new repo holds (a file cptune did not write)."""
+
+
+class HubStandIn:
+    """Stands in for the hub's side of the HfApi calls a push makes (create_repo, create_branch, model_info,
+    hf_hub_download, create_commit), on repos kept in memory as the hub keeps them: each branch a list of
+    commits, each commit a new hash and the repo's files ``{path: bytes}``.
+
+    As on the hub: a new repo starts with one commit holding ``.gitattributes``; a branch starts at main's
+    head; ``create_commit`` applies its CommitOperationAdd / CommitOperationDelete objects in one new
+    commit, refuses a ``parent_commit`` that is not the branch's head and a delete of a missing file, and
+    returns a ``CommitInfo``. Every call is recorded in ``calls``; ``folders[i]`` is the branch's files after
+    the i-th commit, written out (what a download of it gives).
+    """
 
     def __init__(self, root: Path):
         self.root = root
         self.calls: list[tuple[str, dict]] = []
         self.folders: list[Path] = []
+        self.repos: dict[str, dict[str, list[tuple[str, dict[str, bytes]]]]] = {}
+
+    def head(self, repo_id: str, revision: str | None = None) -> tuple[str, dict[str, bytes]]:
+        branches = self.repos[repo_id]
+        for commits in branches.values():  # a commit hash names that commit, as on the hub
+            for commit in commits:
+                if commit[0] == revision:
+                    return commit
+        return branches[revision or "main"][-1]
+
+    def commit(self, repo_id: str, revision: str | None, files: dict[str, bytes]) -> str:
+        commits = self.repos[repo_id].setdefault(revision or "main", [])
+        sha = hashlib.sha1(f"{repo_id}@{revision}#{len(commits)}".encode()
+                           + b"".join(k.encode() + v for k, v in sorted(files.items()))).hexdigest()
+        commits.append((sha, dict(files)))
+        return sha
+
+    def user_adds(self, repo_id: str, name: str, data: bytes, revision: str | None = None) -> None:
+        """A commit made by hand (the website, git): not cptune's."""
+        _, files = self.head(repo_id, revision)
+        self.commit(repo_id, revision, {**files, name: data})
 
     def install(self, monkeypatch):
-        recorder = self
+        hub = self
 
-        def create_repo(self, repo_id, **kwargs):
-            recorder.calls.append(("create_repo", {"repo_id": repo_id, "token": self.token, **kwargs}))
+        def create_repo(self, repo_id, private=None, exist_ok=False, **kwargs):
+            hub.calls.append(("create_repo", {"repo_id": repo_id, "token": self.token, "private": private,
+                                              "exist_ok": exist_ok, **kwargs}))
+            if repo_id in hub.repos and not exist_ok:
+                raise AssertionError(f"{repo_id} exists")
+            if repo_id not in hub.repos:
+                hub.repos[repo_id] = {}
+                hub.commit(repo_id, None, {".gitattributes": GITATTRIBUTES})
             return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
 
-        def create_branch(self, repo_id, **kwargs):
-            recorder.calls.append(("create_branch", {"repo_id": repo_id, **kwargs}))
+        def create_branch(self, repo_id, branch, exist_ok=False, **kwargs):
+            hub.calls.append(("create_branch", {"repo_id": repo_id, "branch": branch, "exist_ok": exist_ok, **kwargs}))
+            if branch not in hub.repos[repo_id]:
+                hub.repos[repo_id][branch] = [hub.head(repo_id)]
 
-        def upload_folder(self, **kwargs):
-            copy_ = recorder.root / f"pushed-{len(recorder.folders)}"
-            shutil.copytree(kwargs["folder_path"], copy_)
-            recorder.folders.append(copy_)
-            recorder.calls.append(("upload_folder", {k: v for k, v in kwargs.items() if k != "folder_path"}))
-            return f"commit {len(recorder.folders)}"
+        def model_info(self, repo_id, revision=None, **kwargs):
+            hub.calls.append(("model_info", {"repo_id": repo_id, "revision": revision, **kwargs}))
+            sha, files = hub.head(repo_id, revision)
+            return ModelInfo(id=repo_id, sha=sha, siblings=[{"rfilename": name} for name in sorted(files)])
 
-        monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
-        monkeypatch.setattr(huggingface_hub.HfApi, "create_branch", create_branch)
-        monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+        def hf_hub_download(self, repo_id, filename, revision=None, local_dir=None, **kwargs):
+            hub.calls.append(("hf_hub_download", {"repo_id": repo_id, "filename": filename, "revision": revision}))
+            _, files = hub.head(repo_id, revision)
+            if filename not in files:
+                raise EntryNotFoundError(f"{filename} is not in {repo_id}")
+            path = Path(local_dir) / filename
+            path.write_bytes(files[filename])
+            return str(path)
+
+        def create_commit(self, repo_id, operations, commit_message, revision=None, parent_commit=None, **kwargs):
+            operations = list(operations)
+            sha, files = hub.head(repo_id, revision)
+            if parent_commit is not None and parent_commit != sha:
+                raise AssertionError(f"412: {parent_commit} is not the head of {revision or 'main'}")
+            files = dict(files)
+            added, deleted = [], []
+            for op in operations:
+                if isinstance(op, CommitOperationAdd):
+                    with op.as_file() as f:
+                        files[op.path_in_repo] = f.read()
+                    added.append(op.path_in_repo)
+                elif isinstance(op, CommitOperationDelete):
+                    if op.path_in_repo not in files:
+                        raise AssertionError(f"404: cannot delete {op.path_in_repo}, it is not in {repo_id}")
+                    del files[op.path_in_repo]
+                    deleted.append(op.path_in_repo)
+                else:
+                    raise AssertionError(f"unexpected operation {op!r}")
+            hub.calls.append(("create_commit", {"repo_id": repo_id, "commit_message": commit_message,
+                                                "revision": revision, "on_head": parent_commit == sha,
+                                                "added": sorted(added), "deleted": sorted(deleted), **kwargs}))
+            oid = hub.commit(repo_id, revision, files)
+            folder = hub.root / f"pushed-{len(hub.folders)}"
+            folder.mkdir()
+            for name, data in files.items():
+                (folder / name).write_bytes(data)
+            hub.folders.append(folder)
+            return CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/{oid}",
+                              commit_message=commit_message, commit_description="", oid=oid)
+
+        for name, stand_in in (("create_repo", create_repo), ("create_branch", create_branch),
+                               ("model_info", model_info), ("hf_hub_download", hf_hub_download),
+                               ("create_commit", create_commit)):
+            monkeypatch.setattr(huggingface_hub.HfApi, name, stand_in)
         monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # pushing is refused offline; the network calls are replaced
         monkeypatch.setenv("TRANSFORMERS_OFFLINE", "0")
         return self
+
+    def commits(self) -> list[dict]:
+        return [args for name, args in self.calls if name == "create_commit"]
 
 
 def files_of(folder: Path) -> dict[str, bytes]:
@@ -243,15 +335,18 @@ def test_a_cached_snapshot_gets_the_manifest_check(context, queries, cache, tmp_
 
 def test_cpt_model_push_sends_the_save_plus_a_card_and_loads_back(context, queries, cache, tmp_path, monkeypatch):
     base, model = _trained_adapter(context, queries)
-    hub = HubRecorder(tmp_path).install(monkeypatch)
+    hub = HubStandIn(tmp_path).install(monkeypatch)
     result = model.push_to_hub(REPO, private=True, commit_message="first", token="hf_test", metrics={"accuracy": 0.75})
-    assert result == "commit 1"
+    assert result.oid == hub.head(REPO)[0]
+    model.save_pretrained(tmp_path / "plain")
     assert hub.calls == [
         ("create_repo", {"repo_id": REPO, "token": "hf_test", "private": True, "exist_ok": True}),
-        ("upload_folder", {"repo_id": REPO, "commit_message": "first", "revision": None}),
+        ("model_info", {"repo_id": REPO, "revision": None}),
+        ("create_commit", {"repo_id": REPO, "commit_message": "first", "revision": None, "on_head": True,
+                           "added": sorted([*files_of(tmp_path / "plain"), "README.md"]), "deleted": []}),
     ]
-    model.save_pretrained(tmp_path / "plain")
     pushed = files_of(hub.folders[0])
+    assert pushed.pop(".gitattributes") == GITATTRIBUTES  # the hub's, from the repo's creation
     card = pushed.pop("README.md").decode()
     assert pushed == files_of(tmp_path / "plain")  # exactly a local save's files and bytes, plus the card
     assert front_matter(card) == {"library_name": "cptune", "tags": ["cpt", "few-shot", "peft"]}  # no hub base model
@@ -266,6 +361,7 @@ def test_cpt_model_push_sends_the_save_plus_a_card_and_loads_back(context, queri
         assert line in card.splitlines(), line
 
     cache_repo(cache, REPO, hub.folders[0])  # what was pushed, as a download leaves it in the cache
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # read from the cache alone, not from the stand-in
     loaded = cptune.CPTModel.from_pretrained(copy.deepcopy(base), REPO)
     assert torch.equal(loaded.context_embeddings(), model.context_embeddings())
     theirs = PeftModel.from_pretrained(copy.deepcopy(base), hub.folders[0]).eval()
@@ -290,15 +386,16 @@ def test_saving_the_same_adapter_twice_gives_the_same_bytes(context, queries, tm
 
 def test_push_to_a_branch_creates_it_and_offline_push_is_refused(context, queries, tmp_path, monkeypatch):
     _, model = _trained_adapter(context, queries, steps=1)
-    hub = HubRecorder(tmp_path).install(monkeypatch)
+    hub = HubStandIn(tmp_path).install(monkeypatch)
     model.push_to_hub(REPO, revision="dev")
-    assert [name for name, _ in hub.calls] == ["create_repo", "create_branch", "upload_folder"]
+    assert [name for name, _ in hub.calls] == ["create_repo", "create_branch", "model_info", "create_commit"]
     assert hub.calls[1][1] == {"repo_id": REPO, "branch": "dev", "exist_ok": True}
-    assert hub.calls[2][1]["revision"] == "dev" and hub.calls[2][1]["commit_message"].startswith("Upload with cptune")
+    assert hub.calls[3][1]["revision"] == "dev" and hub.calls[3][1]["commit_message"].startswith("Upload with cptune")
+    assert "README.md" in hub.head(REPO, "dev")[1] and set(hub.head(REPO, "main")[1]) == {".gitattributes"}
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ValueError, match="cannot push to the Hugging Face hub while HF_HUB_OFFLINE is set"):
         model.push_to_hub(REPO)
-    assert len(hub.calls) == 3
+    assert len(hub.calls) == 4
 
 
 # -- CPTClassifier -------------------------------------------------------------------------------
@@ -318,7 +415,8 @@ def test_classifier_loads_by_repo_id_and_revision_and_predicts_as_saved(tiny_dir
     cache_repo(cache, REPO, tmp_path / "v1")
     commit = cache_repo(cache, REPO, tmp_path / "v2", ref="v2")
     loaded = CPTClassifier.load(REPO)
-    assert loaded.classes_ == clf.classes_ and loaded.examples_ == clf.examples_
+    assert loaded.classes_ == clf.classes_ and loaded.examples_ == clf.context_examples_  # the context's alone
+    assert loaded.trained_texts_ == clf.trained_texts_ and all(text in loaded.trained_texts_ for text in TEXTS)
     np.testing.assert_array_equal(loaded.predict_proba(NEW), clf.predict_proba(NEW))
     for revision in ("v2", commit):
         np.testing.assert_array_equal(CPTClassifier.load(REPO, revision=revision).predict_proba(NEW),
@@ -362,15 +460,19 @@ def test_classifier_missing_from_the_cache_offline_or_from_the_disk(tiny_dir, ca
 def test_classifier_push_sends_the_save_plus_its_card_and_loads_back_by_repo_id(tiny_dir, cache, tmp_path,
                                                                                monkeypatch):
     clf = _classifier(tiny_dir)
-    hub = HubRecorder(tmp_path).install(monkeypatch)
+    hub = HubStandIn(tmp_path).install(monkeypatch)
     metrics = {"accuracy": 0.625, "macro_f1": 0.6, "test_size": 8}
-    assert clf.push_to_hub(REPO, private=False, commit_message="a tiny classifier", metrics=metrics) == "commit 1"
+    result = clf.push_to_hub(REPO, private=False, commit_message="a tiny classifier", metrics=metrics)
+    assert result.oid == hub.head(REPO)[0]
+    clf.save(tmp_path / "plain")
     assert hub.calls == [
         ("create_repo", {"repo_id": REPO, "token": None, "private": False, "exist_ok": True}),
-        ("upload_folder", {"repo_id": REPO, "commit_message": "a tiny classifier", "revision": None}),
+        ("model_info", {"repo_id": REPO, "revision": None}),
+        ("create_commit", {"repo_id": REPO, "commit_message": "a tiny classifier", "revision": None, "on_head": True,
+                           "added": sorted([*files_of(tmp_path / "plain"), "README.md"]), "deleted": []}),
     ]
-    clf.save(tmp_path / "plain")
     pushed = files_of(hub.folders[0])
+    assert pushed.pop(".gitattributes") == GITATTRIBUTES
     card = pushed.pop("README.md").decode()
     assert pushed == files_of(tmp_path / "plain")  # exactly the files and bytes of a plain save, plus the card
     assert set(json.loads(pushed[MANIFEST_NAME])["files"]) == set(pushed) - {MANIFEST_NAME}  # the card is not listed
@@ -399,15 +501,25 @@ def test_classifier_push_sends_the_save_plus_its_card_and_loads_back_by_repo_id(
         f'base, tokenizer = cptune.load_model("{tiny_dir}")  # the model it was trained on',
         f'model = PeftModel.from_pretrained(base, "{REPO}")',
         "- `README.md`: this card (not in the manifest)",
-        "- `cptune_classifier.json`: the classifier: base model, template, label words, settings, and its training "
-        "examples (texts and labels)",
+        "- `cptune_classifier.json`: the classifier: base model, template, label words, settings, the context's 4 "
+        "examples (texts and labels) and salted hashes of the training texts",
+        "This repo holds the 4 labelled examples of the context, texts and labels, in `cptune_classifier.json` "
+        "(their tokens are also the adapter's context token ids in `adapter_config.json`). No other training row "
+        "is here: the other 4 training texts are kept only as salted SHA-256 hashes (`trained_texts`), which let "
+        "`cptune eval` leave them out of a test set; a hash gives no text back, but whoever holds a candidate text "
+        "can check whether it was one.",
     ]
+    context = {text for text, _ in clf.context_examples_}
+    assert len(context) == 4
+    for text in TEXTS:  # no byte of any pushed file spells a training text outside the context
+        assert any(text.encode() in data for data in [*pushed.values(), card.encode()]) == (text in context), text
     lines = card.splitlines()
     for line in expected:
         assert line in lines, line
     assert config.num_examples == 4
 
     cache_repo(cache, REPO, hub.folders[0])  # the pushed folder, as a download leaves it in the cache
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # read from the cache alone, not from the stand-in
     loaded = CPTClassifier.load(REPO)
     np.testing.assert_array_equal(loaded.predict_proba(NEW), clf.predict_proba(NEW))
 
@@ -426,7 +538,7 @@ def test_a_recorded_evaluation_is_saved_loaded_and_written_into_the_card(tiny_di
     clf.save(tmp_path / "saved")
     loaded = CPTClassifier.load(tmp_path / "saved")
     assert loaded.evaluation_ == {"accuracy": 0.75, "test_size": 4}
-    hub = HubRecorder(tmp_path).install(monkeypatch)
+    hub = HubStandIn(tmp_path).install(monkeypatch)
     loaded.push_to_hub(REPO)
     card = (hub.folders[0] / "README.md").read_text().splitlines()
     assert "| accuracy | 0.7500 |" in card and "| test_size | 4 |" in card
@@ -449,6 +561,86 @@ def test_a_fresh_process_with_the_hub_variables_set_loads_by_repo_id(tiny_dir, t
     assert done.returncode == 0, done.stderr
     np.testing.assert_array_equal(np.array(json.loads(done.stdout.splitlines()[-1]), dtype=np.float32),
                                   clf.predict_proba(NEW))
+
+
+def test_stale_files_are_only_those_the_repos_manifest_lists_and_the_push_does_not_write():
+    there = [".gitattributes", "README.md", "notes.md", MANIFEST_NAME, "adapter_config.json", "old.bin"]
+    listed = ["adapter_config.json", "old.bin", "gone.bin"]  # gone.bin: removed by hand since
+    assert stale_files(there, listed, ["adapter_config.json", "README.md", MANIFEST_NAME]) == ["old.bin"]
+    assert stale_files(there, listed, ["README.md"]) == sorted([MANIFEST_NAME, "adapter_config.json", "old.bin"])
+    assert stale_files(there, None, ["README.md"]) == []  # no manifest: nothing is known to be cptune's
+    assert stale_files(there, ["notes.md"], [*there]) == []
+
+
+def test_a_push_leaves_the_repo_as_the_classifier_is_in_one_commit_and_keeps_the_users_files(tiny_dir, tmp_path,
+                                                                                            monkeypatch):
+    clf = _classifier(tiny_dir, steps=1)
+    hub = HubStandIn(tmp_path).install(monkeypatch)
+    clf.push_to_hub(REPO, commit_message="the classifier")
+    classifier_files = set(hub.head(REPO)[1])
+    assert "cptune_classifier.json" in classifier_files
+    hub.user_adds(REPO, "notes.md", b"# our notes\n")  # a file cptune did not write
+    clf.cpt_model_.push_to_hub(REPO, commit_message="the adapter alone")  # writes no cptune_classifier.json
+    clf.cpt_model_.save_pretrained(tmp_path / "adapter")
+    repo = hub.head(REPO)[1]
+    assert set(repo) == {*files_of(tmp_path / "adapter"), "README.md", "notes.md", ".gitattributes"}
+    assert {name: repo[name] for name in files_of(tmp_path / "adapter")} == files_of(tmp_path / "adapter")
+    assert repo["notes.md"] == b"# our notes\n" and repo[".gitattributes"] == GITATTRIBUTES
+    first, second = hub.commits()  # one commit per push, each made on the head it read
+    assert first["deleted"] == [] and first["added"] == sorted(classifier_files - {".gitattributes"})
+    assert second["deleted"] == ["cptune_classifier.json"] and second["on_head"]
+    assert second["added"] == sorted([*files_of(tmp_path / "adapter"), "README.md"])
+
+    # an earlier push of another cptune wrote a file this one no longer writes (its manifest lists it);
+    # the user deleted another listed file by hand: the next push deletes the first, asks nothing of the second
+    manifest = json.loads(repo[MANIFEST_NAME])
+    manifest["files"].update({"cptune_old.safetensors": {"bytes": 1, "sha256": "0" * 64},
+                              "already_gone.json": {"bytes": 1, "sha256": "0" * 64}})
+    hub.user_adds(REPO, "cptune_old.safetensors", b"x")
+    hub.user_adds(REPO, MANIFEST_NAME, json.dumps(manifest).encode())
+    clf.push_to_hub(REPO)
+    assert hub.commits()[-1]["deleted"] == ["cptune_old.safetensors"]
+    assert set(hub.head(REPO)[1]) == classifier_files | {"notes.md"}
+    assert len(hub.commits()) == 3
+
+
+def test_a_repo_without_a_manifest_loses_no_file_and_a_push_in_between_is_refused(tiny_dir, tmp_path, monkeypatch):
+    clf = _classifier(tiny_dir, steps=1)
+    hub = HubStandIn(tmp_path).install(monkeypatch)
+    huggingface_hub.HfApi().create_repo(REPO, exist_ok=True)
+    hub.user_adds(REPO, "model.safetensors", b"someone else's weights")
+    clf.push_to_hub(REPO)
+    assert hub.commits()[-1]["deleted"] == [] and hub.head(REPO)[1]["model.safetensors"] == b"someone else's weights"
+
+    read_head = huggingface_hub.HfApi.model_info
+
+    def head_then_a_commit_lands(self, repo_id, **kwargs):  # another push arrives between the read and the commit
+        info = read_head(self, repo_id, **kwargs)
+        hub.user_adds(repo_id, "late.txt", b"late")
+        return info
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", head_then_a_commit_lands)
+    with pytest.raises(AssertionError, match="412"):
+        clf.cpt_model_.push_to_hub(REPO)
+    assert "cptune_classifier.json" in hub.head(REPO)[1] and len(hub.commits()) == 1
+
+
+def test_a_push_keeps_the_training_rows_only_when_asked_and_the_card_says_so(tiny_dir, tmp_path, monkeypatch):
+    clf = _classifier(tiny_dir, steps=1)
+    hub = HubStandIn(tmp_path).install(monkeypatch)
+    clf.push_to_hub(REPO, keep_training_data=True)
+    repo = hub.head(REPO)[1]
+    info = json.loads(repo["cptune_classifier.json"])
+    assert info["training_data"] == "kept" and [tuple(pair) for pair in info["examples"]] == clf.examples_
+    card = repo["README.md"].decode().splitlines()
+    assert ("This repo holds all 8 training rows, texts and labels, in `cptune_classifier.json`: it was pushed with "
+            "`keep_training_data=True` (`cptune train --keep-training-data`), to reproduce the run. Anyone who can "
+            "read the repo can read them.") in card
+    assert ("- `cptune_classifier.json`: the classifier: base model, template, label words, settings, and all 8 "
+            "training rows (texts and labels)") in card
+    clf.push_to_hub(REPO)  # the default again: the rows beyond the context leave the repo's head
+    info = json.loads(hub.head(REPO)[1]["cptune_classifier.json"])
+    assert info["training_data"] == "context only" and len(info["examples"]) == 4 and info["training_size"] == 8
 
 
 def test_the_card_names_a_hub_base_model_and_loads_it_with_transformers():

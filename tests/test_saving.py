@@ -313,3 +313,123 @@ def test_sigkill_at_seeded_points_of_a_save_leaves_old_new_or_refused(old_has_ma
     # folder got the new manifest first, so there the new adapter is already complete
     expected = "refused" if old_has_manifest else "new"
     assert seen[last_manifest] == expected, f"killed before the last manifest rename: {seen}"
+
+
+# -- what a save holds of the training data ------------------------------------------------------
+
+PRIVATE_ROWS = [(f"ticket {i}: the {word} broke again", "pos" if i % 2 else "neg")
+                for i, word in enumerate(["printer", "router", "laptop", "screen", "phone", "badge",
+                                          "scanner", "mouse", "keyboard", "monitor", "dock", "camera"])]
+
+
+def _fit_private(tiny_dir) -> CPTClassifier:
+    """12 labelled rows, a 4-shot context."""
+    clf = CPTClassifier(str(tiny_dir), template=TEMPLATE, labels=LABEL_WORDS, context_size=4,
+                        train=cptune.TrainSettings(steps=1, batch_size=4, lr=1e-2))
+    return clf.fit([t for t, _ in PRIVATE_ROWS], [label for _, label in PRIVATE_ROWS])
+
+
+def _bytes_of(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _spelled(data: dict[str, bytes], text: str) -> bool:
+    """Whether any file holds ``text`` as UTF-8 or as a JSON string would write it."""
+    forms = {text.encode(), json.dumps(text).encode(), json.dumps(text, ensure_ascii=False).encode()}
+    return any(form in blob for blob in data.values() for form in forms)
+
+
+def test_a_save_holds_the_contexts_examples_and_only_hashes_of_the_other_texts(tiny_dir, tmp_path):
+    clf = _fit_private(tiny_dir)
+    context = {text for text, _ in clf.context_examples_}
+    assert len(context) == 4 and len(clf.examples_) == 12
+    clf.save(tmp_path / "clf")
+    files = _bytes_of(tmp_path / "clf")
+    for text, _ in PRIVATE_ROWS:  # every byte of every file: the 8 rows outside the context are nowhere
+        assert _spelled(files, text) == (text in context), text
+    info = json.loads(files["cptune_classifier.json"])
+    assert info["training_data"] == "context only" and info["training_size"] == 12
+    assert [tuple(pair) for pair in info["examples"]] == clf.context_examples_
+    record = info["trained_texts"]
+    assert record["hash"] == "sha256" and len(bytes.fromhex(record["salt"])) == 16
+    assert len(record["hashes"]) == 12 and record["hashes"] == sorted(record["hashes"])
+    config = json.loads(files[CONFIG_NAME])
+    assert len({(code - 1) // 4 for code in config["cpt_tokens_type_mask"] if code > 0}) == 4  # 4 demonstrations
+
+    loaded = CPTClassifier.load(tmp_path / "clf")
+    assert loaded.examples_ == clf.context_examples_ == loaded.context_examples_
+    assert loaded.holds_training_data_ is False and loaded.training_size_ == 12
+    for text, _ in PRIVATE_ROWS:
+        assert text in loaded.trained_texts_ and f"  {text.replace(' ', chr(10))} " in loaded.trained_texts_
+    assert "ticket 0: the printer broke" not in loaded.trained_texts_ and "a new text" not in loaded.trained_texts_
+    assert (loaded.predict_proba(["a new text"]) == clf.predict_proba(["a new text"])).all()
+    loaded.save(tmp_path / "again")  # the same salt, so the same bytes
+    assert _bytes_of(tmp_path / "again") == files
+    with pytest.raises(ValueError, match="loaded from a save that holds only its context's 4 examples, not the 12"):
+        loaded.save(tmp_path / "kept", keep_training_data=True)
+    assert not (tmp_path / "kept").exists()
+    other = _fit_private(tiny_dir)  # another fit, another salt: its hashes match none of these
+    assert other.trained_texts_.salt != clf.trained_texts_.salt
+    assert not other.trained_texts_.hashes & clf.trained_texts_.hashes
+
+
+def test_keep_training_data_saves_every_row_and_loads_them_back(tiny_dir, tmp_path):
+    clf = _fit_private(tiny_dir)
+    clf.save(tmp_path / "kept", keep_training_data=True)
+    files = _bytes_of(tmp_path / "kept")
+    assert all(_spelled(files, text) for text, _ in PRIVATE_ROWS)
+    info = json.loads(files["cptune_classifier.json"])
+    assert info["training_data"] == "kept" and [tuple(pair) for pair in info["examples"]] == clf.examples_
+    loaded = CPTClassifier.load(tmp_path / "kept")
+    assert loaded.examples_ == clf.examples_ and loaded.holds_training_data_
+    assert loaded.context_examples_ == clf.context_examples_ and loaded.trained_texts_ == clf.trained_texts_
+    assert loaded.data_held() == {"training_data": "context only", "examples": 4, "training_size": 12}
+    assert loaded.data_held(True) == {"training_data": "kept", "examples": 12, "training_size": 12}
+    with pytest.raises(ValueError, match="keep_training_data='yes' must be True or False"):
+        clf.save(tmp_path / "bad", keep_training_data="yes")
+
+
+def test_a_classifier_saved_with_every_row_before_training_data_existed_still_loads(tiny_dir, tmp_path, capsys):
+    """``cptune_classifier.json`` as cptune wrote it until now: every row in ``examples``, no hashes."""
+    from cptune.app.classifier import CLASSIFIER_FILE
+    from cptune.cpt.files import save_adapter
+
+    clf = _fit_private(tiny_dir)
+    info = json.loads(json.dumps(clf._description()))
+    for key in ("training_data", "training_size", "trained_texts"):
+        del info[key]
+    info["examples"] = [list(pair) for pair in clf.examples_]
+    save_adapter(clf.cpt_model_, tmp_path / "old", extra_json={CLASSIFIER_FILE: info})
+    loaded = CPTClassifier.load(tmp_path / "old")
+    assert loaded.examples_ == clf.examples_ and loaded.holds_training_data_ and loaded.training_size_ == 12
+    assert loaded.context_examples_ == clf.context_examples_  # drawn again as fit drew them
+    assert all(text in loaded.trained_texts_ for text, _ in PRIVATE_ROWS)
+
+    data = tmp_path / "test.csv"  # eval still leaves out every training text, context or not
+    rows = [*PRIVATE_ROWS[:6], ("an unseen ticket about the fax", "neg"), ("another one", "pos")]
+    data.write_text("text,label\n" + "".join(f'"{t}",{label}\n' for t, label in rows))
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "old"), "--data", str(data), "--json"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["left_out_trained"] == 6 and "left out 6 of 8 rows" in out.err
+
+    loaded.save(tmp_path / "resaved")  # saved again by this version: the context's rows alone
+    files = _bytes_of(tmp_path / "resaved")
+    context = {text for text, _ in clf.context_examples_}
+    assert all(_spelled(files, text) == (text in context) for text, _ in PRIVATE_ROWS)
+    assert main(["eval", str(tmp_path / "resaved"), "--data", str(data), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["left_out_trained"] == 6
+
+
+def test_a_damaged_training_data_record_is_refused_with_one_line(tiny_dir, tmp_path):
+    from cptune.app.classifier import CLASSIFIER_FILE
+    from cptune.cpt.files import save_adapter
+
+    clf = _fit_private(tiny_dir)
+    for key, value, message in (("training_data", "everything", "training_data='everything' is none of"),
+                                ("trained_texts", {"hash": "md5"}, "trained_texts must be a sha256 record")):
+        info = {**clf._description(), key: value}
+        save_adapter(clf.cpt_model_, tmp_path / key, extra_json={CLASSIFIER_FILE: info})
+        with pytest.raises(ValueError, match=message) as err:
+            CPTClassifier.load(tmp_path / key)
+        assert "\n" not in str(err.value) and CLASSIFIER_FILE in str(err.value)

@@ -5,8 +5,10 @@ there and uploads the folder (:func:`cptune.cpt.hub.push_folder`). The card is b
 wrote (the classifier's description, as in ``cptune_classifier.json``, and ``adapter_config.json``), so it
 describes exactly the files that go up: YAML metadata (``library_name: cptune``, ``pipeline_tag:
 text-classification``, the tags, and ``base_model`` when the base model is a hub repo id), then the base
-model, template, label words, context size, training settings, evaluation figures when known, the cptune
-version, and how to load it with cptune and with PEFT.
+model, template, label words, context size, training settings, what the repo holds of the training data
+(the context's examples and salted hashes of the training texts, or every training row when it was pushed
+with ``keep_training_data=True``), evaluation figures when known, the cptune version, and how to load it
+with cptune and with PEFT.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cptune import __version__
+from cptune.app.trained_texts import KEPT
 from cptune.cpt.files import read_config
 from cptune.cpt.hub import (
     CARD_NAME,
@@ -80,7 +83,7 @@ def classifier_card(
         f"`{json.dumps(template['example_separator'])}`"
         + (f", texts cut to {template['max_text_tokens']} tokens" if template.get("max_text_tokens") else ""),
         *context_lines(config),
-        f"- training: {len(info.get('examples', []))} labelled examples as queries, {steps}, batch size "
+        f"- training: {_training_size(info)} labelled examples as queries, {steps}, batch size "
         f"{train['batch_size']}, AdamW lr {train['lr']:g} ({train['schedule']} schedule, weight decay "
         f"{train['weight_decay']:g}, {train['warmup_steps']} warm-up steps), seed {train['seed']}",
         f"- scoring: {scoring}",
@@ -90,6 +93,10 @@ def classifier_card(
         "| label | word |",
         "|---|---|",
         *(f"| {_cell(label)} | {_cell(word)} |" for label, word in info["labels"]),
+        "",
+        "## Training data",
+        "",
+        training_data_text(info, info_file),
         "",
     ]
     table = metrics_table(metrics)
@@ -119,12 +126,40 @@ def classifier_card(
         "## Files",
         "",
         *files_lines(sorted([*(p.name for p in folder.iterdir() if p.is_file()), CARD_NAME]), {
-            info_file: "the classifier: base model, template, label words, settings, and its training "
-                             "examples (texts and labels)",
+            info_file: "the classifier: base model, template, label words, settings, "
+                       + (f"and all {_training_size(info)} training rows (texts and labels)" if _kept(info) else
+                          f"the context's {len(info['examples'])} examples (texts and labels) and salted hashes "
+                          "of the training texts"),
         }),
         "",
     ]
     return "\n".join(lines)
+
+
+def training_data_text(info: Mapping[str, Any], info_file: str = "cptune_classifier.json") -> str:
+    """The card's paragraph on what the repo holds of the training data (from the saved ``info``)."""
+    size, shown = _training_size(info), len(info.get("examples", []))
+    if _kept(info):
+        return (f"This repo holds all {size} training rows, texts and labels, in `{info_file}`: it was pushed with "
+                "`keep_training_data=True` (`cptune train --keep-training-data`), to reproduce the run. Anyone who "
+                "can read the repo can read them.")
+    others = size - shown
+    rest = (f" No other training row is here: the other {others} training texts are kept only as salted SHA-256 "
+            "hashes (`trained_texts`), which let `cptune eval` leave them out of a test set; a hash gives no text "
+            "back, but whoever holds a candidate text can check whether it was one." if others > 0 else
+            " Every training row is one of them.")
+    return (f"This repo holds the {shown} labelled examples of the context, texts and labels, in `{info_file}` "
+            f"(their tokens are also the adapter's context token ids in `adapter_config.json`).{rest}")
+
+
+def _training_size(info: Mapping[str, Any]) -> int:
+    """Rows trained on: ``training_size``, or for an older save (no ``training_data``), every row it holds."""
+    return info.get("training_size", len(info.get("examples", [])))
+
+
+def _kept(info: Mapping[str, Any]) -> bool:
+    """Whether the save holds every training row (an older save, without ``training_data``, always does)."""
+    return info.get("training_data", KEPT) == KEPT
 
 
 def _cell(value: Any) -> str:

@@ -15,13 +15,14 @@ import numpy as np
 import torch
 
 from cptune.app.card import write_classifier_card
+from cptune.app.trained_texts import CONTEXT_ONLY, KEPT, TRAINING_DATA, TrainedTexts
 from cptune.cpt.files import CONFIG_NAME, read_config, read_json_object, save_adapter
 from cptune.cpt.hub import push_folder, resolve_folder
 from cptune.cpt.model import load_adapter
 from cptune.cpt.saving import check_manifest
 from cptune.data.types import label_sort_key
 from cptune.models import AUTO, DEFAULT_MODEL, load_model, placement, resolve_dtype
-from cptune.recipe import CPTRecipe, fit_cpt
+from cptune.recipe import CPTRecipe, context_examples, fit_cpt
 from cptune.scoring import score_texts
 from cptune.selection import AUTO as AUTO_TEMPLATE
 from cptune.selection import DEFAULT_BUDGET, choose_template
@@ -54,13 +55,23 @@ class CPTClassifier:
     A scikit-learn estimator (scikit-learn itself stays optional): the constructor stores its
     arguments as given (:meth:`get_params`, :meth:`set_params`, ``sklearn.clone``), :meth:`fit`
     sets the fitted attributes, which end in ``_`` (:attr:`classes_`, :attr:`label_words_`,
-    :attr:`cpt_model_`, :attr:`examples_`, :attr:`train_result_`, :attr:`placement_`), and
+    :attr:`cpt_model_`, :attr:`examples_`, :attr:`context_examples_`, :attr:`trained_texts_`,
+    :attr:`training_size_`, :attr:`holds_training_data_`, :attr:`train_result_`, :attr:`placement_`), and
     :meth:`score` is accuracy, so ``cross_val_score`` and ``GridSearchCV`` work. Texts are the
     samples: ``X`` is a list (or array, Series) of strings.
 
     ``evaluation_`` (``None`` after :meth:`fit`) is a ``{name: value}`` dict of evaluation figures
     you may set; :meth:`save` keeps it, :meth:`load` reads it back and :meth:`push_to_hub` writes it
     into the model card.
+
+    What a save holds of the training data: after :meth:`fit`, :attr:`examples_` holds every
+    ``(text, label)`` row and :attr:`context_examples_` the context's. :meth:`save` and
+    :meth:`push_to_hub` write only the context's examples (they are in the adapter's token ids
+    anyway) and :attr:`trained_texts_`, salted hashes of the training texts that let ``cptune eval``
+    leave them out of a test set (:mod:`cptune.app.trained_texts`); ``keep_training_data=True``
+    writes every row. A loaded classifier's :attr:`examples_` is what its save held
+    (:attr:`holds_training_data_` says whether that is every row; an older save, without a
+    ``training_data`` field, always is).
 
     Args:
         model: embedded default name, local folder, ``.gguf`` file or hub id; or a
@@ -308,6 +319,9 @@ class CPTClassifier:
                              f"give at least {self.context_size} or a smaller context_size")
         base, tokenizer = self._base()
         self.examples_ = list(zip(texts, labels, strict=True))
+        self.context_examples_ = context_examples(self.examples_, self.context_size, self._recipe().train.seed)
+        self.trained_texts_ = TrainedTexts.of(texts)  # a fresh salt per fit
+        self.training_size_, self.holds_training_data_ = len(texts), True
         self.template_choice_ = None
         if self._auto():  # from the labelled examples alone
             choice = choose_template(base, tokenizer, self.examples_, table, seed=self._recipe().train.seed,
@@ -358,7 +372,31 @@ class CPTClassifier:
 
     # -- files ------------------------------------------------------------------------------
 
-    def _description(self) -> dict:
+    def data_held(self, keep_training_data: bool = False) -> dict:
+        """What a save with ``keep_training_data`` holds of the training data, as the card and ``/info`` say it.
+
+        Returns:
+            ``{"training_data": "context only" | "kept", "examples": rows written, "training_size": rows trained
+            on}``.
+
+        Raises:
+            ValueError: ``keep_training_data`` for a classifier loaded from a save without its training rows.
+        """
+        self._fitted("save()")
+        if not isinstance(keep_training_data, bool):
+            raise ValueError(f"keep_training_data={keep_training_data!r} must be True or False")
+        if keep_training_data and not self.holds_training_data_:
+            raise ValueError(f"keep_training_data=True, but this classifier was loaded from a save that holds only "
+                             f"its context's {len(self.examples_)} examples, not the {self.training_size_} training "
+                             "rows; fit it again on them to keep them")
+        return {"training_data": KEPT if keep_training_data else CONTEXT_ONLY,
+                "examples": len(self._saved_rows(keep_training_data)), "training_size": self.training_size_}
+
+    def _saved_rows(self, keep_training_data: bool) -> list[tuple]:
+        return self.examples_ if keep_training_data else self.context_examples_
+
+    def _description(self, keep_training_data: bool = False) -> dict:
+        held = self.data_held(keep_training_data)
         recipe = self._recipe()
         return {
             "model": self.model_name_,
@@ -371,17 +409,29 @@ class CPTClassifier:
             "calibrate": self.calibrate,
             "context_size": self.context_size,
             "trained_on": getattr(self, "placement_", None),
-            "examples": [list(pair) for pair in self.examples_],
+            "training_data": held["training_data"],
+            "training_size": held["training_size"],
+            "examples": [list(pair) for pair in self._saved_rows(keep_training_data)],
+            "trained_texts": self.trained_texts_.to_json(),
             **({"evaluation": dict(self.evaluation_)} if getattr(self, "evaluation_", None) is not None else {}),
         }
 
-    def save(self, directory: str | Path) -> None:
+    def save(self, directory: str | Path, keep_training_data: bool = False) -> None:
         """Write the adapter (PEFT format, loadable by PEFT) plus ``cptune_classifier.json``.
 
         The folder is created if needed; files in it that the save does not write are left alone.
+
+        Args:
+            directory: the folder.
+            keep_training_data: write every training row (text and label) into ``cptune_classifier.json``,
+                to reproduce the run. By default it holds only the context's examples (which the
+                adapter's token ids hold anyway) and salted hashes of the training texts.
+
+        Raises:
+            ValueError: ``keep_training_data`` for a classifier loaded without its training rows.
         """
         model = self._fitted("save()")
-        save_adapter(model, directory, extra_json={CLASSIFIER_FILE: self._description()})
+        save_adapter(model, directory, extra_json={CLASSIFIER_FILE: self._description(keep_training_data)})
 
     def push_to_hub(
         self,
@@ -391,13 +441,15 @@ class CPTClassifier:
         revision: str | None = None,
         token: str | bool | None = None,
         metrics: Mapping[str, Any] | None = None,
+        keep_training_data: bool = False,
     ):
         """Upload the classifier, as :meth:`save` writes it, plus a model card ``README.md``, to a hub repo.
 
         The save goes into a temporary folder, the card (:mod:`cptune.app.card`) is written beside
-        it and the folder is uploaded in one commit (:func:`cptune.cpt.hub.push_folder`). It loads
-        back with ``CPTClassifier.load(repo_id)``, and its adapter with PEFT. The training examples
-        are part of the save, so they go up too (see docs/hub.md).
+        it and the folder goes up in one commit that also deletes the files an earlier cptune push
+        wrote and this one does not (:func:`cptune.cpt.hub.push_folder`). It loads back with
+        ``CPTClassifier.load(repo_id)``, and its adapter with PEFT. Only the context's examples go
+        up, unless ``keep_training_data`` (see docs/hub.md); the card says which.
 
         Args:
             repo_id: ``owner/name`` (created if needed).
@@ -406,14 +458,16 @@ class CPTClassifier:
             revision: the branch to commit to (default ``main``).
             token: a hub token (default: the stored login).
             metrics: evaluation figures ``{name: value}`` for the card (default: :attr:`evaluation_`).
+            keep_training_data: push every training row too (as :meth:`save`).
 
         Returns:
             huggingface_hub's ``CommitInfo``.
         """
         self._fitted("push_to_hub()")
         with tempfile.TemporaryDirectory(prefix="cptune-push-") as tmp:
-            self.save(tmp)
-            write_classifier_card(tmp, repo_id, self._description(), metrics, info_file=CLASSIFIER_FILE)
+            self.save(tmp, keep_training_data=keep_training_data)
+            write_classifier_card(tmp, repo_id, self._description(keep_training_data), metrics,
+                                  info_file=CLASSIFIER_FILE)
             return push_folder(tmp, repo_id, private=private, commit_message=commit_message, revision=revision,
                                token=token)
 
@@ -466,6 +520,7 @@ class CPTClassifier:
             **{"context_size": info.get("context_size"), **kwargs},
         )
         clf._load_adapter(directory, [tuple(pair) for pair in info.get("examples", [])])
+        clf._load_training_data(info, directory / CLASSIFIER_FILE)
         clf.template_choice_ = info.get("template_choice")  # how "auto" chose the saved template, if it did
         clf.evaluation_ = info.get("evaluation")
         return clf
@@ -507,10 +562,35 @@ class CPTClassifier:
         self.template_ = self._template()
         self.template_choice_ = None
         self.examples_ = examples
+        self.context_examples_ = list(examples)
+        self.trained_texts_ = TrainedTexts.of(text for text, _ in examples)
+        self.training_size_, self.holds_training_data_ = len(examples), True
         self.model_name_ = self._model_name()
         self.train_result_ = None
         self.evaluation_ = None
         self.cpt_model_ = load_adapter(base, directory)
+
+    def _load_training_data(self, info: dict, path: Path) -> None:
+        """What ``cptune_classifier.json`` holds of the training data (after :meth:`_load_adapter` set ``examples_``).
+
+        An older save, without ``training_data``, holds every training row: the context's
+        are drawn from them again, as :meth:`fit` drew them, and the hashes are computed from them.
+        """
+        held = info.get("training_data", KEPT)
+        if held not in TRAINING_DATA:
+            raise ValueError(f"{path}: training_data={held!r} is none of {list(TRAINING_DATA)}")
+        self.holds_training_data_ = held == KEPT
+        self.training_size_ = info.get("training_size", len(self.examples_))
+        if not isinstance(self.training_size_, int) or self.training_size_ < len(self.examples_):
+            raise ValueError(f"{path}: training_size={self.training_size_!r} must be a number of rows, at least the "
+                             f"{len(self.examples_)} examples it holds")
+        if "trained_texts" in info:
+            try:
+                self.trained_texts_ = TrainedTexts.from_json(info["trained_texts"])
+            except ValueError as err:
+                raise ValueError(f"{path}: {err}") from None
+        self.context_examples_ = (context_examples(self.examples_, self.context_size, self._recipe().train.seed)
+                                  if self.holds_training_data_ else list(self.examples_))
 
 
 _MISSING = object()

@@ -165,6 +165,9 @@ def _add_train(sub) -> None:
     p.add_argument("--calibrate", action="store_true",
                    help="save the classifier with contextual calibration on (Zhao et al. 2021; default: off)")
     p.add_argument("--output", required=True, help="folder to write the classifier (a PEFT-loadable adapter)")
+    p.add_argument("--keep-training-data", action="store_true",
+                   help="save every training row (text and label) in the classifier, to reproduce the run "
+                        "(default: only the context's examples, and salted hashes of the other texts for eval)")
 
 
 def _add_eval(sub) -> None:

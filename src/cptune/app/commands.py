@@ -16,6 +16,7 @@ from typing import Any
 
 from cptune.app import demo
 from cptune.app.cli import UserError
+from cptune.app.trained_texts import KEPT
 from cptune.data import DATASET_DEFAULTS, FILE_FORMATS, Dataset, load_dataset, normalize_text, sample_splits
 
 CHECKPOINT_SUBDIR = "checkpoint"
@@ -139,12 +140,22 @@ def run_train(args) -> int:
     clf.fit([ex.text for ex in examples], [ex.label for ex in examples], checkpoint_dir=checkpoint,
             checkpoint_every=args.checkpoint_every, resume=args.resume)
     if is_main_process():  # under data parallelism every process trained the same delta; one writes
-        clf.save(output)
+        clf.save(output, keep_training_data=args.keep_training_data)
         remove_saved_files(checkpoint)  # the classifier holds the final state; only our own files go
         losses = clf.train_result_.losses
         print(f"trained {len(losses)} steps on {len(examples)} labelled examples (final loss {losses[-1]:.4f}); "
-              f"classifier saved to {output}")
+              f"classifier saved to {output} {held_words(clf.data_held(args.keep_training_data))}")
     return 0
+
+
+def held_words(held: dict) -> str:
+    """What a save holds of the training data, in words (from :meth:`CPTClassifier.data_held`)."""
+    if held["training_data"] == KEPT:
+        return f"with all {held['training_size']} training rows (--keep-training-data)"
+    others = held["training_size"] - held["examples"]
+    return (f"with the context's {held['examples']} examples"
+            + (f"; the other {others} training texts only as salted hashes (--keep-training-data keeps them)"
+               if others > 0 else ""))
 
 
 # -- eval --------------------------------------------------------------------------------------
@@ -192,12 +203,15 @@ def evaluate(clf, dataset: Dataset, test_size: int | None = None, seed: int = 0)
     """Score every row of ``dataset`` whose text the classifier was not trained on (or a seeded sample of
     ``test_size`` of them); accuracy, macro-F1, per-class precision/recall/F1/support, confusion.
 
+    A row is left out when its text, whitespace-normalised, is one of the training texts: a saved classifier
+    knows them by their salted hashes (:class:`cptune.app.trained_texts.TrainedTexts`), not their texts.
+
     Raises:
         UserError: a label the classifier does not know, nothing left to score, or a bad ``test_size``.
     """
     from cptune.scoring import classification_metrics, per_class_metrics
 
-    trained = {text for text, _ in clf.examples_}
+    trained = clf.trained_texts_
     rows = [ex for ex in dataset.examples if ex.text not in trained]
     left_out = len(dataset.examples) - len(rows)
     if not rows:

@@ -13,28 +13,35 @@ manifest check included). The cache and offline mode are read when the call is m
   the revision, the cache and the variable.
 
 Pushing (:func:`push_folder`): ``HfApi.create_repo(..., exist_ok=True)``, ``create_branch`` for a
-``revision``, then ``upload_folder``: the folder's files go up as they are. The callers
+``revision``, ``model_info`` for the branch's files and commit, then one ``create_commit`` on that
+commit: the folder's files go up as they are, and the files an earlier cptune push wrote that this
+one does not are deleted in the same commit (:func:`stale_files`: those the branch's
+``cptune_manifest.json`` lists, and the manifest; files cptune did not write are never touched). The callers
 (``CPTModel.push_to_hub``, ``CPTClassifier.push_to_hub``) save into a temporary folder with their
 ordinary save, add the model card ``README.md`` (:func:`card_front_matter` and the section helpers
 here) and push that folder. The card is not listed in ``cptune_manifest.json``: the manifest check
 only refuses files it lists that differ, and files cptune is about to read that it does not list, so
 a README.md (or the ``.gitattributes`` the hub adds) beside a save loads as before.
 
-This module imports only the standard library and ``huggingface_hub`` (CPTConfig for type hints).
+This module imports only the standard library, ``huggingface_hub`` and the manifest's name from :mod:`cptune.cpt.saving`
+(CPTConfig for type hints).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import json
+import logging
 import os
 import re
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from huggingface_hub import HfApi, ModelCardData, snapshot_download
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, ModelCardData, snapshot_download
 from huggingface_hub.errors import (
+    EntryNotFoundError,
     GatedRepoError,
     HFValidationError,
     IncompleteSnapshotError,
@@ -43,6 +50,8 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+
+from cptune.cpt.saving import MANIFEST_NAME
 
 if TYPE_CHECKING:
     from cptune.cpt.config import CPTConfig
@@ -54,6 +63,7 @@ CARD_TAGS = ("cpt", "few-shot", "peft")
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 """Environment variables that keep hub look-ups in the local cache (either one, set to 1/ON/YES/TRUE)."""
 DEFAULT_REVISION = "main"
+logger = logging.getLogger("cptune")
 
 _TRUE = {"1", "ON", "YES", "TRUE"}
 # owner/name: each part starts with a letter, digit or underscore (so no "./x", "/x", "~/x") and holds
@@ -180,7 +190,11 @@ def push_folder(
     revision: str | None = None,
     token: str | bool | None = None,
 ):
-    """Upload every file of ``folder`` to the model repo ``repo_id`` (created if needed) in one commit.
+    """Commit every file of ``folder`` to the model repo ``repo_id`` (created if needed), removing in the same
+    commit the files an earlier cptune push wrote that ``folder`` does not hold (:func:`stale_files`).
+
+    The commit is made on the commit the branch's files were read from (``parent_commit``), so a push that
+    lands in between makes the hub refuse this one rather than delete files by a stale list.
 
     Args:
         folder: the folder to upload (its files, as they are).
@@ -206,7 +220,50 @@ def push_folder(
     if revision is not None and not revision.startswith("refs/pr/"):
         api.create_branch(repo_id, branch=revision, exist_ok=True)
     message = commit_message or f"Upload with {LIBRARY_NAME} {cptune_version() or ''}".rstrip()
-    return api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=message, revision=revision)
+    files = sorted(p.name for p in Path(folder).iterdir() if p.is_file())
+    info = api.model_info(repo_id, revision=revision)
+    there = [sibling.rfilename for sibling in info.siblings or []]
+    stale = stale_files(there, _manifest_names(api, repo_id, info.sha) if MANIFEST_NAME in there else None, files)
+    operations = [*(CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(Path(folder) / name)) for name in files),
+                  *(CommitOperationDelete(path_in_repo=name) for name in stale)]
+    return api.create_commit(repo_id, operations, commit_message=message, revision=revision,
+                             parent_commit=info.sha)
+
+
+def stale_files(there: Iterable[str], manifest: Iterable[str] | None, pushing: Iterable[str]) -> list[str]:
+    """The files of a repo that an earlier cptune push wrote and a push of ``pushing`` does not: to delete.
+
+    cptune knows what it wrote by the repo's ``cptune_manifest.json`` (every file of the save it pushed);
+    the manifest itself and the card ``README.md`` are its too, but every push writes both. Anything else
+    (a file the user added, the hub's ``.gitattributes``) is never in the list.
+
+    Args:
+        there: the repo's file paths now.
+        manifest: the file names the repo's manifest lists; ``None`` when it has none (nothing is deleted).
+        pushing: the names the push writes.
+    """
+    if manifest is None:
+        return []
+    there, pushing = set(there), set(pushing)
+    ours = {*manifest, MANIFEST_NAME}
+    return sorted(name for name in ours if name in there and name not in pushing)
+
+
+def _manifest_names(api: HfApi, repo_id: str, commit: str) -> list[str] | None:
+    """The file names the repo's manifest (at ``commit``) lists; ``None`` when it is damaged (nothing is deleted)."""
+    with tempfile.TemporaryDirectory(prefix="cptune-manifest-") as tmp:
+        try:
+            path = api.hf_hub_download(repo_id, MANIFEST_NAME, revision=commit, local_dir=tmp)
+            listed = json.loads(Path(path).read_text(encoding="utf-8"))["files"]
+        except EntryNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            listed = None
+    if not isinstance(listed, dict):
+        logger.warning("%s's %s is damaged; this push deletes none of the files an earlier push wrote",
+                       repo_id, MANIFEST_NAME)
+        return None
+    return [name for name in listed if isinstance(name, str)]
 
 
 # -- the model card ---------------------------------------------------------------------------------

@@ -433,3 +433,20 @@ def test_a_damaged_training_data_record_is_refused_with_one_line(tiny_dir, tmp_p
         with pytest.raises(ValueError, match=message) as err:
             CPTClassifier.load(tmp_path / key)
         assert "\n" not in str(err.value) and CLASSIFIER_FILE in str(err.value)
+
+
+def test_trained_text_hashes_are_the_documented_sha256_of_salt_and_normalised_text():
+    import hashlib
+
+    from cptune.app.trained_texts import TrainedTexts
+
+    salt = "00" * 15 + "ff"
+    trained = TrainedTexts.of(["  a\tjoy\n of a film ", "a bore"], salt=salt)
+    expected = hashlib.sha256(bytes.fromhex(salt) + b"a joy of a film").hexdigest()  # computed here, by hand
+    assert expected in trained.hashes and len(trained) == 2
+    assert "a joy of a film" in trained and "a joy of a  film" in trained and "a joy" not in trained
+    record = trained.to_json()
+    assert record["hashes"] == sorted(record["hashes"]) and TrainedTexts.from_json(record) == trained
+    for bad in ({**record, "salt": "xyz"}, {**record, "hashes": ["abc"]}, {**record, "normalization": "none"}):
+        with pytest.raises(ValueError):
+            TrainedTexts.from_json(bad)

@@ -89,8 +89,7 @@ def test_eval_samples_only_when_asked(trained, tmp_path, capsys):
 
 
 def test_integer_labels_end_to_end(tiny_dir, tmp_path, capsys):
-    data = tmp_path / "ints.jsonl"
-    data.write_text("".join(json.dumps({"text": t, "label": int(label == "pos")}) + "\n" for t, label in TRAIN_ROWS))
+    data = _int_rows(tmp_path / "ints.jsonl")
     out = tmp_path / "clf"
     assert main(["train", "--model", str(tiny_dir), "--data", str(data), "--shots", "8",
                  "--label-words", "0=negative,1=positive", *FAST, "--output", str(out)]) == 0
@@ -101,6 +100,45 @@ def test_integer_labels_end_to_end(tiny_dir, tmp_path, capsys):
     assert row["label"] in (0, 1) and set(row["probabilities"]) == {"0", "1"}
     assert main(["eval", str(out), "--data", str(data), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["labels"] == [0, 1]
+
+
+def _int_rows(path):
+    path.write_text("".join(json.dumps({"text": t, "label": int(label == "pos")}) + "\n" for t, label in TRAIN_ROWS))
+    return path
+
+
+def test_labels_that_are_not_words_need_label_words(tiny_dir, tmp_path, capsys):
+    data = _int_rows(tmp_path / "ints.jsonl")
+    out = tmp_path / "clf"
+    code = main(["train", "--model", str(tiny_dir), "--data", str(data), *FAST, "--output", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("cptune: error: labels 0, 1 are not words the model can answer with"), err
+    assert err[0].endswith("give one word per label, e.g. --label-words 0=negative,1=positive"), err
+    assert not out.exists()  # refused before anything was written
+    codes = _csv(tmp_path / "codes.csv", [(t, f"LABEL_{int(label == 'pos')}") for t, label in TRAIN_ROWS[:8]])
+    assert main(["train", "--model", str(tiny_dir), "--data", str(codes), *FAST, "--output", str(out)]) == 2
+    assert "--label-words LABEL_0=negative,LABEL_1=positive" in capsys.readouterr().err
+
+
+def test_word_labels_train_as_themselves(tiny_dir, tmp_path, capsys):
+    data = _csv(tmp_path / "words.csv", TRAIN_ROWS[:8])
+    out = tmp_path / "clf"
+    assert main(["train", "--model", str(tiny_dir), "--data", str(data), "--template", "input: {x} output: {y}",
+                 *FAST, "--output", str(out)]) == 0
+    assert CPTClassifier.load(out).label_words_ == {"neg": "neg", "pos": "pos"}
+
+
+def test_compare_on_own_data_with_integer_labels(tiny_dir, tmp_path, capsys):
+    data = _int_rows(tmp_path / "ints.jsonl")
+    grid = ["compare", "--model", str(tiny_dir), "--data", str(data), "--shots", "2", "--seeds", "0",
+            "--methods", "zero-shot", "--test-size", "4", "--output", str(tmp_path / "o")]
+    assert main(grid) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "labels 0, 1 are not words" in err[0] and "--label-words 0=negative,1=positive" in err[0]
+    assert main([*grid, "--label-words", "0=negative,1=positive"]) == 0  # words by the labels' text, ints kept
+    row = json.loads((tmp_path / "o" / "results.jsonl").read_text().splitlines()[0])
+    assert row["label_words"] == {"0": "negative", "1": "positive"} and row["labels"] == [0, 1]
 
 
 def test_label_words_must_cover_the_data(tiny_dir, tmp_path, capsys):

@@ -153,7 +153,8 @@ def _add_train(sub) -> None:
     p.add_argument("--selection-budget", type=int, default=400,
                    help="forward passes --template auto may spend choosing (default: %(default)s)")
     p.add_argument("--label-words", default=None, help="label=word,label=word (default: the dataset's, else each "
-                                                       "label written as itself)")
+                                                       "label written as itself if it is a word: 0/1 or LABEL_0 "
+                                                       "are refused)")
     p.add_argument("--steps", type=int, default=40, help="optimizer steps (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=4, help="queries per step (default: %(default)s)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default: %(default)s)")

@@ -200,3 +200,24 @@ def test_the_parser_defaults_agree_with_the_library():
 
     assert cli.DEFAULT_MODEL == DEFAULT_MODEL == DemoSettings.model
     assert cli.METHOD_NAMES == METHODS
+
+
+def test_train_radius_relative_is_recorded(tiny_dir, tmp_path, capsys):
+    from cptune.cpt.projection import REFERENCE_EMBEDDING_SCALE
+    from cptune.recipe import model_embedding_scale
+
+    data = _csv(tmp_path / "words.csv", TRAIN_ROWS[:8])
+    out = tmp_path / "clf"
+    assert main(["train", "--model", str(tiny_dir), "--data", str(data), "--template", "input: {x} output: {y}",
+                 "--label-words", "pos=positive,neg=negative", "--radius", "relative", *FAST,
+                 "--output", str(out)]) == 0
+    clf = CPTClassifier.load(out)
+    assert json.loads((out / "cptune_classifier.json").read_text())["cpt"]["radius"] == "relative"
+    ratio = model_embedding_scale(clf._base()[0]) / REFERENCE_EMBEDDING_SCALE
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["opt_projection_epsilon"] == pytest.approx(0.2 * ratio, rel=1e-12) and abs(ratio - 1) > 0.1
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_status:  # argparse's choices: usage error, status 2
+        main(["train", "--model", str(tiny_dir), "--data", str(data), "--radius", "wide", "--output", str(tmp_path)])
+    assert exit_status.value.code == 2
+    assert "--radius: invalid choice: 'wide'" in capsys.readouterr().err

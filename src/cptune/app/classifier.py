@@ -85,7 +85,8 @@ class CPTClassifier:
         train: the loop alone, replacing ``recipe.train`` (a shortcut; the parameter to search over
             in a grid: ``{"train": [TrainSettings(lr=1e-3), TrainSettings(lr=1e-2)]}``).
         recipe: how CPT builds and trains the adapter (:class:`cptune.recipe.CPTRecipe`: radii, loss
-            decay, and the loop: 40 steps, batch 4, AdamW lr 1e-3, linear decay).
+            decay, and the loop: 40 steps, batch 4, AdamW lr 1e-3, linear decay;
+            ``CPTRecipe(radius="relative")`` scales the radii to the model's embeddings).
         context_size: demonstrations in the context; ``None`` (default): every example given to
             :meth:`fit`. With ``k``, k balanced examples drawn with the training seed form the
             context and every example (those k included) is a training query, so more labelled

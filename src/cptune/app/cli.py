@@ -21,7 +21,7 @@ import traceback
 from dataclasses import fields
 
 from cptune import __version__
-from cptune.app.demo import CLASSIFIER_SUBDIR, DemoSettings
+from cptune.app.demo import CLASSIFIER_SUBDIR, RADIUS_CHOICES, DemoSettings
 
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
@@ -121,6 +121,8 @@ _DEMO_HELP = {
     "eps_input": "projection epsilon of input-text tokens",
     "eps_format": "projection epsilon of template tokens",
     "decay": "loss decay factor gamma in (0, 1]",
+    "radius": "absolute (eps * sqrt(d/2048), as PEFT) or relative (that times the model's embedding scale over "
+              "SmolLM2-135M's)",
     "output": f"folder for {CLASSIFIER_SUBDIR}/ and results.json",
 }
 
@@ -161,6 +163,10 @@ def _add_train(sub) -> None:
     p.add_argument("--eps-input", type=float, default=0.2, help="epsilon of input tokens (default: %(default)s)")
     p.add_argument("--eps-format", type=float, default=0.1, help="epsilon of template tokens (default: %(default)s)")
     p.add_argument("--decay", type=float, default=0.95, help="loss decay gamma in (0, 1] (default: %(default)s)")
+    p.add_argument("--radius", choices=RADIUS_CHOICES, default=RADIUS_CHOICES[0],
+                   help="absolute: radius eps * sqrt(d/2048), as PEFT; relative: that times the model's embedding "
+                        "scale over SmolLM2-135M's (the same there, larger where embeddings are larger, as Gemma's) "
+                        "(default: %(default)s)")
     p.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every N steps (default: at the end)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUTPUT/checkpoint")
     p.add_argument("--calibrate", action="store_true",

@@ -124,7 +124,7 @@ def run_train(args) -> int:
         Template(fmt)
     recipe = CPTRecipe(eps_input=args.eps_input, eps_format=args.eps_format, decay=args.decay,  # checked now,
                        train=TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr,  # before any
-                                           seed=args.seed))  # model is loaded
+                                           seed=args.seed), radius=args.radius)  # model is loaded
     for name in ("checkpoint_every", "shots", "context_size"):
         value = getattr(args, name)
         if value is not None and value < 1:

@@ -233,7 +233,8 @@ def _run_config(row: dict, method: str) -> dict:
     compared are those ``method`` reads, so changing CPT's learning rate leaves the other methods'
     cells resumable."""
     read = settings_read(method) if method in ALL_METHODS else ()
-    settings = {k: v for k, v in row.get("settings", {}).items() if k in read}
+    # A setting a row lacks did not exist when it ran (e.g. radius): it ran with that setting's default.
+    settings = {k: v for k, v in {**asdict(MethodSettings()), **row.get("settings", {})}.items() if k in read}
     words = row.get("label_words")  # JSON keys are text: 0 and "0" are the same label here
     words = {str(k): v for k, v in words.items()} if isinstance(words, dict) else words
     return {"model": row.get("model"), "test_size": row.get("test_size"), "template": row.get("template"),

@@ -173,7 +173,7 @@ def report(rows: list[dict]) -> str:
              "*max share*: the mean share of dev texts given the most-predicted label.", ""]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["dataset"], r["shots"], json.dumps(r["settings"], sort_keys=True)), []).append(r)
+        groups.setdefault((r["dataset"], r["shots"], settings_key(r["settings"])), []).append(r)
     default = json.dumps(vars(MethodSettings()) | {}, sort_keys=True)
     for (dataset, shots, settings), runs in sorted(groups.items()):
         changed = {k: v for k, v in json.loads(settings).items() if json.loads(default).get(k) != v}
@@ -195,11 +195,22 @@ def report(rows: list[dict]) -> str:
 
 
 def parse_set(items: list[str]) -> dict:
+    """``NAME=VALUE`` items as MethodSettings changes: the value as JSON, else as text (``radius=relative``)."""
     changes = {}
     for item in items:
         name, _, value = item.partition("=")
-        changes[name] = json.loads(value)
+        try:
+            changes[name] = json.loads(value)
+        except json.JSONDecodeError:
+            changes[name] = value
     return changes
+
+
+def settings_key(settings: dict) -> str:
+    """A run's settings as the key that decides whether it is done; a setting a row lacks did not exist
+    when it ran (e.g. ``radius``) and ran with its default."""
+    defaults = {k: v for k, v in vars(MethodSettings()).items() if k != "seed"}
+    return json.dumps(defaults | settings, sort_keys=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--dev-size", type=int, default=150)
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                        help="a MethodSettings change (JSON value), e.g. steps=80")
+                        help="a MethodSettings change (JSON value, else text), e.g. steps=80 or radius=relative")
     parser.add_argument("--loss", choices=["cpt", "query", "loo"], default="cpt",
                         help="cpt: the default recipe's loss; query: the queries' label NLL only; loo: that, each "
                              "shot as a query after the context without it (see train_query_loss)")
@@ -221,9 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = MethodSettings().replace(**parse_set(args.set))
     if not args.report_only:
         rows = read_runs(path)
-        done = {(r["dataset"], r["shots"], r["seed"], json.dumps(r["settings"], sort_keys=True)) for r in rows}
-        key = json.dumps({k: v for k, v in vars(settings).items() if k != "seed"}
-                         | ({"loss": args.loss} if args.loss != "cpt" else {}), sort_keys=True)
+        done = {(r["dataset"], r["shots"], r["seed"], settings_key(r["settings"])) for r in rows}
+        key = settings_key({k: v for k, v in vars(settings).items() if k != "seed"}
+                           | ({"loss": args.loss} if args.loss != "cpt" else {}))
         todo = [(d, k, s) for d in args.data for k in args.shots for s in args.seeds if (d, k, s, key) not in done]
         base_model, tokenizer = load_model(args.model, device="cpu", dtype="float32") if todo else (None, None)
         datasets = {name: load_dataset(name, default_split="train") for name in args.data}

@@ -109,8 +109,7 @@ def test_eval_samples_only_when_asked(trained, tmp_path, capsys):
 
 
 def test_integer_labels_end_to_end(tiny_dir, tmp_path, capsys):
-    data = tmp_path / "ints.jsonl"
-    data.write_text("".join(json.dumps({"text": t, "label": int(label == "pos")}) + "\n" for t, label in TRAIN_ROWS))
+    data = _int_rows(tmp_path / "ints.jsonl")
     out = tmp_path / "clf"
     assert main(["train", "--model", str(tiny_dir), "--data", str(data), "--shots", "8",
                  "--label-words", "0=negative,1=positive", *FAST, "--output", str(out)]) == 0
@@ -121,6 +120,45 @@ def test_integer_labels_end_to_end(tiny_dir, tmp_path, capsys):
     assert row["label"] in (0, 1) and set(row["probabilities"]) == {"0", "1"}
     assert main(["eval", str(out), "--data", str(data), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["labels"] == [0, 1]
+
+
+def _int_rows(path):
+    path.write_text("".join(json.dumps({"text": t, "label": int(label == "pos")}) + "\n" for t, label in TRAIN_ROWS))
+    return path
+
+
+def test_labels_that_are_not_words_need_label_words(tiny_dir, tmp_path, capsys):
+    data = _int_rows(tmp_path / "ints.jsonl")
+    out = tmp_path / "clf"
+    code = main(["train", "--model", str(tiny_dir), "--data", str(data), *FAST, "--output", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("cptune: error: labels 0, 1 are not words the model can answer with"), err
+    assert err[0].endswith("give one word per label, e.g. --label-words 0=negative,1=positive"), err
+    assert not out.exists()  # refused before anything was written
+    codes = _csv(tmp_path / "codes.csv", [(t, f"LABEL_{int(label == 'pos')}") for t, label in TRAIN_ROWS[:8]])
+    assert main(["train", "--model", str(tiny_dir), "--data", str(codes), *FAST, "--output", str(out)]) == 2
+    assert "--label-words LABEL_0=negative,LABEL_1=positive" in capsys.readouterr().err
+
+
+def test_word_labels_train_as_themselves(tiny_dir, tmp_path, capsys):
+    data = _csv(tmp_path / "words.csv", TRAIN_ROWS[:8])
+    out = tmp_path / "clf"
+    assert main(["train", "--model", str(tiny_dir), "--data", str(data), "--template", "input: {x} output: {y}",
+                 *FAST, "--output", str(out)]) == 0
+    assert CPTClassifier.load(out).label_words_ == {"neg": "neg", "pos": "pos"}
+
+
+def test_compare_on_own_data_with_integer_labels(tiny_dir, tmp_path, capsys):
+    data = _int_rows(tmp_path / "ints.jsonl")
+    grid = ["compare", "--model", str(tiny_dir), "--data", str(data), "--shots", "2", "--seeds", "0",
+            "--methods", "zero-shot", "--test-size", "4", "--output", str(tmp_path / "o")]
+    assert main(grid) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "labels 0, 1 are not words" in err[0] and "--label-words 0=negative,1=positive" in err[0]
+    assert main([*grid, "--label-words", "0=negative,1=positive"]) == 0  # words by the labels' text, ints kept
+    row = json.loads((tmp_path / "o" / "results.jsonl").read_text().splitlines()[0])
+    assert row["label_words"] == {"0": "negative", "1": "positive"} and row["labels"] == [0, 1]
 
 
 def test_label_words_must_cover_the_data(tiny_dir, tmp_path, capsys):
@@ -182,3 +220,24 @@ def test_the_parser_defaults_agree_with_the_library():
 
     assert cli.DEFAULT_MODEL == DEFAULT_MODEL == DemoSettings.model
     assert cli.METHOD_NAMES == METHODS
+
+
+def test_train_radius_relative_is_recorded(tiny_dir, tmp_path, capsys):
+    from cptune.cpt.projection import REFERENCE_EMBEDDING_SCALE
+    from cptune.recipe import model_embedding_scale
+
+    data = _csv(tmp_path / "words.csv", TRAIN_ROWS[:8])
+    out = tmp_path / "clf"
+    assert main(["train", "--model", str(tiny_dir), "--data", str(data), "--template", "input: {x} output: {y}",
+                 "--label-words", "pos=positive,neg=negative", "--radius", "relative", *FAST,
+                 "--output", str(out)]) == 0
+    clf = CPTClassifier.load(out)
+    assert json.loads((out / "cptune_classifier.json").read_text())["cpt"]["radius"] == "relative"
+    ratio = model_embedding_scale(clf._base()[0]) / REFERENCE_EMBEDDING_SCALE
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["opt_projection_epsilon"] == pytest.approx(0.2 * ratio, rel=1e-12) and abs(ratio - 1) > 0.1
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_status:  # argparse's choices: usage error, status 2
+        main(["train", "--model", str(tiny_dir), "--data", str(data), "--radius", "wide", "--output", str(tmp_path)])
+    assert exit_status.value.code == 2
+    assert "--radius: invalid choice: 'wide'" in capsys.readouterr().err

@@ -219,6 +219,24 @@ def test_resume_compares_only_the_settings_each_method_reads(tiny_dir, tmp_path,
     assert settings_read("setfit") == ()
 
 
+def test_rows_written_before_the_radius_setting_resume_as_absolute_and_guard_relative(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "grid"
+    grid = ["compare", "--model", str(tiny_dir), "--dataset", "rotten_tomatoes", "--shots", "2", "--seeds", "0",
+            "--test-size", "4", "--set", "steps=1", "--methods", "cpt", "--output", str(out)]
+    assert main(grid) == 0
+    path = out / "results.jsonl"
+    (row,) = read_results(path)[0]
+    assert row["settings"]["radius"] == "absolute" and "radius" in settings_read("cpt")
+    del row["settings"]["radius"]  # as a row of a grid run before the setting existed
+    path.write_text(json.dumps(row) + "\n")
+    before = path.read_bytes()
+    capsys.readouterr()
+    assert main(grid) == 0 and path.read_bytes() == before  # it ran with the default: resumed, nothing rerun
+    assert main([*grid, "--set", "radius=relative"]) == 2
+    assert "run with radius='absolute', this run has radius='relative'" in capsys.readouterr().err
+    assert path.read_bytes() == before
+
+
 def test_auto_template_is_chosen_once_per_split_and_shared_by_its_methods(tiny_dir, tmp_path, monkeypatch):
     calls = []
     real = compare.choose_template

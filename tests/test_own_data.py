@@ -10,6 +10,7 @@ import torch
 from cptune import CPTClassifier, Template, TrainSettings
 from cptune.recipe import CPTRecipe, context_examples, cpt_model_for, fit_cpt
 from cptune.text.context import build_context, render_queries
+from cptune.text.template import label_word_problem, words_needed_error
 from tiny import tiny_model, tiny_tokenizer
 
 WORDS = ["fun", "dull", "great", "bad", "joy", "bore", "gripping", "long", "moving", "thin", "best", "waste"]
@@ -108,10 +109,73 @@ def test_labels_come_back_with_their_type_and_survive_save_and_load(labels, tmp_
 
 
 def test_labels_seen_in_fit_are_sorted_and_numpy_scalars_become_python(tiny_dir):
-    texts, y = _texts_labels((np.int64(2), np.int64(0)))
+    texts, y = _texts_labels((np.str_("pos"), np.str_("neg")))
     clf = CPTClassifier(str(tiny_dir), train=TrainSettings(steps=1, batch_size=2)).fit(texts, y)
-    assert clf.classes_ == [0, 2] and all(type(c) is int for c in clf.classes_)
-    assert clf.label_words_ == {0: "0", 2: "2"}
+    assert clf.classes_ == ["neg", "pos"] and all(type(c) is str for c in clf.classes_)
+    assert clf.label_words_ == {"neg": "neg", "pos": "pos"}  # words: written as themselves
+    texts, y = _texts_labels((np.int64(2), np.int64(0)))  # sorted and plain ints in the refusal too
+    with pytest.raises(ValueError, match=r"^labels 0, 2 are not words .* labels=\{0: 'negative', 2: 'positive'\}$"):
+        CPTClassifier(str(tiny_dir), train=TrainSettings(steps=1, batch_size=2)).fit(texts, y)
+
+
+# -- labels that are not words -------------------------------------------------------------------
+
+@pytest.mark.parametrize("word, problem", [
+    ("0", "has no letter"), ("-3", "has no letter"), ("4.5", "has no letter"), (" ", "has no letter"),
+    ("LABEL_0", "is a code"), ("class1", "is a code"), ("c-2", "is a code"), ("id42", "is a code"),
+    ("positive", None), ("neg", None), ("A", None), ("Sci/Tech", None), ("4 stars", None), ("True", None),
+    ("très bien", None), ("体育", None),
+])
+def test_the_label_word_rule(word, problem):
+    found = label_word_problem(word)
+    assert (found is None) if problem is None else found.startswith(problem), found
+
+
+@pytest.mark.parametrize("labels, shown", [
+    ([0, 1], "labels 0, 1 are not words"),
+    (["LABEL_0", "LABEL_1"], "labels 'LABEL_0', 'LABEL_1' are not words"),
+    ([0.5, 1.5], "labels 0.5, 1.5 are not words"),
+    (["c2", "good"], "label 'c2' is not a word the model can answer with: 'c2' is a code"),  # only it is named
+])
+def test_fit_refuses_labels_that_are_not_words_and_says_how_to_give_words(labels, shown):
+    texts, y = _texts_labels(labels)
+    clf = CPTClassifier(_pair(), template="input: {x} output: {y}", train=TrainSettings(steps=1, batch_size=2))
+    for given in (None, list(labels)):  # nothing given, or a list: each label would be written as itself
+        clf.set_params(labels=given)
+        with pytest.raises(ValueError) as err:
+            clf.fit(texts, y)
+        message = str(err.value)
+        assert message.startswith(shown) and "\n" not in message, message
+        assert message.endswith(f"labels={{{labels[0]!r}: 'negative', {labels[1]!r}: 'positive'}}"), message
+        assert not hasattr(clf, "cpt_model_")  # refused before any training
+
+
+def test_words_for_labels_that_are_not_words_are_used_as_given():
+    texts, y = _texts_labels((1, 0))
+    fast = TrainSettings(steps=1, batch_size=2)
+    clf = CPTClassifier(_pair(), template="input: {x} output: {y}", labels={0: "negative", 1: "positive"},
+                        train=fast).fit(texts, y)
+    assert clf.classes_ == [0, 1] and clf.label_words_ == {0: "negative", 1: "positive"}
+    clf = CPTClassifier(_pair(), template="input: {x} output: {y}", labels={0: "0", 1: "1"}, train=fast)
+    assert clf.fit(texts, y).label_words_ == {0: "0", 1: "1"}  # a mapping is the user's explicit choice
+
+
+def test_every_built_in_dataset_and_the_demo_have_label_words():
+    from cptune.app.demo import DATASET_TEMPLATES
+    from cptune.data import DATASET_DEFAULTS
+    from cptune.data.builtin import BUILTIN_NAMES
+
+    assert set(BUILTIN_NAMES) <= set(DATASET_DEFAULTS)  # compare's built-ins: none falls back to its labels
+    for name, (_, words) in {**DATASET_DEFAULTS, **DATASET_TEMPLATES}.items():
+        assert words, name
+        assert all(label_word_problem(word) is None for word in words.values()), (name, words)
+
+
+def test_more_labels_than_the_message_spells_out():
+    error = words_needed_error(list(range(6)), "--label-words")
+    assert str(error).endswith("e.g. --label-words 0=WORD,1=WORD,2=WORD,3=WORD,...")
+    assert str(error).startswith("labels 0, 1, 2, 3, ... are not words")
+    assert words_needed_error(["negative", "positive"], "--label-words") is None
 
 
 @pytest.mark.parametrize("labels, message", [

@@ -1,6 +1,8 @@
 """Parity with the reference implementation, peft==0.21.2: loss, gradient, training, adapter files."""
 
 import copy
+import json
+import math
 import warnings
 
 import peft
@@ -9,6 +11,7 @@ import torch
 from peft import PeftModel, get_peft_model
 
 import cptune
+from cptune.cpt.roles import TokenRole
 from cptune.training import TrainSettings, batch_indices, train
 from tiny import ARCHITECTURES, tiny_model
 
@@ -139,3 +142,65 @@ def test_transformers_trainer_gives_peft_result(context, queries, tmp_path):
     b = theirs.prompt_encoder["default"].get_projection()
     assert b.abs().max() > 1e-3
     assert (a - b).norm() <= 1e-5 * b.norm()
+
+
+def _trainable_radii_match_peft(ours, folder, base):
+    """PEFT, loading ``folder``, computes from the recorded epsilons the radii ``ours`` trained with, and its
+    projection of a large correction lands every trainable row on them."""
+    theirs = PeftModel.from_pretrained(copy.deepcopy(base), folder)  # PEFT loads prompt adapters frozen
+    enc = theirs.prompt_encoder["default"]
+    trainable = ours.prompt_encoder.trainable_mask.squeeze(-1).bool().cpu()
+    radii = ours.prompt_encoder.radii.cpu()
+    assert torch.allclose(enc.get_epsilon()[trainable], radii[trainable], rtol=1e-6)
+    with torch.no_grad():
+        enc.delta_embedding.weight.copy_(torch.randn_like(enc.delta_embedding.weight) * 100 * radii.max())
+    projected = enc.get_projection().norm(dim=-1)
+    assert torch.allclose(projected[trainable], radii[trainable], rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch, factor", [("llama", 7.0), ("gemma3_text", 1.0), ("qwen2", 0.25)])
+def test_relative_radius_is_recorded_as_the_epsilon_peft_applies(arch, factor, context, queries, tmp_path):
+    from cptune.cpt.projection import RADIUS_REFERENCE_DIM, REFERENCE_EMBEDDING_SCALE
+    from cptune.recipe import CPTRecipe, cpt_model_for, model_embedding_scale
+
+    base = tiny_model(arch)
+    with torch.no_grad():  # embeddings of another scale (Gemma's tiny model also multiplies by sqrt(d) itself)
+        base.get_input_embeddings().weight.mul_(factor)
+    scale = model_embedding_scale(base)
+    recipe = CPTRecipe(eps_input=0.4, eps_format=0.2, radius="relative",
+                       train=TrainSettings(steps=4, batch_size=3, lr=0.5))  # lr large: rows reach their spheres
+    ours = cpt_model_for(copy.deepcopy(base), context, recipe)
+    train(ours, queries, recipe.train, progress=False)
+    ours.save_pretrained(tmp_path)
+    d = base.config.hidden_size
+    want = {TokenRole.INPUT_TEXT: 0.4, TokenRole.INPUT_TEMPLATE: 0.2, TokenRole.OUTPUT_TEMPLATE: 0.2}
+    roles, radii = ours.prompt_encoder.roles, ours.prompt_encoder.radii
+    for role, eps in want.items():  # r_i = eps * (s / s_ref) * sqrt(d / 2048)
+        expected = torch.tensor(eps * scale / REFERENCE_EMBEDDING_SCALE * math.sqrt(d / RADIUS_REFERENCE_DIM))
+        assert torch.allclose(radii[roles == role], expected, rtol=1e-6), role
+    norms = ours.prompt_encoder.delta.detach().norm(dim=-1)
+    assert bool((norms <= radii * (1 + 1e-6)).all()) and bool((norms[roles == TokenRole.INPUT_TEXT] > 0).all())
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["opt_projection_epsilon"] == pytest.approx(0.4 * scale / REFERENCE_EMBEDDING_SCALE, rel=1e-12)
+    _trainable_radii_match_peft(ours, tmp_path, base)
+
+
+def test_a_relative_radius_classifier_saves_loads_and_loads_in_peft(tiny_dir, tmp_path):
+    from cptune.cpt.projection import REFERENCE_EMBEDDING_SCALE
+    from cptune.recipe import CPTRecipe, model_embedding_scale
+
+    recipe = CPTRecipe(radius="relative", train=TrainSettings(steps=2, batch_size=2, lr=1e-2))
+    clf = cptune.CPTClassifier(str(tiny_dir), template="input: {x} output: {y}", recipe=recipe,
+                               labels={"neg": "negative", "pos": "positive"})
+    clf.fit(["a joy", "a bore", "great fun", "too long"], ["pos", "neg", "pos", "neg"])
+    clf.save(tmp_path / "clf")
+    base = clf._base()[0]
+    ratio = model_embedding_scale(base) / REFERENCE_EMBEDDING_SCALE
+    assert abs(ratio - 1) > 0.1  # the tiny model's scale is not SmolLM2's, so the modes differ here
+    config = json.loads((tmp_path / "clf" / "adapter_config.json").read_text())
+    assert config["opt_projection_epsilon"] == pytest.approx(0.2 * ratio, rel=1e-12)
+    assert config["opt_projection_format_epsilon"] == pytest.approx(0.1 * ratio, rel=1e-12)
+    again = cptune.CPTClassifier.load(tmp_path / "clf")
+    assert again._recipe().radius == "relative" and again._recipe().eps_input == 0.2  # the recipe as given
+    assert torch.equal(again.cpt_model_.prompt_encoder.radii, clf.cpt_model_.prompt_encoder.radii)
+    _trainable_radii_match_peft(clf.cpt_model_, tmp_path / "clf", base)

@@ -114,3 +114,18 @@ def float32_rounding_rtol(config, seq_len: int) -> float:
     eps32 = torch.finfo(torch.float32).eps
     reduction = max(config.intermediate_size, config.hidden_size, seq_len)
     return 4 * eps32 * math.sqrt(config.num_hidden_layers * reduction)
+
+
+def test_relative_radius_equals_the_absolute_one_on_smollm2(smollm):
+    from cptune.cpt.projection import REFERENCE_EMBEDDING_SCALE
+    from cptune.recipe import CPTRecipe, cpt_model_for, model_embedding_scale
+
+    base, tok = smollm
+    assert model_embedding_scale(base) == REFERENCE_EMBEDDING_SCALE  # the constant is this model's (float32, CPU)
+    template = cptune.Template("input: {x} output: {y}")
+    words = {"negative": "negative", "positive": "positive"}
+    shots, _, _ = sample_splits(load_dataset("rotten_tomatoes"), shots=2, test_size=0, seed=0)
+    context = cptune.build_context(shots, template, tok, words)
+    absolute = cpt_model_for(base, context, CPTRecipe()).prompt_encoder.radii
+    relative = cpt_model_for(base, context, CPTRecipe(radius="relative")).prompt_encoder.radii
+    assert torch.equal(relative, absolute)  # SmolLM2's behaviour does not change with the mode

@@ -18,8 +18,17 @@ from pathlib import Path
 from typing import Any
 
 from cptune.cpt.config import CPTConfig
+from cptune.cpt.embedding import embedding_row_norms
 from cptune.cpt.engine import max_positions
 from cptune.cpt.model import CPTModel, get_cpt_model
+from cptune.cpt.projection import (
+    ABSOLUTE,
+    RADIUS_MODES,
+    REFERENCE_EMBEDDING_SCALE,
+    RELATIVE,
+    embedding_scale,
+    relative_epsilon,
+)
 from cptune.text.context import Context, build_context, render_queries
 from cptune.text.template import Template
 from cptune.training import TrainResult, TrainSettings, train
@@ -42,9 +51,14 @@ class CPTRecipe:
         decay: loss decay factor gamma in (0, 1] (authors: 0.95); 1.0 weighs every label equally.
         loss_type: ``"decay"`` or ``"none"``.
         train: the optimisation loop (:func:`default_train_settings`).
+        radius: ``"absolute"`` (default; PEFT's and the paper's radius ``eps * sqrt(d / 2048)``) or
+            ``"relative"``: that radius times the model's embedding scale over SmolLM2-135M's
+            (:func:`cptune.cpt.projection.relative_epsilon`), so the same epsilons move a model with
+            larger embeddings (Gemma: about nine times) as far, relatively. Equal on SmolLM2-135M. Not
+            the default: no dev study has yet shown it helps (benchmarks/grids/README.md).
 
     Raises:
-        ValueError: a value :class:`CPTConfig` refuses, named.
+        ValueError: a value :class:`CPTConfig` refuses, or an unknown radius mode, named.
     """
 
     eps_input: float = 0.2
@@ -52,17 +66,35 @@ class CPTRecipe:
     decay: float = 0.95
     loss_type: str = "decay"
     train: TrainSettings = field(default_factory=default_train_settings)
+    radius: str = ABSOLUTE
 
     def __post_init__(self) -> None:
-        CPTConfig(**self.config_fields())  # check the values before any model is loaded
+        if self.radius not in RADIUS_MODES:
+            raise ValueError(f"radius={self.radius!r} must be one of: {', '.join(RADIUS_MODES)}")
+        CPTConfig(**self.config_fields(REFERENCE_EMBEDDING_SCALE))  # check the values before any model is loaded
 
-    def config_fields(self) -> dict:
-        """The :class:`CPTConfig` fields this recipe sets."""
+    def config_fields(self, scale: float | None = None) -> dict:
+        """The :class:`CPTConfig` fields this recipe sets.
+
+        Args:
+            scale: the model's embedding scale (:func:`model_embedding_scale`); read only with
+                ``radius="relative"``, where the epsilons written are ``eps * scale / s_ref``
+                (:func:`cptune.cpt.projection.relative_epsilon`), the values PEFT's formula turns into
+                the relative radius.
+
+        Raises:
+            ValueError: ``radius="relative"`` and no scale.
+        """
+        eps_input, eps_format = self.eps_input, self.eps_format
+        if self.radius == RELATIVE:
+            if scale is None:
+                raise ValueError("radius='relative' needs the model's embedding scale (model_embedding_scale)")
+            eps_input, eps_format = relative_epsilon(eps_input, scale), relative_epsilon(eps_format, scale)
         return {
             "opt_weighted_loss_type": self.loss_type,
             "opt_loss_decay_factor": self.decay,
-            "opt_projection_epsilon": self.eps_input,
-            "opt_projection_format_epsilon": self.eps_format,
+            "opt_projection_epsilon": eps_input,
+            "opt_projection_format_epsilon": eps_format,
         }
 
     def adapter_fields(self) -> dict:
@@ -70,9 +102,25 @@ class CPTRecipe:
         return {k: v for k, v in asdict(self).items() if k != "train"}
 
 
+def model_embedding_scale(base_model) -> float:
+    """The embedding scale of ``base_model``: the median L2 norm of its input-embedding rows as the
+    embedding module outputs them (:func:`cptune.cpt.projection.embedding_scale`)."""
+    return embedding_scale(embedding_row_norms(base_model.get_input_embeddings()))
+
+
 def cpt_model_for(base_model, context: Context, recipe: CPTRecipe, model_name: str | None = None) -> CPTModel:
-    """A fresh CPT model (zero correction) on ``context`` with ``recipe``'s radii and loss."""
-    config = context.to_config(tokenizer_name_or_path=model_name, **recipe.config_fields())
+    """A fresh CPT model (zero correction) on ``context`` with ``recipe``'s radii and loss.
+
+    With ``recipe.radius == "relative"`` the config records the epsilons scaled to the model
+    (:meth:`CPTRecipe.config_fields`), so the saved adapter holds the absolute radius PEFT applies.
+    """
+    scale = model_embedding_scale(base_model) if recipe.radius == RELATIVE else None
+    values = recipe.config_fields(scale)
+    if scale is not None:
+        logger.info("relative radius: embedding scale %.4g (SmolLM2-135M: %.4g), epsilons %g/%g -> %.4g/%.4g "
+                    "(input/template)", scale, REFERENCE_EMBEDDING_SCALE, recipe.eps_input, recipe.eps_format,
+                    values["opt_projection_epsilon"], values["opt_projection_format_epsilon"])
+    config = context.to_config(tokenizer_name_or_path=model_name, **values)
     return get_cpt_model(base_model, config)
 
 

@@ -26,7 +26,7 @@ from cptune.recipe import CPTRecipe, context_examples, fit_cpt
 from cptune.scoring import score_texts
 from cptune.selection import AUTO as AUTO_TEMPLATE
 from cptune.selection import DEFAULT_BUDGET, choose_template
-from cptune.text.template import Template
+from cptune.text.template import Template, words_needed_error
 from cptune.training import TrainSettings
 
 CLASSIFIER_FILE = "cptune_classifier.json"
@@ -89,10 +89,15 @@ class CPTClassifier:
         labels: ``{label: label word}``, a list of labels (each written as itself), or ``None``
             (the labels seen in :meth:`fit`, written as themselves). Labels are str, int, float or
             bool and keep their type: :attr:`classes_` and :meth:`predict` give them back as given.
+            A label written as itself must be a word (:func:`cptune.text.template.label_word_problem`:
+            it has a letter and is no code like ``LABEL_0``); for labels such as ``0``/``1``,
+            :meth:`fit` refuses and asks for a mapping, ``labels={0: "negative", 1: "positive"}``
+            (a mapping's words are used as given).
         train: the loop alone, replacing ``recipe.train`` (a shortcut; the parameter to search over
             in a grid: ``{"train": [TrainSettings(lr=1e-3), TrainSettings(lr=1e-2)]}``).
         recipe: how CPT builds and trains the adapter (:class:`cptune.recipe.CPTRecipe`: radii, loss
-            decay, and the loop: 40 steps, batch 4, AdamW lr 1e-3, linear decay).
+            decay, and the loop: 40 steps, batch 4, AdamW lr 1e-3, linear decay;
+            ``CPTRecipe(radius="relative")`` scales the radii to the model's embeddings).
         context_size: demonstrations in the context; ``None`` (default): every example given to
             :meth:`fit`. With ``k``, k balanced examples drawn with the training seed form the
             context and every example (those k included) is a training query, so more labelled
@@ -294,8 +299,9 @@ class CPTClassifier:
 
         Raises:
             ValueError: unequal lengths, no example, a label without a label word or of an
-                unsupported type, or a context longer than the model's positions (the message
-                gives its token count).
+                unsupported type, labels that are not words and no ``{label: word}`` mapping for
+                them, or a context longer than the model's positions (the message gives its token
+                count).
         """
         self._check_params()
         if y is None:
@@ -311,6 +317,10 @@ class CPTClassifier:
         table = label_table(self.labels)
         if table is None:
             table = label_table(sorted(set(labels), key=label_sort_key))
+        if not isinstance(self.labels, Mapping):  # each label written as itself: it must be a word
+            error = words_needed_error(list(table), "labels=")
+            if error is not None:
+                raise error
         unknown = [label for label in dict.fromkeys(labels) if label not in table]
         if unknown:
             raise ValueError(f"label {unknown[0]!r} has no label word; known labels: {list(table)}")

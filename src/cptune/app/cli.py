@@ -21,7 +21,7 @@ import traceback
 from dataclasses import fields
 
 from cptune import __version__
-from cptune.app.demo import CLASSIFIER_SUBDIR, DemoSettings
+from cptune.app.demo import CLASSIFIER_SUBDIR, RADIUS_CHOICES, DemoSettings
 
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
@@ -121,6 +121,8 @@ _DEMO_HELP = {
     "eps_input": "projection epsilon of input-text tokens",
     "eps_format": "projection epsilon of template tokens",
     "decay": "loss decay factor gamma in (0, 1]",
+    "radius": "absolute (eps * sqrt(d/2048), as PEFT) or relative (that times the model's embedding scale over "
+              "SmolLM2-135M's)",
     "output": f"folder for {CLASSIFIER_SUBDIR}/ and results.json",
 }
 
@@ -153,13 +155,18 @@ def _add_train(sub) -> None:
     p.add_argument("--selection-budget", type=int, default=400,
                    help="forward passes --template auto may spend choosing (default: %(default)s)")
     p.add_argument("--label-words", default=None, help="label=word,label=word (default: the dataset's, else each "
-                                                       "label written as itself)")
+                                                       "label written as itself if it is a word: 0/1 or LABEL_0 "
+                                                       "are refused)")
     p.add_argument("--steps", type=int, default=40, help="optimizer steps (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=4, help="queries per step (default: %(default)s)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default: %(default)s)")
     p.add_argument("--eps-input", type=float, default=0.2, help="epsilon of input tokens (default: %(default)s)")
     p.add_argument("--eps-format", type=float, default=0.1, help="epsilon of template tokens (default: %(default)s)")
     p.add_argument("--decay", type=float, default=0.95, help="loss decay gamma in (0, 1] (default: %(default)s)")
+    p.add_argument("--radius", choices=RADIUS_CHOICES, default=RADIUS_CHOICES[0],
+                   help="absolute: radius eps * sqrt(d/2048), as PEFT; relative: that times the model's embedding "
+                        "scale over SmolLM2-135M's (the same there, larger where embeddings are larger, as Gemma's) "
+                        "(default: %(default)s)")
     p.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every N steps (default: at the end)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUTPUT/checkpoint")
     p.add_argument("--calibrate", action="store_true",

@@ -70,13 +70,21 @@ def parse_label_words(text: str | None) -> dict[str, str] | None:
 
 def label_words_for(labels: Iterable[Any], given: Mapping[str, str] | None) -> dict[Any, str]:
     """``{label: word}`` for the data's labels (their own values, ints kept): the given words matched by
-    the label's text, else each label written as itself.
+    the label's text, else each label written as itself if every label is a word
+    (:func:`cptune.text.template.label_word_problem`).
 
     Raises:
-        UserError: a label of the data without a word, or a word for a label the data does not have.
+        UserError: a label of the data without a word, a word for a label the data does not have, or no
+            words given for labels that are not words (``0``/``1``, ``LABEL_0``): the message says how to
+            give them.
     """
+    from cptune.text.template import words_needed_error
+
     labels = list(labels)
     if given is None:
+        error = words_needed_error(labels, "--label-words")
+        if error is not None:
+            raise UserError(str(error))
         return {label: str(label) for label in labels}
     by_text = {str(k): w for k, w in given.items()}
     names = ", ".join(str(label) for label in labels)
@@ -117,7 +125,7 @@ def run_train(args) -> int:
         Template(fmt)
     recipe = CPTRecipe(eps_input=args.eps_input, eps_format=args.eps_format, decay=args.decay,  # checked now,
                        train=TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr,  # before any
-                                           seed=args.seed))  # model is loaded
+                                           seed=args.seed), radius=args.radius)  # model is loaded
     for name in ("checkpoint_every", "shots", "context_size"):
         value = getattr(args, name)
         if value is not None and value < 1:

@@ -27,7 +27,7 @@ from cptune.recipe import context_examples
 from cptune.scoring import CONTENT_FREE_TEXTS, classification_metrics, contextual_calibration
 from cptune.selection import AUTO as AUTO_TEMPLATE
 from cptune.selection import choose_template
-from cptune.text.template import Template
+from cptune.text.template import Template, words_needed_error
 
 RESULTS_NAME = "results.jsonl"
 CELL_KEYS = ("dataset", "shots", "seed", "method")
@@ -148,14 +148,23 @@ def cell_splits(dataset: Dataset, cell: Cell, test_size: int, train_size: int | 
 
 def cell_format(dataset: Dataset, template: str | None = None,
                 label_words: dict[str, str] | None = None) -> tuple[str, dict[str, str]]:
-    """The template and label words a cell uses: the given ones, else the dataset's defaults.
+    """The template and label words a cell uses: the given ones (matched to the dataset's labels by
+    their text, so ``{"0": "negative"}`` names the int label 0), else the dataset's defaults, else each
+    label written as itself if every label is a word (:func:`cptune.text.template.label_word_problem`).
 
     Raises:
-        ValueError: if ``label_words`` misses a label of the dataset.
+        ValueError: if ``label_words`` misses a label of the dataset, or no words are given or known for
+            labels that are not words (the message says how to give them).
     """
     fmt, words = DATASET_DEFAULTS.get(dataset.name, ("input: {x} output: {y}", None))
+    if label_words is None and words is None:
+        error = words_needed_error(dataset.labels, "--label-words")
+        if error is not None:
+            raise error
     words = dict(label_words) if label_words is not None else (
         dict(words) if words is not None else {label: str(label) for label in dataset.labels})
+    words = {label: words.get(label, words.get(str(label))) for label in dataset.labels
+             if label in words or str(label) in words}
     missing = [label for label in dataset.labels if label not in words]
     if missing:
         raise ValueError(f"label {missing[0]!r} of dataset {dataset.name!r} has no label word; "
@@ -224,7 +233,8 @@ def _run_config(row: dict, method: str) -> dict:
     compared are those ``method`` reads, so changing CPT's learning rate leaves the other methods'
     cells resumable."""
     read = settings_read(method) if method in ALL_METHODS else ()
-    settings = {k: v for k, v in row.get("settings", {}).items() if k in read}
+    # A setting a row lacks did not exist when it ran (e.g. radius): it ran with that setting's default.
+    settings = {k: v for k, v in {**asdict(MethodSettings()), **row.get("settings", {})}.items() if k in read}
     words = row.get("label_words")  # JSON keys are text: 0 and "0" are the same label here
     words = {str(k): v for k, v in words.items()} if isinstance(words, dict) else words
     return {"model": row.get("model"), "test_size": row.get("test_size"), "template": row.get("template"),

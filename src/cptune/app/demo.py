@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 CLASSIFIER_SUBDIR = "classifier"  # OUTPUT/classifier: a PEFT adapter folder and a cptune classifier
+RADIUS_CHOICES = ("absolute", "relative")  # cptune.cpt.projection.RADIUS_MODES, without importing torch (tested)
 DATASET_TEMPLATES = {
     "rotten_tomatoes": ("input: {x} output: {y}", {"negative": "negative", "positive": "positive"}),
 }
@@ -39,6 +40,7 @@ class DemoSettings:
     eps_input: float = 0.2
     eps_format: float = 0.1
     decay: float = 0.95
+    radius: str = RADIUS_CHOICES[0]
     output: str = "runs/demo"
 
     def __post_init__(self) -> None:
@@ -61,7 +63,7 @@ class DemoSettings:
         from cptune.recipe import CPTRecipe
         from cptune.training import TrainSettings
 
-        return CPTRecipe(eps_input=self.eps_input, eps_format=self.eps_format, decay=self.decay,
+        return CPTRecipe(eps_input=self.eps_input, eps_format=self.eps_format, decay=self.decay, radius=self.radius,
                          train=TrainSettings(steps=self.steps, batch_size=self.batch_size, lr=self.lr, seed=self.seed))
 
 

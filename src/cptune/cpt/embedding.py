@@ -17,6 +17,25 @@ from elsewhere (e.g. computed in another precision) from being re-projected by a
 break bit-exact resume."""
 
 
+ROW_NORM_CHUNK = 16384
+"""Vocabulary rows embedded at a time by :func:`embedding_row_norms` (Gemma's 262,144 x 640 table in 16
+pieces of 42 MB in float32, not one of 671 MB)."""
+
+
+@torch.no_grad()
+def embedding_row_norms(word_embeddings: nn.Module) -> torch.Tensor:
+    """``(V,)`` float32 L2 norm of every vocabulary row as ``word_embeddings`` outputs it (so a model that
+    scales its embeddings inside the module, as Gemma does by ``sqrt(d)``, is measured after the scaling,
+    the same rows CPT's ``E0`` is read from); the input of :func:`cptune.cpt.projection.embedding_scale`."""
+    weight = word_embeddings.weight
+    norms = []
+    for start in range(0, weight.shape[0], ROW_NORM_CHUNK):
+        ids = torch.arange(start, min(start + ROW_NORM_CHUNK, weight.shape[0]), device=weight.device)
+        rows = word_embeddings(ids).float()  # (chunk, d)
+        norms.append(torch.linalg.vector_norm(rows, dim=-1).cpu())
+    return torch.cat(norms)
+
+
 class CPTEmbedding(nn.Module):
     """The context of a CPT adapter: ``E0 + delta`` for each of its N tokens.
 

@@ -15,6 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from cptune.cpt.projection import RADIUS_MODES
 from cptune.cpt.roles import TokenRole
 from cptune.recipe import CPTRecipe
 from cptune.scoring import score_texts
@@ -40,6 +41,8 @@ class MethodSettings:
         eps_input: CPT's L2 radius for input-text tokens (0.2, the authors' demo).
         eps_format: CPT's L2 radius for template tokens (0.1, the authors' demo).
         decay: CPT's loss decay gamma, in (0, 1] (0.95, the authors' demo; 1 means no decay).
+        radius: how CPT's epsilons become radii: ``"absolute"`` (PEFT's; default) or ``"relative"`` to
+            the model's embedding scale (:class:`cptune.recipe.CPTRecipe`).
         pt_lr: prompt-tuning (``pt``, ``ipt``) learning rate (3e-2: PEFT's prompt-tuning guide; 0.76
             mean accuracy in issue 3's measurement).
         pt_tokens: number of soft-prompt tokens for ``pt`` and ``ipt`` (16, as measured in issue 3).
@@ -68,6 +71,7 @@ class MethodSettings:
     eps_input: float = 0.2
     eps_format: float = 0.1
     decay: float = 0.95
+    radius: str = "absolute"
     pt_lr: float = 3e-2
     pt_tokens: int = 16
     pt_init_text: str | None = None
@@ -79,7 +83,7 @@ class MethodSettings:
 
     def cpt_recipe(self) -> CPTRecipe:
         """The ``cpt`` method's recipe: these radii, decay, steps, batch, ``cpt_lr`` and seed."""
-        return CPTRecipe(eps_input=self.eps_input, eps_format=self.eps_format, decay=self.decay,
+        return CPTRecipe(eps_input=self.eps_input, eps_format=self.eps_format, decay=self.decay, radius=self.radius,
                          train=TrainSettings(steps=self.steps, batch_size=self.batch_size, lr=self.cpt_lr,
                                              seed=self.seed))
 
@@ -94,6 +98,8 @@ class MethodSettings:
         for name in ("eps_input", "eps_format"):
             _check_number(name, getattr(self, name), "a finite number >= 0", lambda v: v >= 0)
         _check_number("decay", self.decay, "a number in (0, 1]", lambda v: 0 < v <= 1)
+        if self.radius not in RADIUS_MODES:
+            raise ValueError(f"radius={self.radius!r} must be one of: {', '.join(RADIUS_MODES)}")
         if self.pt_init_text is not None and (not isinstance(self.pt_init_text, str) or not self.pt_init_text.strip()):
             raise ValueError(f"pt_init_text={self.pt_init_text!r} must be a non-empty string or None")
         if not isinstance(self.length_normalize, bool):

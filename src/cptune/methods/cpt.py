@@ -19,7 +19,8 @@ class CPT(ICL):
     """
 
     name = "cpt"
-    settings_read = (*ICL.settings_read, "steps", "batch_size", "cpt_lr", "eps_input", "eps_format", "decay")
+    settings_read = (*ICL.settings_read, "steps", "batch_size", "cpt_lr", "eps_input", "eps_format", "decay",
+                                        "radius")
 
     def _prepare(self, shots: list) -> None:
         super()._prepare(shots)

@@ -21,6 +21,12 @@ from cptune.cpt.roles import TokenRole
 
 INPUT_FIELD = "x"
 LABEL_FIELD = "y"
+CODE_PUNCTUATION = "_-.:#/"
+"""Characters that join the letters and digits of a code-like label (``LABEL_0``, ``class-2``, ``v1.0``)."""
+EXAMPLE_WORDS = ("negative", "positive")
+"""The words an error message shows for a two-class task (a placeholder ``WORD`` for more classes)."""
+EXAMPLE_LABELS_SHOWN = 4
+"""Labels an error message spells out before ``...``."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,56 @@ def _encode(tokenizer, text: str) -> list[int]:
     if not text:
         return []
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def label_word_problem(word: str) -> str | None:
+    """Why a label written as itself is no word a language model can answer with, or None if it is one.
+
+    The rule: a label word needs a letter (``0``, ``1``, ``-3``, ``4.5`` have none), and must not be
+    a code, i.e. a single run of letters, digits and ``_-.:#/`` that holds a digit (``LABEL_0``,
+    ``class1``, ``c-2``, ``id42``). Words with a letter and no digit (``positive``, ``neg``, ``A``,
+    ``Sci/Tech``) and several words (``4 stars``) pass. It applies only to labels that would be
+    written as themselves; label words given explicitly are used as given.
+    """
+    text = str(word).strip()
+    if not any(c.isalpha() for c in text):
+        return "has no letter"
+    if any(c.isdigit() for c in text) and all(c.isalnum() or c in CODE_PUNCTUATION for c in text):
+        return "is a code, a digit among letters in one token"
+    return None
+
+
+def words_needed_error(labels: Sequence, option: str) -> ValueError | None:
+    """The error to raise when ``labels``, written as themselves, are not all words
+    (:func:`label_word_problem`), else None.
+
+    Args:
+        labels: every label of the data, in order.
+        option: where the user gives label words: a command-line flag (``"--label-words"``: the
+            example reads ``--label-words 0=negative,1=positive``) or a Python argument
+            (``"labels="``: ``labels={0: 'negative', 1: 'positive'}``).
+
+    Returns:
+        A one-line ``ValueError`` naming the labels that are not words, the rule and how to give words.
+    """
+    bad = [label for label in labels if label_word_problem(str(label)) is not None]
+    if not bad:
+        return None
+    more = len(labels) > EXAMPLE_LABELS_SHOWN
+    words = EXAMPLE_WORDS if len(labels) == len(EXAMPLE_WORDS) else ["WORD"] * len(labels)
+    pairs = list(zip(labels, words, strict=True))[:EXAMPLE_LABELS_SHOWN]
+    if option.startswith("--"):
+        example = f"{option} " + ",".join(f"{label}={word}" for label, word in pairs) + (",..." if more else "")
+    else:
+        example = option + "{" + ", ".join(f"{label!r}: {word!r}" for label, word in pairs) + (", ...}" if more
+                                                                                                 else "}")
+    shown = ", ".join(repr(label) for label in bad[:EXAMPLE_LABELS_SHOWN])
+    shown += ", ..." if len(bad) > EXAMPLE_LABELS_SHOWN else ""
+    subject = f"labels {shown} are not words" if len(bad) > 1 else f"label {shown} is not a word"
+    return ValueError(
+        f"{subject} the model can answer with: {bad[0]!r} {label_word_problem(str(bad[0]))} (a label word needs a "
+        f"letter and is no code like LABEL_0); give one word per label, e.g. {example}"
+    )
 
 
 def label_token_ids(template: Template, tokenizer, label_words: Mapping[str, str]) -> dict[str, list[int]]:

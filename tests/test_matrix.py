@@ -228,12 +228,15 @@ def test_left_padded_queries_fall_back_to_plain_layout(context, tok):
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-@pytest.mark.parametrize("layout", ["packed", "padded"])
+@pytest.mark.parametrize("layout", ["packed", "padded", "onepass"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_packed_and_padded_queries_give_the_plain_layouts_loss_and_gradient(arch, layout, dtype, context, queries):
-    """The training forward's two query layouts (:mod:`cptune.cpt.engine`) against PEFT's layout
-    (the context copied into every row); tolerances as in the test above."""
+def test_packed_padded_and_onepass_give_the_plain_layouts_loss_and_gradient(arch, layout, dtype, context, queries):
+    """The training forward's three query layouts (:mod:`cptune.cpt.engine`) against PEFT's layout
+    (the context copied into every row); tolerances as in the test above. The context (longer than
+    the tiny Gemma3's sliding window of 16) puts the window's edge inside the context for the queries."""
     base = tiny_model(arch, dtype=dtype)
+    if arch == "gemma3_text":
+        assert len(context) > 2 * base.config.sliding_window  # the window's edge falls inside the context
     d0 = torch.randn(len(context), base.get_input_embeddings().weight.shape[-1]) * 0.02
     results = []
     for mode in ("never", "always"):
@@ -257,17 +260,32 @@ def test_packed_and_padded_queries_give_the_plain_layouts_loss_and_gradient(arch
     assert (c1 - c0).norm() <= grad_tol * c0.norm(), ((c1 - c0).norm() / c0.norm()).item()
 
 
-def test_auto_layout_is_packed_for_sdpa_and_eager_and_padded_otherwise():
+@pytest.mark.parametrize("pays", [False, True])
+def test_auto_layout_is_packed_or_onepass_for_sdpa_and_eager_and_padded_otherwise(pays, monkeypatch):
+    import cptune.cpt.engine
     from cptune.cpt.engine import layout_for, layout_report
 
+    monkeypatch.setitem(cptune.cpt.engine.ONEPASS_PAYS, "cpu", pays)
     for implementation in ("sdpa", "eager"):
         model = tiny_model("llama")
         model.config._attn_implementation = implementation
         assert layout_for(model) == "packed", layout_report(model)
+        assert layout_for(model, fresh_prefix=True) == ("onepass" if pays else "packed"), layout_report(model)
+        assert f"training: {'onepass' if pays else 'packed'}" in layout_report(model)
     model = tiny_model("llama")
     model.config._attn_implementation = "flex_attention"
-    assert layout_for(model) == "padded"
-    assert "takes no custom mask" in layout_report(model)
+    assert layout_for(model) == layout_for(model, fresh_prefix=True) == "padded"
+    assert "takes no custom mask" in layout_report(model) and "onepass refused" in layout_report(model)
+
+
+def test_a_layout_the_model_fails_is_refused(context, queries):
+    """Asked for by name on a model whose attention takes no custom mask, packed and onepass refuse."""
+    for layout in ("packed", "onepass"):
+        base = tiny_model("llama")
+        base.config._attn_implementation = "flex_attention"
+        model = cptune.get_cpt_model(base, context.to_config(), prefix_sharing="always", query_layout=layout)
+        with pytest.raises(ValueError, match=f"layout='{layout}' does not fit this model"):
+            model(**queries, return_logits=False)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text", "opt"])

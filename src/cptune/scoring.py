@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from cptune.cpt.engine import Prefix, encode_prefix, max_positions, run_queries
+from cptune.cpt.engine import Prefix, compiled, encode_prefix, max_positions, run_queries
 from cptune.text.context import default_bos
 from cptune.text.template import label_token_ids, render_example
 
@@ -44,6 +44,7 @@ def label_log_likelihoods(
     label_ids: Sequence[Sequence[int]],
     batch_size: int = 8,
     length_normalize: bool = False,
+    layout: str = "auto",
 ) -> torch.Tensor:
     """Log-likelihood of each label after each query.
 
@@ -54,6 +55,7 @@ def label_log_likelihoods(
         label_ids: token ids of each label (as placed after the output template).
         batch_size: queries per forward.
         length_normalize: divide each label's log-likelihood by its number of tokens.
+        layout: how the queries run after the context (:func:`cptune.cpt.engine.run_queries`).
 
     Returns:
         ``(num_queries, num_labels)`` float32 scores.
@@ -62,16 +64,16 @@ def label_log_likelihoods(
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     if not query_ids:
         return torch.zeros(0, len(label_ids))
-    scores = [_score_chunk(base_model, context, query_ids[start : start + batch_size], label_ids, length_normalize)
-              for start in range(0, len(query_ids), batch_size)]
+    scores = [_score_chunk(base_model, context, query_ids[start : start + batch_size], label_ids, length_normalize,
+                           layout) for start in range(0, len(query_ids), batch_size)]
     return torch.cat(scores).float()
 
 
-def _score_chunk(base_model, context, rows, label_ids, length_normalize) -> torch.Tensor:
+def _score_chunk(base_model, context, rows, label_ids, length_normalize, layout) -> torch.Tensor:
     """``(len(rows), C)`` scores of one batch: a single forward after the context."""
     if all(len(ids) == 1 for ids in label_ids):  # one query each; its last position predicts the label
         seqs = [torch.tensor(list(r)) for r in rows]
-        logits = run_queries(base_model, context, seqs, [torch.tensor([len(r) - 1]) for r in rows])  # (B, V)
+        logits = run_queries(base_model, context, seqs, [torch.tensor([len(r) - 1]) for r in rows], layout)  # (B, V)
         return torch.log_softmax(logits.float(), dim=-1)[:, [ids[0] for ids in label_ids]]  # (B, C)
     seqs, keep, targets, lengths = [], [], [], []
     for r in rows:
@@ -80,7 +82,7 @@ def _score_chunk(base_model, context, rows, label_ids, length_normalize) -> torc
             keep.append(torch.arange(len(r) - 1, len(r) - 1 + len(lab)))
             targets.extend(lab)
             lengths.append(len(lab))
-    logits = run_queries(base_model, context, seqs, keep)  # (M, V): every label token, in order
+    logits = run_queries(base_model, context, seqs, keep, layout)  # (M, V): every label token, in order
     logp = torch.log_softmax(logits.float(), dim=-1)
     token_logp = logp.gather(1, torch.tensor(targets, device=logp.device).unsqueeze(1)).squeeze(1)  # (M,)
     owner = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor(lengths)).to(logp.device)
@@ -219,6 +221,11 @@ class ContextScorer:
         batch_size: queries per forward.
         length_normalize: divide each label's score by its token count.
         calibrate: contextual calibration against :data:`CONTENT_FREE_TEXTS`, scored here once.
+        layout: how the queries run after the context (:func:`cptune.cpt.engine.run_queries`;
+            ``"auto"``: the engine's choice for a cached context).
+        compile: run the query forwards under ``torch.compile`` (:func:`cptune.cpt.engine.compiled`);
+            the same scores up to float rounding. Off by default: it does not pay on the CPU
+            (docs/scaling.md, "Compiling").
     """
 
     @torch.no_grad()
@@ -232,15 +239,18 @@ class ContextScorer:
         batch_size: int = 8,
         length_normalize: bool = False,
         calibrate: bool = False,
+        layout: str = "auto",
+        compile: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         self.base_model, self.tokenizer, self.template = base_model, tokenizer, template
-        self.batch_size, self.length_normalize = batch_size, length_normalize
+        self.batch_size, self.length_normalize, self.layout = batch_size, length_normalize, layout
         ids = label_token_ids(template, tokenizer, label_words)
         self.label_ids = [ids[label] for label in label_words]
         self.context_tokens = 0 if context_embeds is None else int(context_embeds.shape[1])
         self.context = encode_context(base_model, context_embeds)
+        self.runner = compiled(base_model) if compile else base_model  # what runs the queries
         self.content_free_scores = None  # (len(CONTENT_FREE_TEXTS), C) when calibrating
         if calibrate:
             self.content_free_scores = self._raw_scores(self.query_ids(CONTENT_FREE_TEXTS))
@@ -268,5 +278,6 @@ class ContextScorer:
         return contextual_calibration(scores, self.content_free_scores)
 
     def _raw_scores(self, query_ids: Sequence[Sequence[int]]) -> torch.Tensor:
-        return label_log_likelihoods(self.base_model, self.context, query_ids, self.label_ids,
-                                     batch_size=self.batch_size, length_normalize=self.length_normalize)
+        return label_log_likelihoods(self.runner, self.context, query_ids, self.label_ids,
+                                     batch_size=self.batch_size, length_normalize=self.length_normalize,
+                                     layout=self.layout)

@@ -129,6 +129,7 @@ def train(
     resume: bool = False,
     progress: bool = True,
     callback: Callable[[int, float], None] | None = None,
+    compile: bool = False,
 ) -> TrainResult:
     """Train a :class:`cptune.CPTModel`'s context corrections on labelled queries.
 
@@ -150,6 +151,10 @@ def train(
         progress: show a progress bar with the loss.
         callback: called as ``callback(step, loss)`` after each optimizer step (``step`` counts
             from 1), after any checkpoint of that step; an exception it raises stops training.
+        compile: run the base model's forwards (and so their backward) under ``torch.compile``
+            for this run (:meth:`CPTModel.compile_`); the same results up to float rounding. Off by
+            default: on the CPU it was measured not to pay (docs/scaling.md, "Compiling"). An
+            execution option, not a setting of the run: a checkpoint resumes with or without it.
 
     Returns:
         The :class:`TrainResult`.
@@ -196,6 +201,8 @@ def train(
         model.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.base_model.eval()
+    was_compiled = model.compiled
+    model.compile_(compile or was_compiled)
     bar = tqdm(range(start, total), desc="CPT", disable=not progress or rank != 0, initial=start, total=total)
     for step in bar:
         rows = batch_indices(num_queries, settings.batch_size, settings.seed, step)
@@ -227,6 +234,7 @@ def train(
     checkpoint(total)
     if settings.gradient_checkpointing:
         model.base_model.activation_checkpointing_disable()
+    model.compile_(was_compiled)
     model.eval()
     return result
 

@@ -6,7 +6,7 @@ and values. With gradients enabled the cache keeps its autograd graph, so the lo
 flows back into the one prefix encoding: the gradient of copying the prefix into every row, at a
 fraction of the work.
 
-Two layouts run the queries:
+Three layouts run the queries:
 
 - ``packed``: the batch's queries sit one after another in a single sequence after the prefix.
   Each query token has the position it would have right after the prefix (``P + t``) and a mask
@@ -16,9 +16,20 @@ Two layouts run the queries:
 - ``padded``: the queries are right-padded rows (bucketed by length), each attending to the
   prefix cache expanded to the batch (a view, no copy; transformers concatenates it per row).
 
-``auto`` picks ``packed`` when the model takes a custom 4-D mask and explicit position ids and
-gives the padded layout's logits with them; that is checked once per model on a few random tokens
-(:func:`layout_for`), and the choice and its reason are logged.
+- ``onepass``: the prefix and the packed queries in ONE forward (and one backward), the sequence
+  ``[prefix | q1 | q2 | ...]``: positions as in ``packed``, and a mask that gives every prefix token
+  the causal prefix and every query token the whole prefix and its own earlier tokens, nothing else
+  (:func:`onepass_mask`). No cache is built or concatenated, and the per-layer kernels launch once
+  instead of twice; the price is that the prefix is recomputed by every call, so it pays only where
+  the prefix is computed anew anyway: training, where it carries the step's gradient
+  (:func:`run_prefixed`). After an already-encoded prefix (scoring, the server) it recomputes the
+  prefix each batch; ``auto`` never picks it there.
+
+``auto`` uses only layouts the model passes a self-check for: it takes a custom 4-D mask and
+explicit position ids and gives the padded layout's logits with them, checked once per model on a
+few random tokens (:func:`layout_for`). Among those it picks by a measured rule per device
+(:data:`ONEPASS_PAYS`, docs/scaling.md); the choice and its reason are logged and returned by
+:func:`layout_report`.
 """
 
 from __future__ import annotations
@@ -32,9 +43,18 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache
 
-LAYOUTS = ("auto", "packed", "padded")
+LAYOUTS = ("auto", "packed", "padded", "onepass")
 PACKED_ATTENTION = ("sdpa", "eager")  # implementations that read an arbitrary 4-D additive mask
 _SELF_CHECK_RTOL = {torch.float64: 1e-6, torch.float32: 1e-3}  # of the largest logit; else 3e-2
+ONEPASS_PAYS = {"cpu": False, "cuda": False}
+"""Whether ``auto`` runs a freshly computed prefix and its queries in one pass, per device type.
+
+From ``benchmarks/layout_rule.py`` (docs/scaling.md, "Query layouts"): on the 2-core CPU the
+one-pass step was measured against the packed one; on CUDA it is not measured yet, so ``auto``
+keeps the measured-safe two-pass layout there until the GPU benchmark (``benchmarks/gpu_vs_peft.py``,
+every layout forced in turn) says otherwise. A device type not listed never gets it from ``auto``.
+"""
+PREFIX_SEGMENT = -1  # the segment id of prefix tokens in the one-pass mask; queries count from 0
 
 logger = logging.getLogger(__name__)
 _layouts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -49,11 +69,13 @@ class Prefix:
         length: P, the number of prefix tokens.
         logits: ``(K, V)`` logits at the positions passed as ``keep`` to :func:`encode_prefix`
             (``None`` if none were asked for).
+        embeds: the ``(1, P, d)`` embeddings it was encoded from (what ``layout="onepass"`` reruns).
     """
 
     cache: Cache
     length: int
     logits: torch.Tensor | None = None
+    embeds: torch.Tensor | None = None
 
 
 def encode_prefix(model, embeds: torch.Tensor, keep: torch.Tensor | None = None) -> Prefix:
@@ -68,7 +90,7 @@ def encode_prefix(model, embeds: torch.Tensor, keep: torch.Tensor | None = None)
     if embeds.ndim != 3 or embeds.shape[0] != 1:
         raise ValueError(f"the prefix must be (1, P, d) embeddings; got {tuple(embeds.shape)}")
     out = model(inputs_embeds=embeds, use_cache=True, logits_to_keep=keep if keep is not None else 1)
-    return Prefix(out.past_key_values, embeds.shape[1], out.logits[0] if keep is not None else None)
+    return Prefix(out.past_key_values, embeds.shape[1], out.logits[0] if keep is not None else None, embeds)
 
 
 def fresh_cache(cache: Cache, batch_size: int = 1) -> Cache:
@@ -105,7 +127,9 @@ def run_queries(
         prefix: from :func:`encode_prefix`, or ``None`` (queries alone, each from position 0).
         queries: each ``(T_i,)`` token ids or ``(T_i, d)`` input embeddings (all of one kind).
         keep: for each query, 1-D positions (``0 <= t < T_i``, increasing) whose logits are wanted.
-        layout: ``"auto"``, ``"packed"`` or ``"padded"`` (see the module docstring).
+        layout: ``"auto"``, ``"packed"``, ``"padded"`` or ``"onepass"`` (see the module docstring;
+            ``onepass`` reruns the prefix from ``prefix.embeds`` with the queries, and ``auto``,
+            the prefix being encoded already, never picks it).
 
     Returns:
         ``(M, V)`` logits, M the total kept positions, in query order then position order.
@@ -118,8 +142,54 @@ def run_queries(
         raise ValueError(f"layout={layout!r}; accepted: {', '.join(LAYOUTS)}")
     if layout == "auto":
         layout = layout_for(model)
+    else:
+        _require(model, layout)
+    if layout == "onepass":
+        if prefix is None:  # nothing to run in the same pass: the packed layout is exactly that
+            return _run_packed(model, None, list(queries), list(keep))
+        return _run_onepass(model, prefix.embeds, None, list(queries), list(keep))[1]
     run = _run_packed if layout == "packed" else _run_padded
     return run(model, prefix, list(queries), list(keep))
+
+
+def run_prefixed(
+    model,
+    prefix_embeds: torch.Tensor,
+    prefix_keep: torch.Tensor | None,
+    queries: Sequence[torch.Tensor],
+    keep: Sequence[torch.Tensor],
+    layout: str = "auto",
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """A prefix computed now and a batch of queries after it: :func:`encode_prefix` then :func:`run_queries`,
+    or both in one pass (``layout="onepass"``). With gradients enabled they reach ``prefix_embeds``.
+
+    Args:
+        model: a Hugging Face causal LM.
+        prefix_embeds: ``(1, P, d)`` prefix embeddings.
+        prefix_keep: 1-D prefix positions whose next-token logits are wanted, or ``None``.
+        queries: as in :func:`run_queries`.
+        keep: as in :func:`run_queries`.
+        layout: ``"auto"`` (:func:`layout_for` with ``fresh_prefix=True``), ``"packed"``, ``"padded"``
+            or ``"onepass"``.
+
+    Returns:
+        The prefix's ``(K, V)`` logits at ``prefix_keep`` (``None`` without it) and the queries'
+        ``(M, V)`` logits, as :func:`run_queries` returns them.
+    """
+    if prefix_embeds.ndim != 3 or prefix_embeds.shape[0] != 1:
+        raise ValueError(f"the prefix must be (1, P, d) embeddings; got {tuple(prefix_embeds.shape)}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r}; accepted: {', '.join(LAYOUTS)}")
+    if layout == "auto":
+        layout = layout_for(model, fresh_prefix=True)
+    else:
+        _require(model, layout)
+    if layout == "onepass" and queries:
+        if len(queries) != len(keep):
+            raise ValueError(f"{len(queries)} queries but {len(keep)} keep lists")
+        return _run_onepass(model, prefix_embeds, prefix_keep, list(queries), list(keep))
+    prefix = encode_prefix(model, prefix_embeds, keep=prefix_keep)
+    return prefix.logits, run_queries(model, prefix, queries, keep, "packed" if layout == "onepass" else layout)
 
 
 def _embed(model, queries: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -131,24 +201,40 @@ def _embed(model, queries: list[torch.Tensor]) -> list[torch.Tensor]:
     return list(flat.split(lengths))
 
 
+def _packed_tokens(queries: list[torch.Tensor], offset: int):
+    """Where each packed query token sits: ``(S,)`` segment (its query's index), position
+    (``offset`` + its index in the query), and the ``(Q,)`` start of each query in the packed row."""
+    device = queries[0].device
+    lengths = torch.tensor([len(q) for q in queries], device=device)
+    starts = torch.cumsum(lengths, 0) - lengths  # (Q,)
+    segment = torch.repeat_interleave(torch.arange(len(queries), device=device), lengths)  # (S,)
+    local = torch.arange(int(lengths.sum()), device=device) - starts[segment]  # (S,) position in its query
+    return segment, offset + local, starts
+
+
 def _run_packed(model, prefix, queries, keep) -> torch.Tensor:
     embeds = _embed(model, queries)
     device, dtype = embeds[0].device, embeds[0].dtype
     p = prefix.length if prefix is not None else 0
-    lengths = torch.tensor([len(e) for e in embeds], device=device)
-    starts = torch.cumsum(lengths, 0) - lengths  # (Q,) offset of each query in the packed row
-    segment = torch.repeat_interleave(torch.arange(len(embeds), device=device), lengths)  # (S,)
-    local = torch.arange(int(lengths.sum()), device=device) - starts[segment]  # (S,) position in its query
-    position = p + local  # (S,) where the token would sit right after the prefix
-    # (S, P + S): the prefix, then the packed tokens of the same query up to this one.
-    own = (segment[:, None] == segment[None, :]) & (local[None, :] <= local[:, None])  # (S, S)
+    segment, position, starts = _packed_tokens(embeds, p)  # position: where it would sit right after the prefix
     index = torch.cat([starts[i] + k.to(device) for i, k in enumerate(keep)])  # (M,)
     kwargs = {}
     if prefix is not None:
         kwargs["past_key_values"] = fresh_cache(prefix.cache)
+
+    def cached(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Segment and position of the keys before the packed tokens in a layer of this kind: the
+        cached prefix keys (a sliding-window layer's cache may hold only the prefix's last ones)."""
+        count = 0
+        if prefix is not None:
+            layer_types = getattr(model.config.get_text_config(), "layer_types", None)
+            count = prefix.cache.layers[layer_types.index(kind) if layer_types else 0].keys.shape[-2]
+        positions = torch.arange(p - count, p, device=device)
+        return torch.full_like(positions, PREFIX_SEGMENT), positions
+
     out = model(
         inputs_embeds=torch.cat(embeds)[None],  # (1, S, d)
-        attention_mask=_masks(model, prefix, own, position, dtype),
+        attention_mask=_masks(model, segment, position, cached, dtype),
         position_ids=position[None],  # (1, S)
         use_cache=prefix is not None,
         logits_to_keep=index,
@@ -157,32 +243,75 @@ def _run_packed(model, prefix, queries, keep) -> torch.Tensor:
     return out.logits[0]  # (M, V)
 
 
-def _masks(model, prefix, own, position, dtype):
-    """The additive ``(1, 1, S, C + S)`` mask (C cached prefix keys), or one per layer type.
+def _run_onepass(model, prefix_embeds, prefix_keep, queries, keep) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``[prefix | q1 | q2 | ...]`` in one forward: the prefix's logits at ``prefix_keep`` and the queries'."""
+    embeds = _embed(model, queries)
+    device, dtype = embeds[0].device, embeds[0].dtype
+    p = prefix_embeds.shape[1]
+    segment, position, starts = _packed_tokens(embeds, p)
+    prefix_positions = torch.arange(p, device=device)
+    segment = torch.cat([torch.full_like(prefix_positions, PREFIX_SEGMENT), segment])  # (P + S,)
+    position = torch.cat([prefix_positions, position])  # (P + S,)
+    query_index = torch.cat([p + starts[i] + k.to(device) for i, k in enumerate(keep)])  # (M,)
+    prefix_index = prefix_keep.to(device) if prefix_keep is not None else query_index[:0]  # (K,)
 
-    Every query token sees all cached prefix keys and the tokens of its own query up to itself;
-    in a sliding-window layer only keys less than the window behind it (by position, as
-    transformers' sliding mask has it), and the cache of such a layer may hold only the prefix's
-    last keys.
+    def no_cache(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return segment[:0], position[:0]
+
+    out = model(
+        inputs_embeds=torch.cat([prefix_embeds[0].to(dtype), *embeds])[None],  # (1, P + S, d)
+        attention_mask=_masks(model, segment, position, no_cache, dtype),
+        position_ids=position[None],  # (1, P + S)
+        use_cache=False,
+        logits_to_keep=torch.cat([prefix_index, query_index]),
+    )
+    logits = out.logits[0]  # (K + M, V)
+    k = len(prefix_index)
+    return (logits[:k] if prefix_keep is not None else None), logits[k:]
+
+
+def onepass_mask(segment: torch.Tensor, position: torch.Tensor, key_segment: torch.Tensor,
+                 key_position: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """Which keys each token may attend to, for prefix tokens (segment :data:`PREFIX_SEGMENT`) and
+    packed queries (segment = the query's index).
+
+    ``ok[i, j] = pos_j <= pos_i and (seg_j == PREFIX_SEGMENT or seg_j == seg_i)``, and in a
+    sliding-window layer also ``pos_i - pos_j < window`` (transformers' ``sliding_window_overlay``,
+    on the positions the tokens have, not their index in the sequence). A prefix token thus sees the
+    prefix up to itself (causal), a query token the whole prefix and its own earlier tokens.
+
+    Args:
+        segment, position: ``(L,)`` of the tokens that attend (the rows).
+        key_segment, key_position: ``(K,)`` of the keys (the columns).
+        window: the sliding window, or ``None`` for full attention.
+
+    Returns:
+        ``(L, K)`` bool.
     """
-    device = own.device
+    ok = key_position[None, :] <= position[:, None]
+    ok &= (key_segment[None, :] == PREFIX_SEGMENT) | (key_segment[None, :] == segment[:, None])
+    if window is not None:
+        ok &= position[:, None] - key_position[None, :] < window
+    return ok
+
+
+def _masks(model, segment, position, cached, dtype):
+    """The additive ``(1, 1, S, C + S)`` mask of S tokens after C cached keys, or one per layer type.
+
+    ``cached(kind)`` gives the segment and position of the C cached keys of a layer of that kind;
+    the keys are those plus the S tokens themselves, in that order (:func:`onepass_mask`).
+    """
     config = model.config.get_text_config()
     layer_types = getattr(config, "layer_types", None)
     window = getattr(config, "sliding_window", None)
 
     def additive(kind: str) -> torch.Tensor:
-        cached = 0
-        if prefix is not None:
-            layer = layer_types.index(kind) if layer_types else 0
-            cached = prefix.cache.layers[layer].keys.shape[-2]  # a sliding layer keeps only the last keys
-        key_position = torch.cat([torch.arange(prefix.length - cached, prefix.length, device=device)
-                                  if prefix is not None else position[:0], position])  # (C + S,)
-        ok = torch.cat([torch.ones(len(position), cached, dtype=torch.bool, device=device), own], dim=1)
-        if kind == "sliding_attention":
-            ok &= position[:, None] - key_position[None, :] < window  # transformers' sliding_window_overlay
-        elif kind != "full_attention":
+        if kind not in ("full_attention", "sliding_attention"):
             raise NotImplementedError(f"layer type {kind!r} has no packed mask")
-        zero = torch.zeros((), dtype=dtype, device=device)
+        key_segment, key_position = cached(kind)
+        ok = onepass_mask(segment, position, torch.cat([key_segment, segment]), torch.cat([key_position, position]),
+                          window if kind == "sliding_attention" else None)
+        zero = torch.zeros((), dtype=dtype, device=ok.device)
         return torch.where(ok, zero, torch.finfo(dtype).min)[None, None]  # (1, 1, S, C + S)
 
     if not layer_types:
@@ -261,52 +390,123 @@ def length_buckets(lengths: list[int], overhead_tokens: int = 32) -> list[list[i
     return runs[::-1]
 
 
-def layout_for(model) -> str:
-    """``"packed"`` if this model gives the padded layout's logits with packed queries, else ``"padded"``.
+def layout_for(model, fresh_prefix: bool = False) -> str:
+    """The layout ``auto`` runs for ``model``: after an encoded prefix, or with a prefix computed now.
 
-    Decided once per model object: by its attention implementation (one that reads an arbitrary
-    4-D mask: sdpa, eager), then by running three short random queries after a short random prefix
-    both ways. The choice and its reason are logged (:func:`layout_report` returns them).
+    After an encoded prefix (``fresh_prefix=False``: scoring, the server): ``"packed"`` if the model
+    gives the padded layout's logits with packed queries, else ``"padded"``. With a prefix computed
+    in the same call (``fresh_prefix=True``: a training step, :func:`run_prefixed`): ``"onepass"``
+    where the model passes its self-check and :data:`ONEPASS_PAYS` says it pays on the model's
+    device type, else the former.
+
+    The checks run once per model object: its attention implementation (one that reads an arbitrary
+    4-D mask: sdpa, eager), then three short random queries after a short random prefix, each layout
+    against the padded one. The choices and their reasons are logged (:func:`layout_report`).
     """
+    model = _unwrapped(model)
     if model not in _layouts:
-        layout, reason = _layouts[model] = _check_packed(model)
-        logger.info("%s queries for %s (%s)", layout, type(model).__name__, reason)
-    return _layouts[model][0]
+        _layouts[model] = _check_layouts(model)
+        logger.info("queries for %s: %s", type(model).__name__, layout_report(model))
+    checked = _layouts[model]
+    if fresh_prefix and checked["onepass"][0] and _onepass_pays(model):
+        return "onepass"
+    return "packed" if checked["packed"][0] else "padded"
+
+
+def _require(model, layout: str) -> None:
+    """Refuse a layout the caller asked for that fails its self-check on this model (it would be wrong)."""
+    if layout == "padded":
+        return
+    layout_for(model)  # runs the checks once
+    ok, reason = _layouts[_unwrapped(model)][layout]
+    if not ok:
+        raise ValueError(f"layout={layout!r} does not fit this model ({reason}); use 'auto' or 'padded'")
+
+
+def compiled(module):
+    """``torch.compile(module, dynamic=True)``: for a forward run many times (a training step, a scorer).
+
+    Shapes are dynamic because the query lengths and the batch change from call to call: a
+    static-shape graph would be compiled again for every new length. The result (torch's
+    ``OptimizedModule``) passes attribute access on to ``module``, so it can stand wherever
+    ``module`` does; the layout checks still run on ``module`` itself, uncompiled (:func:`layout_for`).
+    Compiling costs time at the first calls of each new kind of shape and pays only where a step is
+    bound by kernel launches and Python overhead (docs/scaling.md, "Compiling").
+    """
+    return torch.compile(module, dynamic=True)
+
+
+def _unwrapped(model):
+    """The module a :func:`compiled` one wraps (``OptimizedModule._orig_mod``), else ``model``."""
+    return getattr(model, "_orig_mod", model)
+
+
+def _onepass_pays(model) -> bool:
+    return ONEPASS_PAYS.get(model.get_input_embeddings().weight.device.type, False)
 
 
 def layout_report(model) -> str:
-    """The layout :func:`layout_for` chooses for ``model`` and why, e.g. for a benchmark's report."""
-    layout = layout_for(model)
-    return f"{layout} ({_layouts[model][1]})"
+    """The layouts :func:`layout_for` chooses for ``model`` and why, e.g. for a benchmark's report.
+
+    For example ``"packed (sdpa attention takes the packed mask; self-check within 3e-05); training:
+    packed (onepass passes its self-check within 2e-05 but is not measured to pay on cpu)"``.
+    """
+    after_cache, training = layout_for(model), layout_for(model, fresh_prefix=True)
+    checked = _layouts[_unwrapped(model)]
+    head = f"{after_cache} ({checked['packed'][1]})"
+    onepass_ok, onepass_reason = checked["onepass"]
+    device = model.get_input_embeddings().weight.device.type
+    if training == "onepass":
+        why = f"{onepass_reason}; measured to pay on {device}"
+    elif onepass_ok:
+        why = f"onepass {onepass_reason} but is not measured to pay on {device}"
+    else:
+        why = f"onepass refused: {onepass_reason}"
+    return f"{head}; training: {training} ({why})"
 
 
 @torch.no_grad()
-def _check_packed(model) -> tuple[str, str]:
+def _check_layouts(model) -> dict[str, tuple[bool, str]]:
+    """``{"packed": (ok, reason), "onepass": (ok, reason)}``: each layout's logits against the padded ones."""
     implementation = getattr(model.config, "_attn_implementation", None)
     if implementation not in PACKED_ATTENTION:
-        return "padded", f"attention implementation {implementation!r} takes no custom mask"
+        reason = f"attention implementation {implementation!r} takes no custom mask"
+        return {"packed": (False, reason), "onepass": (False, reason)}
     vocab = model.get_input_embeddings().weight.shape[0]
     device = model.get_input_embeddings().weight.device
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, vocab, (20,), generator=gen).to(device)
     queries = [ids[6:10], ids[10:13], ids[13:20]]
     keep = [torch.arange(len(q)) for q in queries]
+    prefix_keep = torch.arange(6, device=device)
+    dtype = model.get_input_embeddings().weight.dtype
     was_training = model.training
     model.eval()
+    checked = {}
     try:
-        prefix = encode_prefix(model, model.get_input_embeddings()(ids[None, :6]))
-        packed = _run_packed(model, prefix, queries, keep).float()
-        padded = _run_padded(model, prefix, queries, keep).float()
-    except Exception as err:  # noqa: BLE001 - any failure means: not this layout
-        return "padded", f"packed queries failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
+        prefix = encode_prefix(model, model.get_input_embeddings()(ids[None, :6]), keep=prefix_keep)
+        padded = torch.cat([prefix.logits, _run_padded(model, prefix, queries, keep)]).float()
+        runs = {"packed": lambda: torch.cat([prefix.logits, _run_packed(model, prefix, queries, keep)]),
+                "onepass": lambda: torch.cat(_run_onepass(model, prefix.embeds, prefix_keep, queries, keep))}
+        for layout, run in runs.items():
+            checked[layout] = _compare(run, padded, dtype, implementation, layout)
     finally:
         model.train(was_training)
-    dtype = model.get_input_embeddings().weight.dtype
+    return checked
+
+
+def _compare(run, padded: torch.Tensor, dtype, implementation: str, layout: str) -> tuple[bool, str]:
+    try:
+        logits = run().float()
+    except Exception as err:  # noqa: BLE001 - any failure means: not this layout
+        return False, f"{layout} queries failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
     tolerance = _SELF_CHECK_RTOL.get(dtype, 3e-2) * float(padded.abs().max().clamp(min=1.0))
-    error = float((packed - padded).abs().max())
+    error = float((logits - padded).abs().max())
     if not error <= tolerance:
-        return "padded", f"packed logits differ from padded ones by {error:.2g} > {tolerance:.2g}"
-    return "packed", f"{implementation} attention takes the packed mask; self-check within {error:.1g}"
+        return False, f"{layout} logits differ from padded ones by {error:.2g} > {tolerance:.2g}"
+    if layout == "packed":
+        return True, f"{implementation} attention takes the packed mask; self-check within {error:.1g}"
+    return True, f"passes its self-check within {error:.1g}"
 
 
 def max_positions(model_config) -> int | None:

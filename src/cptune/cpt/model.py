@@ -14,7 +14,17 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from cptune.cpt.config import CPTConfig
 from cptune.cpt.embedding import CPTEmbedding
-from cptune.cpt.engine import LAYOUTS, Prefix, encode_prefix, layout_report, max_positions, run_queries, run_rows
+from cptune.cpt.engine import (
+    LAYOUTS,
+    Prefix,
+    compiled,
+    encode_prefix,
+    layout_for,
+    layout_report,
+    max_positions,
+    run_prefixed,
+    run_rows,
+)
 from cptune.cpt.files import check_frozen_rows, read_adapter, save_adapter
 from cptune.cpt.hub import CARD_NAME, adapter_card, push_folder, resolve_folder
 from cptune.cpt.loss import IGNORE_INDEX, cpt_loss, cpt_loss_from_logits
@@ -47,8 +57,9 @@ class CPTModel(nn.Module):
         prefix_sharing: ``"auto"`` (encode the context once per batch when a loss is asked for and
             the batch has more than one row), ``"always"`` or ``"never"`` (PEFT's plain layout).
         query_layout: how the queries run after a shared context (:mod:`cptune.cpt.engine`):
-            ``"auto"`` (packed into one sequence where the model takes the mask, else padded rows),
-            ``"packed"`` or ``"padded"``.
+            ``"auto"`` (the engine's measured choice among the layouts the model passes a
+            self-check for), ``"packed"``, ``"padded"`` or ``"onepass"`` (context and queries in
+            one forward).
     """
 
     def __init__(
@@ -67,6 +78,9 @@ class CPTModel(nn.Module):
             raise ValueError(f"query_layout={query_layout!r}; accepted: {', '.join(LAYOUTS)}")
         self.base_model = base_model
         self.base_model.requires_grad_(False)
+        # What runs the base model's forwards: itself, or its compiled form (compile_()). In a dict,
+        # so nn.Module does not register the compiled wrapper as a second copy of the submodule.
+        self._runners = {"active": base_model, "compiled": None}
         self.adapter_name = adapter_name
         self.prefix_sharing = prefix_sharing
         self.query_layout = query_layout
@@ -114,6 +128,22 @@ class CPTModel(nn.Module):
     def num_context_tokens(self) -> int:
         """N, the number of context tokens prepended to every query."""
         return self.prompt_encoder.num_tokens
+
+    def compile_(self, enabled: bool = True) -> None:
+        """From now on run the base model's forwards under ``torch.compile`` (``enabled=False``: eagerly again).
+
+        The compiled form (:func:`cptune.cpt.engine.compiled`) is made once and kept; the first
+        forwards of each new kind of shape pay for compiling. Results are those of the eager model up
+        to float rounding. :func:`cptune.train` does this for ``compile=True``.
+        """
+        if enabled and self._runners["compiled"] is None:
+            self._runners["compiled"] = compiled(self.base_model)
+        self._runners["active"] = self._runners["compiled"] if enabled else self.base_model
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the base model's forwards run compiled (:meth:`compile_`)."""
+        return self._runners["active"] is not self.base_model
 
     def project_(self) -> None:
         """Project the context corrections onto their L2 balls; call after every optimizer step."""
@@ -227,7 +257,7 @@ class CPTModel(nn.Module):
             ones = torch.ones(batch_size, n, dtype=attention_mask.dtype, device=attention_mask.device)
             attention_mask = torch.cat([ones, attention_mask], dim=1)  # (B, N+T)
         kwargs.setdefault("use_cache", False)
-        out = self.base_model(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+        out = self._runners["active"](inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
         if labels is None:
             return out
         device = out.logits.device
@@ -256,18 +286,17 @@ class CPTModel(nn.Module):
         ctx_scored = (ctx_targets[1:] != IGNORE_INDEX).nonzero().flatten()  # (Mc,) positions p - 1 of labels p
         # The context's last position predicts each query's first token (a label only for label-only queries).
         ctx_keep = torch.cat([ctx_scored, torch.tensor([n - 1], device=device)])  # (Mc + 1,)
-        prefix = encode_prefix(self.base_model, context, keep=torch.arange(n, device=device) if return_logits
-                               else ctx_keep)
-        ctx_logits = prefix.logits[ctx_keep] if return_logits else prefix.logits  # (Mc + 1, V)
         if return_logits:  # every position of every row, padding included, as PEFT's layout returns them
-            query_logits = run_rows(self.base_model, prefix, inputs_embeds, attention_mask)  # (B, T, V)
+            prefix = encode_prefix(self._runners["active"], context, keep=torch.arange(n, device=device))
+            ctx_logits = prefix.logits[ctx_keep]  # (Mc + 1, V)
+            query_logits = run_rows(self._runners["active"], prefix, inputs_embeds, attention_mask)  # (B, T, V)
             scored_logits = query_logits[:, :-1][predicts]  # (Mq, V) row-major
         else:
             lengths = attention_mask.sum(dim=1).tolist()
-            scored_logits = run_queries(
-                self.base_model, prefix, [inputs_embeds[b, : lengths[b]] for b in range(batch_size)],
+            ctx_logits, scored_logits = run_prefixed(
+                self._runners["active"], context, ctx_keep, [inputs_embeds[b, : lengths[b]] for b in range(batch_size)],
                 [predicts[b, : lengths[b] - 1].nonzero().flatten() for b in range(batch_size)], self.query_layout,
-            )  # (Mq, V) in query order, the row-major order of `predicts`
+            )  # (Mc + 1, V); (Mq, V) in query order, the row-major order of `predicts`
         first = targets[:, 0] != IGNORE_INDEX  # (B,)
         first_logits = ctx_logits[-1:].expand(int(first.sum()), -1)
         logits = torch.cat([ctx_logits[:-1], first_logits, scored_logits.to(ctx_logits.device)])  # (M, V)
@@ -296,7 +325,7 @@ class CPTModel(nn.Module):
         """How queries run after a shared context on this model, and why (e.g. for a progress line)."""
         if self.query_layout != "auto":
             return f"{self.query_layout} (chosen by the caller)"
-        return layout_report(self.base_model)
+        return f"{layout_for(self.base_model, fresh_prefix=True)}: {layout_report(self.base_model)}"
 
     # -- inference -----------------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ import copy
 
 import torch
 
-from cptune.cpt.engine import encode_prefix, run_queries
+from cptune.cpt.engine import run_prefixed, run_queries
 from cptune.methods.base import IGNORE_INDEX, BaseMethod, label_batch, model_device, optimize
 from cptune.text.context import build_context
 
@@ -60,16 +60,16 @@ def label_token_loss(model, batch: dict[str, torch.Tensor], prefix_embeds: torch
     lengths = batch["attention_mask"].sum(dim=1).tolist()
     predicts = labels[:, 1:] != IGNORE_INDEX  # (B, T-1): position t predicts the label token t + 1
     keep = [predicts[b, : lengths[b] - 1].nonzero().flatten() for b in range(len(lengths))]
-    prefix = None
-    if prefix_embeds is not None:  # its last position predicts a row's first token
-        p = prefix_embeds.shape[1]
-        prefix = encode_prefix(model, prefix_embeds, keep=torch.tensor([p - 1], device=prefix_embeds.device))
     rows = [batch["input_ids"][b, : lengths[b]] for b in range(len(lengths))]
-    logits = run_queries(model, prefix, rows, keep)  # (M, V), row-major
     targets = labels[:, 1:][predicts]
+    if prefix_embeds is None:
+        logits = run_queries(model, None, rows, keep)  # (M, V), row-major
+        return torch.nn.functional.cross_entropy(logits.float(), targets.to(logits.device))
+    p = prefix_embeds.shape[1]  # the prefix's last position predicts a row's first token
+    last, logits = run_prefixed(model, prefix_embeds, torch.tensor([p - 1], device=prefix_embeds.device), rows, keep)
     first = labels[:, 0] != IGNORE_INDEX
-    if prefix is not None and bool(first.any()):
-        logits = torch.cat([prefix.logits.expand(int(first.sum()), -1), logits], dim=0)
+    if bool(first.any()):
+        logits = torch.cat([last.expand(int(first.sum()), -1), logits], dim=0)
         targets = torch.cat([labels[first, 0], targets])
     return torch.nn.functional.cross_entropy(logits.float(), targets.to(logits.device))
 

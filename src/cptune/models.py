@@ -9,11 +9,11 @@ once the same way) or hub id.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from cptune.cpt.hub import offline_variable
 from cptune.cpt.saving import current_umask, write_json_atomic
+from cptune.reporting import notice
 
 DEFAULT_MODEL = "smollm2-135m"
 AUTO = "auto"
@@ -38,7 +39,6 @@ _EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SOURCE_RECORD = "cptune-source.json"
 _HASH_INDEX = "gguf-sha256.json"
 _STALE_TMP_SECONDS = 3600.0
-logger = logging.getLogger("cptune")
 _DTYPES = {
     str(d).removeprefix("torch."): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 }
@@ -273,6 +273,22 @@ def convert_embedded_model(cache_dir: str | os.PathLike[str] | None = None) -> P
     return convert_gguf(gguf_path, cache_dir, name="smollm2-135m-instruct", source=source)
 
 
+@contextlib.contextmanager
+def _transformers_quiet():
+    """transformers' verbosity at ERROR and its progress bars off for the block; restored after."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(
     name_or_path: str | os.PathLike[str] = DEFAULT_MODEL,
     dtype: torch.dtype | str = AUTO,
@@ -336,10 +352,11 @@ def load_model(
         kwargs["local_files_only"] = True
         model_kwargs["adapter_kwargs"] = {"local_files_only": True}
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source or name, dtype=torch_dtype, **kwargs, **model_kwargs
-        )
-        tokenizer = AutoTokenizer.from_pretrained(source or name, **kwargs)
+        with _transformers_quiet():  # its weight-loading bar and notices are not cptune's voice
+            model = AutoModelForCausalLM.from_pretrained(
+                source or name, dtype=torch_dtype, **kwargs, **model_kwargs
+            )
+            tokenizer = AutoTokenizer.from_pretrained(source or name, **kwargs)
     except OSError as err:
         if source is not None:
             raise
@@ -352,5 +369,5 @@ def load_model(
     if target is not None and target.type != "cpu":
         model = model.to(target)
     model.eval()
-    logger.info("model %s on %s", name, placement(model))
+    notice("model %s on %s", name, placement(model))
     return model, tokenizer

@@ -10,7 +10,6 @@ demo and ``cptune train``) and the compare grid's ``cpt`` method all go through 
 
 from __future__ import annotations
 
-import logging
 import random
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -20,11 +19,10 @@ from typing import Any
 from cptune.cpt.config import CPTConfig
 from cptune.cpt.engine import max_positions
 from cptune.cpt.model import CPTModel, get_cpt_model
+from cptune.reporting import notice, plural
 from cptune.text.context import Context, build_context, render_queries
 from cptune.text.template import Template
 from cptune.training import TrainResult, TrainSettings, train
-
-logger = logging.getLogger("cptune")
 
 
 def default_train_settings() -> TrainSettings:
@@ -173,8 +171,8 @@ def fit_cpt(
     context = build_context(demonstrations, template, tokenizer, label_words)
     queries = render_queries(examples, template, tokenizer, label_words)
     check_context_fits(base_model, context, queries, len(demonstrations))
-    logger.info("context: %d demonstrations, %d tokens; %d training queries", len(demonstrations), len(context),
-                len(examples))
+    notice("context: %s, %d tokens; %s", plural(len(demonstrations), "demonstration"), len(context),
+           plural(len(examples), "training query", "training queries"))
     model = cpt_model_for(base_model, context, recipe, model_name)
     result = train(model, queries, recipe.train, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                    resume=resume, progress=progress, callback=callback)

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import sys
 import traceback
 from dataclasses import fields
 
-from cptune import __version__
+from cptune import __version__, reporting
 from cptune.app.demo import CLASSIFIER_SUBDIR, DemoSettings
 
 EXIT_RUNTIME = 1
@@ -274,28 +273,6 @@ def _handler(command: str):
     return getattr(importlib.import_module(name), f"run_{command}" if name == "cptune.app.commands" else "run")
 
 
-class _StderrHandler(logging.StreamHandler):
-    """A handler that writes to ``sys.stderr`` as it is when a record comes (callers and tests swap it)."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value) -> None:  # StreamHandler.__init__ sets it; the property decides
-        pass
-
-
-def _report_to_stderr() -> None:
-    """cptune's own notices (where the model runs, the context's size) go to standard error, once each."""
-    log = logging.getLogger("cptune")
-    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("cptune: %(message)s"))
-        log.addHandler(handler)
-    log.setLevel(logging.INFO)
-
-
 def _plain_message(err: BaseException) -> bool:
     """Whether a run-time failure's message says it all (no exception class name needed)."""
     training = sys.modules.get("cptune.training")  # imported only if training ran
@@ -307,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     debug = getattr(args, "debug", False) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
-    _report_to_stderr()
+    reporting.install(handler=True)  # notices and warnings as `cptune: ...` lines on standard error
     try:
         return _handler(args.command)(args)
     except KeyboardInterrupt:

@@ -134,7 +134,7 @@ def run_train(args) -> int:
     if args.context_size is not None and args.context_size > len(examples):
         raise UserError(f"--context-size={args.context_size} is more than the {len(examples)} labelled examples used")
     clf = CPTClassifier(args.model, template=fmt, labels=words, recipe=recipe, context_size=args.context_size,
-                        progress=True, calibrate=args.calibrate, selection_budget=args.selection_budget,
+                        calibrate=args.calibrate, selection_budget=args.selection_budget,
                         **_model_options(args))
     clf.fit([ex.text for ex in examples], [ex.label for ex in examples], checkpoint_dir=checkpoint,
             checkpoint_every=args.checkpoint_every, resume=args.resume)

@@ -24,7 +24,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from cptune.cpt.hub import offline_variable
+from cptune.cpt.hub import check_model_id, offline_variable
 from cptune.cpt.saving import current_umask, write_json_atomic
 from cptune.reporting import notice
 
@@ -301,7 +301,8 @@ def load_model(
     ``name_or_path`` is resolved in this order: ``"smollm2-135m"`` (the embedded default, converted on
     first use by :func:`convert_embedded_model`); an existing local folder; an existing local ``.gguf``
     file (dequantized once to a folder in the cache, :func:`convert_gguf`); otherwise a Hugging Face
-    hub id. Hub lookups honour
+    hub id: one already in the Hugging Face cache loads from it without the network, one missing from it
+    is checked on the hub once (short timeout, no retries) before loading. Hub lookups honour
     ``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE`` as set at call time. If the tokenizer has no pad
     token, its EOS token is used as the pad token.
 
@@ -322,7 +323,9 @@ def load_model(
 
     Raises:
         ValueError: If the dtype is unsupported or a hub id cannot be loaded.
-        FileNotFoundError: If a path-like name does not exist or the embedded model is not installed.
+        FileNotFoundError: If a path-like name does not exist, the embedded model is not installed, or a hub id
+            is neither in the cache nor on the hub (:func:`cptune.cpt.hub.check_model_id`).
+        ConnectionError: A hub id missing from the cache while the hub cannot be reached.
     """
     explicit_device = device is not None and not (isinstance(device, str) and device.strip().lower() == AUTO)
     if explicit_device and device_map is not None:
@@ -347,7 +350,9 @@ def load_model(
     else:
         source = None
     model_kwargs: dict = {} if device_map is None else {"device_map": device_map}
-    if source is None and offline_variable() is not None:  # read now, not at huggingface_hub's import
+    cached = source is None and check_model_id(name)  # a mistyped name fails here, in seconds and one line
+    if source is None and (cached or offline_variable() is not None):  # offline read now, not at import;
+        # a model in the cache loads from it without asking the hub (no retries when there is no network)
         # transformers 5.23 probes the hub for adapter_config.json unless told separately.
         kwargs["local_files_only"] = True
         model_kwargs["adapter_kwargs"] = {"local_files_only": True}

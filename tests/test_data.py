@@ -549,7 +549,7 @@ def test_hub_layout_through_local_file(tmp_path, name):
     rows = [{text_column: f"example {i} of class {i}", label_column: i, "idx": i} for i in reversed(range(len(names)))]
     rows.append({text_column: "an unlabelled test row", label_column: -1, "idx": 99})
     path = _write_jsonl(tmp_path / "hub.jsonl", rows)
-    with pytest.warns(UserWarning, match="and 1 row without a"):
+    with pytest.warns(UserWarning, match="skipped 1 row without a"):
         data = load_file(path, text_column, label_column, label_names=names)
     assert data.labels == list(names)
     assert {ex.text: ex.label for ex in data.examples} == {f"example {i} of class {i}": n for i, n in enumerate(names)}

@@ -160,3 +160,14 @@ def test_skipped_rows_are_one_cptune_warning_line(tiny_dir, tmp_path):
     warning = [line for line in done.stderr.splitlines() if "warning" in line.lower()]
     assert warning == [f"cptune: warning: {data}: skipped 2 rows with a blank 'text'; 12 rows used"], done.stderr
     assert "UserWarning" not in done.stderr and "warnings.warn" not in done.stderr
+
+
+def test_eval_shows_a_scoring_progress_bar(trained, tmp_path, capsys, monkeypatch):
+    from cptune import scoring
+
+    monkeypatch.setattr(scoring, "BAR_DELAY_S", 0.0)  # the tiny model scores faster than the bar's delay
+    data = _csv(tmp_path / "test.csv", [(f"an {w} story {i}", "pos" if k % 2 == 0 else "neg")
+                                        for i in range(3) for k, w in enumerate(WORDS)])
+    assert main(["eval", str(trained), "--data", str(data), "--batch-size", "4"]) == 0
+    err = capsys.readouterr().err
+    assert "score: 100%" in err and "18/18" in err, err

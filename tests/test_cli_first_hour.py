@@ -73,6 +73,7 @@ def test_usage_mistakes_are_refused_without_importing_torch(tmp_path):
         (["train", "--data", str(good), "--output", out, "--steps", "0"], "argument --steps: 0 is not"),
         (["train", "--data", str(good), "--output", out, "--lr", "nan"], "argument --lr: nan is not"),
         (["train", "--data", str(good), "--output", out, "--label-words", "pos=good"], "no word for label"),
+        (["train", "--data", str(good), "--output", out, "--template", "no placeholder"], "exactly one {x}"),
         (["train", "--data", str(good), "--output", out, "--model", "./no-such-folder"], "not an existing folder"),
         (["train", "--data", str(good), "--output", out, "--model", "no such model!"], "not a local folder"),
         (["train", "--data", str(good), "--output", out, "--model", "no-such-model"], "not in the Hugging Face cache"),

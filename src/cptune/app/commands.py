@@ -135,7 +135,11 @@ def check_train_output(output: str, overwrite: bool) -> None:
 
 def run_train(args) -> int:
     # Everything the user typed is checked before torch loads (seconds), then the model (more seconds).
+    from cptune.text.template import Template
+
     fmt, words = _format(args.data, args.template, args.label_words)
+    if fmt != "auto":
+        Template(fmt)
     check_train_output(args.output, args.overwrite)
     output = Path(args.output)
     checkpoint = output / CHECKPOINT_SUBDIR
@@ -155,11 +159,8 @@ def run_train(args) -> int:
     from cptune.cpt.saving import remove_saved_files
     from cptune.distributed import is_main_process
     from cptune.recipe import CPTRecipe
-    from cptune.text.template import Template
     from cptune.training import TrainSettings
 
-    if fmt != "auto":
-        Template(fmt)  # (needs torch's import: cptune.text's roles are tensors)
     recipe = CPTRecipe(eps_input=args.eps_input, eps_format=args.eps_format, decay=args.decay,
                        train=TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed))
     clf = CPTClassifier(args.model, template=fmt, labels=words, recipe=recipe, context_size=args.context_size,

@@ -386,7 +386,10 @@ class CPTClassifier:
     def save(self, directory: str | Path) -> None:
         """Write the adapter (PEFT format, loadable by PEFT) plus ``cptune_classifier.json``.
 
-        The folder is created if needed; files in it that the save does not write are left alone.
+        The folder is created if needed; files in it that the save does not write are left alone. An
+        earlier save in the folder is replaced without asking, as ``save_pretrained`` does (each file
+        atomically, the manifest last: :mod:`cptune.cpt.saving`); ``cptune train --output`` is the one
+        that refuses an existing classifier without ``--overwrite``.
         """
         model = self._fitted("save()")
         save_adapter(model, directory, extra_json={CLASSIFIER_FILE: self._description()})

@@ -92,7 +92,7 @@ def test_train_eval_predict(tiny_dir, tmp_path, capsys):
         (["train", "--output", "{tmp}/o", "--label-words", "negative"], "label=word"),
         (["train", "--output", "{tmp}/o", "--resume"], "no checkpoint"),
         (["train", "--output", "{tmp}/o", "--checkpoint-every", "0"], "checkpoint-every"),
-        (["train", "--output", "{tmp}/o", "--decay", "0"], "opt_loss_decay_factor"),
+        (["train", "--output", "{tmp}/o", "--decay", "0"], "argument --decay: 0 is not a number in (0, 1]"),
         (["train", "--output", "{tmp}/o", "--template", "no placeholder"], "exactly one {x}"),
         (["train", "--output", "{tmp}/o", "--label-words", "negative=bad,positive=bad"], "must differ"),
         (["train", "--output", "{tmp}/o", "--label-words", "negative=bad"], "no word for label 'positive'"),

@@ -381,7 +381,7 @@ def test_csv_file(tmp_path):
         'review,sentiment,extra\n"great, really\ngreat",pos,1\nawful,neg,2\n   ,pos,3\nfine,pos,4\nmeh,,5\n',
         encoding="utf-8",
     )
-    with pytest.warns(UserWarning, match="skipped 1 rows with blank 'review' and 1 without a 'sentiment'"):
+    with pytest.warns(UserWarning, match="skipped 1 row with a blank 'review' and 1 row without a 'sentiment'"):
         data = load_file(path, text_column="review", label_column="sentiment")
     assert data.name == "reviews"
     assert data.examples == [Example("great, really great", "pos"), Example("awful", "neg"), Example("fine", "pos")]
@@ -390,7 +390,7 @@ def test_csv_file(tmp_path):
     assert prov["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert prov["file"] == str(path.resolve()) and prov["format"] == "csv"
     assert (prov["rows"], prov["skipped_blank_text"], prov["skipped_unlabelled"]) == (5, 1, 1)
-    with pytest.warns(UserWarning, match="skipped 1 rows"):
+    with pytest.warns(UserWarning, match="skipped 1 row "):
         assert load_dataset(path, text_column="review", label_column="sentiment").examples == data.examples
 
 
@@ -398,7 +398,7 @@ def test_csv_label_types(tmp_path):
     """A CSV/TSV label column of integer literals becomes ints (as pandas reads it); any other stays strings."""
     path = tmp_path / "ints.csv"
     path.write_text("text,label\na,1\nb,-2\nc, +3 \nd,\ne,1\n", encoding="utf-8")
-    with pytest.warns(UserWarning, match="1 without a 'label'"):
+    with pytest.warns(UserWarning, match="1 row without a 'label'"):
         data = load_file(path)
     assert data.labels == [-2, 1, 3]
     assert [ex.label for ex in data.examples] == [1, -2, 3, 1]
@@ -445,7 +445,7 @@ def test_parquet_file(tmp_path):
 
     path = tmp_path / "d.parquet"
     pq.write_table(pa.table({"text": ["good", "bad", None], "label": [1, 0, 1]}), path)
-    with pytest.warns(UserWarning, match="skipped 1 rows with blank 'text' and 0 without a 'label'"):
+    with pytest.warns(UserWarning, match="skipped 1 row with a blank 'text'; "):
         data = load_file(path, label_names=["neg", "pos"])
     assert data.examples == [Example("good", "pos"), Example("bad", "neg")]
     garbled = tmp_path / "bad.parquet"
@@ -549,7 +549,7 @@ def test_hub_layout_through_local_file(tmp_path, name):
     rows = [{text_column: f"example {i} of class {i}", label_column: i, "idx": i} for i in reversed(range(len(names)))]
     rows.append({text_column: "an unlabelled test row", label_column: -1, "idx": 99})
     path = _write_jsonl(tmp_path / "hub.jsonl", rows)
-    with pytest.warns(UserWarning, match="and 1 without a"):
+    with pytest.warns(UserWarning, match="skipped 1 row without a"):
         data = load_file(path, text_column, label_column, label_names=names)
     assert data.labels == list(names)
     assert {ex.text: ex.label for ex in data.examples} == {f"example {i} of class {i}": n for i, n in enumerate(names)}

@@ -170,14 +170,14 @@ def test_a_cptune_dataset_passes_through():
 
 def test_dataframe():
     frame = pd.DataFrame({"text": ["good", "bad", None, "fine", "meh"], "label": [1, 0, 1, 1, None]})
-    with pytest.warns(UserWarning, match="skipped 1 rows with blank 'text' and 1 without a 'label'"):
+    with pytest.warns(UserWarning, match="skipped 1 row with a blank 'text' and 1 row without a 'label'"):
         data = load_dataset(frame)
     # A float column (NaN made it float) of integral values gives ints.
     assert data.examples == [Example("good", 1), Example("bad", 0), Example("fine", 1)]
     assert all(type(ex.label) is int for ex in data.examples)
     assert data.provenance["source"] == "dataframe" and data.name == "dataframe"
     nullable = pd.DataFrame({"t": ["a", "b", "c"], "y": pd.array([3, pd.NA, 4], dtype="Int64")})
-    with pytest.warns(UserWarning, match="1 without a 'y'"):
+    with pytest.warns(UserWarning, match="1 row without a 'y'"):
         assert load_dataset(nullable, text_column="t", label_column="y").labels == [3, 4]
     with pytest.raises(
         ValueError, match="label column 'label' not found in 'the DataFrame'; columns present: 't', 'y'"
@@ -203,7 +203,7 @@ def _reviews(split: str = "train") -> datasets.Dataset:
 
 
 def test_datasets_dataset_classlabel_gives_names():
-    with pytest.warns(UserWarning, match="1 without a 'label'"):  # -1: the hub's "unlabelled"
+    with pytest.warns(UserWarning, match="1 row without a 'label'"):  # -1: the hub's "unlabelled"
         data = load_dataset(_reviews())
     assert data.labels == ["neg", "pos"]
     assert [ex.label for ex in data.examples] == ["pos", "neg", "pos", "neg"]
@@ -298,7 +298,7 @@ def test_without_the_datasets_library(monkeypatch, tmp_path):
 
 
 def test_hub_id_from_the_cache(offline_hub):
-    with pytest.warns(UserWarning, match="1 without a 'label'"):
+    with pytest.warns(UserWarning, match="1 row without a 'label'"):
         train = load_dataset("owner/reviews", split="train")
     assert train.name == "owner/reviews" and train.labels == ["neg", "pos"]
     assert [ex.label for ex in train.examples] == ["pos", "neg", "pos", "neg"]

@@ -122,7 +122,8 @@ def _save_demo(folder, tiny_dir):
 
 
 def _save_train_cli(folder, tiny_dir):
-    assert main(["train", "--model", str(tiny_dir), *TRAIN, "--checkpoint-every", "1", "--output", str(folder)]) == 0
+    assert main(["train", "--model", str(tiny_dir), *TRAIN, "--checkpoint-every", "1", "--output", str(folder),
+                 "--overwrite"]) == 0  # a folder of the user's files needs it
     return [CONFIG_NAME, WEIGHTS_NAME, STATE_NAME, MANIFEST_NAME, "cptune_classifier.json"]
 
 

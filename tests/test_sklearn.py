@@ -26,7 +26,7 @@ def test_get_params_are_the_constructor_arguments_as_given(estimator, tiny_dir):
     assert params["model"] == str(tiny_dir) and params["train"] is FAST and params["context_size"] == 4
     assert params["labels"] == {0: "negative", 1: "positive"} and params["template"] == "auto"
     assert set(params) == {"model", "template", "labels", "train", "recipe", "context_size", "length_normalize",
-                           "calibrate", "batch_size", "progress", "device", "dtype", "device_map", "selection_budget"}
+                           "calibrate", "batch_size", "verbose", "device", "dtype", "device_map", "selection_budget"}
     assert is_classifier(estimator)
 
 
@@ -94,3 +94,34 @@ def test_grid_search_over_two_learning_rates(estimator):
     assert best.lr in (1e-3, 1e-2)
     assert search.best_estimator_.train == best and hasattr(search.best_estimator_, "cpt_model_")
     assert search.predict(TEXTS[:3]) == search.best_estimator_.predict(TEXTS[:3])
+
+
+def test_train_settings_with_only_lr_keep_the_default_steps():
+    from cptune.training import DEFAULT_STEPS
+
+    assert DEFAULT_STEPS == 40
+    assert TrainSettings(lr=3e-3).steps == DEFAULT_STEPS and TrainSettings(lr=3e-3).total_steps(16) == 40
+    assert TrainSettings(epochs=2, batch_size=4).steps is None
+    assert TrainSettings(epochs=2, batch_size=4).total_steps(16) == 8  # an explicit epoch count still counts
+    assert TrainSettings(steps=40, epochs=1) == TrainSettings()  # saves before 0.3 stored both
+
+
+def test_the_readme_grid_search_example_runs_and_changes_only_the_learning_rate(tiny_dir):
+    import dataclasses
+    import functools
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "GridSearchCV(" in b)
+    assert "from cptune import CPTClassifier, TrainSettings" in block
+    # the README's code as written, with the tiny model (and a fixed template, to save time) as the default
+    on_tiny = functools.partial(CPTClassifier, str(tiny_dir), template="input: {x} output: {y}", verbose=False)
+    namespace = {"texts": TEXTS, "labels": LABELS, "on_tiny": on_tiny}
+    exec(block.replace("from cptune import CPTClassifier, TrainSettings",  # noqa: S102 - the README's own code
+                       "from cptune import TrainSettings\nCPTClassifier = on_tiny"), namespace)
+    search = namespace["search"]
+    settings = [p["train"] for p in search.cv_results_["params"]]
+    assert [s.lr for s in settings] == [1e-3, 3e-3]
+    assert all(dataclasses.replace(s, lr=1e-3) == TrainSettings() for s in settings)  # nothing else changed
+    assert len(search.best_estimator_.train_result_.losses) == 40

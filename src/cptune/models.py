@@ -9,11 +9,11 @@ once the same way) or hub id.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -24,8 +24,9 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from cptune.cpt.hub import offline_variable
+from cptune.cpt.hub import check_model_id, offline_variable
 from cptune.cpt.saving import current_umask, write_json_atomic
+from cptune.reporting import notice
 
 DEFAULT_MODEL = "smollm2-135m"
 AUTO = "auto"
@@ -38,7 +39,6 @@ _EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SOURCE_RECORD = "cptune-source.json"
 _HASH_INDEX = "gguf-sha256.json"
 _STALE_TMP_SECONDS = 3600.0
-logger = logging.getLogger("cptune")
 _DTYPES = {
     str(d).removeprefix("torch."): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 }
@@ -273,6 +273,22 @@ def convert_embedded_model(cache_dir: str | os.PathLike[str] | None = None) -> P
     return convert_gguf(gguf_path, cache_dir, name="smollm2-135m-instruct", source=source)
 
 
+@contextlib.contextmanager
+def _transformers_quiet():
+    """transformers' verbosity at ERROR and its progress bars off for the block; restored after."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(
     name_or_path: str | os.PathLike[str] = DEFAULT_MODEL,
     dtype: torch.dtype | str = AUTO,
@@ -285,7 +301,8 @@ def load_model(
     ``name_or_path`` is resolved in this order: ``"smollm2-135m"`` (the embedded default, converted on
     first use by :func:`convert_embedded_model`); an existing local folder; an existing local ``.gguf``
     file (dequantized once to a folder in the cache, :func:`convert_gguf`); otherwise a Hugging Face
-    hub id. Hub lookups honour
+    hub id: one already in the Hugging Face cache loads from it without the network, one missing from it
+    is checked on the hub once (short timeout, no retries) before loading. Hub lookups honour
     ``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE`` as set at call time. If the tokenizer has no pad
     token, its EOS token is used as the pad token.
 
@@ -306,7 +323,9 @@ def load_model(
 
     Raises:
         ValueError: If the dtype is unsupported or a hub id cannot be loaded.
-        FileNotFoundError: If a path-like name does not exist or the embedded model is not installed.
+        FileNotFoundError: If a path-like name does not exist, the embedded model is not installed, or a hub id
+            is neither in the cache nor on the hub (:func:`cptune.cpt.hub.check_model_id`).
+        ConnectionError: A hub id missing from the cache while the hub cannot be reached.
     """
     explicit_device = device is not None and not (isinstance(device, str) and device.strip().lower() == AUTO)
     if explicit_device and device_map is not None:
@@ -331,15 +350,18 @@ def load_model(
     else:
         source = None
     model_kwargs: dict = {} if device_map is None else {"device_map": device_map}
-    if source is None and offline_variable() is not None:  # read now, not at huggingface_hub's import
+    cached = source is None and check_model_id(name)  # a mistyped name fails here, in seconds and one line
+    if source is None and (cached or offline_variable() is not None):  # offline read now, not at import;
+        # a model in the cache loads from it without asking the hub (no retries when there is no network)
         # transformers 5.23 probes the hub for adapter_config.json unless told separately.
         kwargs["local_files_only"] = True
         model_kwargs["adapter_kwargs"] = {"local_files_only": True}
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source or name, dtype=torch_dtype, **kwargs, **model_kwargs
-        )
-        tokenizer = AutoTokenizer.from_pretrained(source or name, **kwargs)
+        with _transformers_quiet():  # its weight-loading bar and notices are not cptune's voice
+            model = AutoModelForCausalLM.from_pretrained(
+                source or name, dtype=torch_dtype, **kwargs, **model_kwargs
+            )
+            tokenizer = AutoTokenizer.from_pretrained(source or name, **kwargs)
     except OSError as err:
         if source is not None:
             raise
@@ -352,5 +374,5 @@ def load_model(
     if target is not None and target.type != "cpu":
         model = model.to(target)
     model.eval()
-    logger.info("model %s on %s", name, placement(model))
+    notice("model %s on %s", name, placement(model))
     return model, tokenizer

@@ -10,7 +10,6 @@ demo and ``cptune train``) and the compare grid's ``cpt`` method all go through 
 
 from __future__ import annotations
 
-import logging
 import random
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -29,11 +28,10 @@ from cptune.cpt.projection import (
     embedding_scale,
     relative_epsilon,
 )
+from cptune.reporting import notice, plural
 from cptune.text.context import Context, build_context, render_queries
 from cptune.text.template import Template
 from cptune.training import TrainResult, TrainSettings, train
-
-logger = logging.getLogger("cptune")
 
 
 def default_train_settings() -> TrainSettings:
@@ -117,9 +115,9 @@ def cpt_model_for(base_model, context: Context, recipe: CPTRecipe, model_name: s
     scale = model_embedding_scale(base_model) if recipe.radius == RELATIVE else None
     values = recipe.config_fields(scale)
     if scale is not None:
-        logger.info("relative radius: embedding scale %.4g (SmolLM2-135M: %.4g), epsilons %g/%g -> %.4g/%.4g "
-                    "(input/template)", scale, REFERENCE_EMBEDDING_SCALE, recipe.eps_input, recipe.eps_format,
-                    values["opt_projection_epsilon"], values["opt_projection_format_epsilon"])
+        notice("relative radius: embedding scale %.4g (SmolLM2-135M: %.4g), epsilons %g/%g -> %.4g/%.4g "
+               "(input/template)", scale, REFERENCE_EMBEDDING_SCALE, recipe.eps_input, recipe.eps_format,
+               values["opt_projection_epsilon"], values["opt_projection_format_epsilon"])
     config = context.to_config(tokenizer_name_or_path=model_name, **values)
     return get_cpt_model(base_model, config)
 
@@ -221,8 +219,8 @@ def fit_cpt(
     context = build_context(demonstrations, template, tokenizer, label_words)
     queries = render_queries(examples, template, tokenizer, label_words)
     check_context_fits(base_model, context, queries, len(demonstrations))
-    logger.info("context: %d demonstrations, %d tokens; %d training queries", len(demonstrations), len(context),
-                len(examples))
+    notice("context: %s, %d tokens; %s", plural(len(demonstrations), "demonstration"), len(context),
+           plural(len(examples), "training query", "training queries"))
     model = cpt_model_for(base_model, context, recipe, model_name)
     result = train(model, queries, recipe.train, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                    resume=resume, progress=progress, callback=callback)

@@ -20,12 +20,16 @@ from collections.abc import Sequence
 
 import torch
 
+from cptune import reporting
 from cptune.cpt.engine import Prefix, compiled, encode_prefix, max_positions, run_queries
 from cptune.text.context import default_bos
 from cptune.text.template import label_token_ids, render_example
 
 CONTENT_FREE_TEXTS = ("N/A", "", "[MASK]")
 """The content-free inputs of Zhao et al. (2021), scored to estimate the context's label bias."""
+BAR_DELAY_S = 1.0
+"""Seconds of scoring before its progress bar appears: ``cptune eval`` on a file gets one, one quick
+``predict`` leaves none behind."""
 
 
 @torch.no_grad()
@@ -45,6 +49,7 @@ def label_log_likelihoods(
     batch_size: int = 8,
     length_normalize: bool = False,
     layout: str = "auto",
+    progress: bool = False,
 ) -> torch.Tensor:
     """Log-likelihood of each label after each query.
 
@@ -56,6 +61,8 @@ def label_log_likelihoods(
         batch_size: queries per forward.
         length_normalize: divide each label's log-likelihood by its number of tokens.
         layout: how the queries run after the context (:func:`cptune.cpt.engine.run_queries`).
+        progress: a progress bar over the queries (:func:`cptune.reporting.progress`), drawn once the
+            scoring has taken :data:`BAR_DELAY_S`.
 
     Returns:
         ``(num_queries, num_labels)`` float32 scores.
@@ -64,8 +71,12 @@ def label_log_likelihoods(
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     if not query_ids:
         return torch.zeros(0, len(label_ids))
-    scores = [_score_chunk(base_model, context, query_ids[start : start + batch_size], label_ids, length_normalize,
-                           layout) for start in range(0, len(query_ids), batch_size)]
+    scores = []
+    with reporting.progress(len(query_ids), "score", unit="text", delay=BAR_DELAY_S, enabled=progress) as bar:
+        for start in range(0, len(query_ids), batch_size):
+            rows = query_ids[start : start + batch_size]
+            scores.append(_score_chunk(base_model, context, rows, label_ids, length_normalize, layout))
+            bar.update(len(rows))
     return torch.cat(scores).float()
 
 
@@ -167,6 +178,7 @@ def score_texts(
     batch_size: int = 8,
     length_normalize: bool = False,
     calibrate: bool = False,
+    progress: bool = False,
 ) -> torch.Tensor:
     """``(len(texts), num_labels)`` label log-likelihoods after an optional context.
 
@@ -182,10 +194,11 @@ def score_texts(
         length_normalize: divide each label's score by its token count.
         calibrate: apply :func:`contextual_calibration` with :data:`CONTENT_FREE_TEXTS` scored after
             the same context; the result is then calibrated log-probabilities over the labels.
+        progress: a progress bar over the texts (see :func:`label_log_likelihoods`).
     """
     scorer = ContextScorer(base_model, tokenizer, template, label_words, context_embeds, batch_size=batch_size,
                            length_normalize=length_normalize, calibrate=calibrate)
-    return scorer.scores(scorer.query_ids(texts))
+    return scorer.scores(scorer.query_ids(texts), progress=progress)
 
 
 def _check_lengths(base_model, context_len: int, queries: Sequence[Sequence[int]], label_len: int) -> None:
@@ -268,16 +281,16 @@ class ContextScorer:
         _check_lengths(self.base_model, self.context_tokens, query_ids, max(len(ids) for ids in self.label_ids))
 
     @torch.no_grad()
-    def scores(self, query_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+    def scores(self, query_ids: Sequence[Sequence[int]], progress: bool = False) -> torch.Tensor:
         """``(len(query_ids), C)`` label scores (calibrated log-probabilities when calibrating), after
-        :meth:`check_lengths`."""
+        :meth:`check_lengths`; ``progress``: a bar over the queries (:func:`label_log_likelihoods`)."""
         self.check_lengths(query_ids)
-        scores = self._raw_scores(query_ids)
+        scores = self._raw_scores(query_ids, progress)
         if self.content_free_scores is None:
             return scores
         return contextual_calibration(scores, self.content_free_scores)
 
-    def _raw_scores(self, query_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+    def _raw_scores(self, query_ids: Sequence[Sequence[int]], progress: bool = False) -> torch.Tensor:
         return label_log_likelihoods(self.runner, self.context, query_ids, self.label_ids,
                                      batch_size=self.batch_size, length_normalize=self.length_normalize,
-                                     layout=self.layout)
+                                     layout=self.layout, progress=progress)

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from cptune import reporting
 from cptune.recipe import balanced_order
 from cptune.scoring import score_texts
 from cptune.text.context import build_context
@@ -204,11 +205,13 @@ def choose_template(
     spent = 0
     best: tuple[float, Template, dict] | None = None
     scores: list[dict] = []
-    for kind, template in catalogue:
-        for words in word_candidates(label_words):
+    candidates = [(kind, template, words) for kind, template in catalogue for words in word_candidates(label_words)]
+    with reporting.progress(len(candidates), "choose template", unit="candidate") as bar:
+        for kind, template, words in candidates:
             entry = {"kind": kind, "format": template.format, "words": {str(k): v for k, v in words.items()}}
             scores.append(entry)
-            if spent + cost > budget:
+            if spent + cost > budget:  # (the bar jumps past the candidates left unscored)
+                bar.update(1)
                 entry["skipped"] = f"over the budget of {budget} forward passes"
                 continue
             try:
@@ -216,6 +219,8 @@ def choose_template(
             except ValueError as err:  # words that tokenize alike, a context longer than the model
                 entry["skipped"] = str(err).splitlines()[0]
                 continue
+            finally:
+                bar.update(1)
             spent += cost
             entry["log_prob"] = round(float(log_probs.gather(1, gold[:, None]).mean()), 4)
             entry["accuracy"] = round(float((log_probs.argmax(dim=1) == gold).float().mean()), 4)

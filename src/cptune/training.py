@@ -8,12 +8,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
+from cptune import reporting
 from cptune.cpt.files import STATE_NAME, read_training_state
 from cptune.distributed import all_reduce_sum, barrier, process_group
 
 SCHEDULES = ("linear", "constant", "cosine")
+DEFAULT_STEPS = 40
+"""Optimizer steps when neither ``steps`` nor ``epochs`` is given (the main job's; see docs/results.md)."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -25,8 +27,11 @@ class TrainSettings:
     """Settings of one training run (all checked on construction).
 
     Args:
-        steps: optimizer steps; if ``None``, ``epochs`` passes over the queries.
-        epochs: used when ``steps`` is ``None``.
+        steps: optimizer steps. Left out (``None``) with ``epochs`` left out too:
+            :data:`DEFAULT_STEPS` (40), so ``TrainSettings(lr=3e-3)`` changes only the learning rate.
+        epochs: passes over the training queries, used only when ``steps`` is not given (a run of
+            ``epochs * ceil(queries / batch_size)`` steps); with ``steps`` given it is ignored (and
+            stored as ``None``).
         batch_size: queries per step.
         lr: AdamW learning rate (> 0).
         weight_decay: AdamW weight decay (>= 0).
@@ -41,7 +46,7 @@ class TrainSettings:
     """
 
     steps: int | None = None
-    epochs: int | None = 1
+    epochs: int | None = None
     batch_size: int = 4
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -52,8 +57,12 @@ class TrainSettings:
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
+        # Resolved here, so that equal runs compare (and save) equal: a settings object states its
+        # steps, or its epochs, never a default that depends on which field was left out.
         if self.steps is None and self.epochs is None:
-            raise ValueError("give steps or epochs")
+            object.__setattr__(self, "steps", DEFAULT_STEPS)
+        elif self.steps is not None:
+            object.__setattr__(self, "epochs", None)  # steps win (saves before 0.3 hold both)
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps={self.steps} must be >= 1")
         if self.steps is None and self.epochs < 1:
@@ -143,7 +152,7 @@ def train(
     Args:
         model: the CPT model.
         queries: the batch from :func:`cptune.render_queries` (``with_labels=True``).
-        settings: the run's settings (defaults: one epoch, batch 4, lr 1e-3, linear decay).
+        settings: the run's settings (defaults: 40 steps, batch 4, lr 1e-3, linear decay).
         checkpoint_dir: adapter folder written every ``checkpoint_every`` steps and at the end,
             with the optimizer and schedule state.
         checkpoint_every: steps between checkpoints (``None``: only at the end).
@@ -203,34 +212,35 @@ def train(
         model.base_model.eval()
     was_compiled = model.compiled
     model.compile_(compile or was_compiled)
-    bar = tqdm(range(start, total), desc="CPT", disable=not progress or rank != 0, initial=start, total=total)
-    for step in bar:
-        rows = batch_indices(num_queries, settings.batch_size, settings.seed, step)
-        optimizer.zero_grad(set_to_none=True)
-        if world == 1:
-            loss = model(**_take(queries, rows, device), return_logits=False).loss
-            loss.backward()
-        else:
-            loss = _data_parallel_step(model, queries, rows[rank::world], device)
-        if not torch.isfinite(loss):
-            checkpoint(step)
-            raise NonFiniteLossError(
-                f"loss is {loss.item()} at step {step + 1} of {total}; stopped and kept the state after {step} "
-                f"step{'s' if step != 1 else ''}"
-                + (f" in {checkpoint_dir}" if checkpoint_dir is not None else "")
-            )
-        if settings.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_([delta], settings.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        model.project_()
-        result.losses.append(loss.item())
-        bar.set_postfix(loss=f"{result.losses[-1]:.4f}")
-        done = step + 1
-        if checkpoint_every is not None and done % checkpoint_every == 0 and done < total:
-            checkpoint(done)
-        if callback is not None:
-            callback(done, result.losses[-1])
+    with reporting.progress(total, "train", unit="step", initial=start, enabled=progress and rank == 0) as bar:
+        for step in range(start, total):
+            rows = batch_indices(num_queries, settings.batch_size, settings.seed, step)
+            optimizer.zero_grad(set_to_none=True)
+            if world == 1:
+                loss = model(**_take(queries, rows, device), return_logits=False).loss
+                loss.backward()
+            else:
+                loss = _data_parallel_step(model, queries, rows[rank::world], device)
+            if not torch.isfinite(loss):
+                checkpoint(step)
+                raise NonFiniteLossError(
+                    f"loss is {loss.item()} at step {step + 1} of {total}; stopped and kept the state after "
+                    f"{reporting.plural(step, 'step')}"
+                    + (f" in {checkpoint_dir}" if checkpoint_dir is not None else "")
+                )
+            if settings.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_([delta], settings.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            model.project_()
+            result.losses.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{result.losses[-1]:.4f}")
+            done = step + 1
+            if checkpoint_every is not None and done % checkpoint_every == 0 and done < total:
+                checkpoint(done)
+            if callback is not None:
+                callback(done, result.losses[-1])
     checkpoint(total)
     if settings.gradient_checkpointing:
         model.base_model.activation_checkpointing_disable()

@@ -25,14 +25,16 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from cptune.cpt.saving import AtomicOutput
 from cptune.data.types import FILE_FORMATS, formats, normalize_text, one_line
+from cptune.reporting import notice, plural
+from cptune.reporting import progress as progress_bar
 
 LABEL_COLUMN = "predicted_label"
 """The predicted label's column (before ``prefix``); not ``label``, so a gold ``label`` column stays."""
 
+CHOOSE_COLUMN = "choose it with --text-column; text_column= in Python"
 PROBABILITY_PREFIX = "p_"
 """Start of each class probability column's name: ``p_<label>`` (before ``prefix``)."""
 
@@ -99,7 +101,8 @@ def annotate_file(
         output: the output file; its suffix (one of the same four) sets its format.
         text_column: the column (JSON field) holding the text.
         batch_size: rows read, classified and written at a time (the classifier may split them further).
-        progress: show a progress bar over rows on standard error.
+        progress: show a progress bar over rows on standard error (:func:`cptune.reporting.progress`); at the
+            end a line says how many rows were annotated and how many were left blank (no text).
         prefix: put before the added column names, e.g. ``"cptune_"`` when the input already has
             ``predicted_label`` or a ``p_<label>`` column.
 
@@ -136,17 +139,20 @@ def annotate_file(
         raise ValueError(f"{source} already has a column {clashes[0]!r}, a name the annotation adds; pass another "
                          f"prefix= (e.g. prefix='cptune_' gives 'cptune_{LABEL_COLUMN}') for the added columns")
 
-    written = 0
+    written = blank = 0
     with (
         AtomicOutput(output) as tmp,
         _open_writer(out_format, tmp, table, classes, new_columns) as writer,
-        tqdm(total=table.rows, unit="row", desc="annotate", disable=not progress) as bar,
+        progress_bar(table.rows, "annotate", unit="row", enabled=progress) as bar,
     ):
         for batch in table.batches(batch_size):
             labels, probabilities = _predict(classifier, classes, batch.texts)
             writer.write(batch.rows, labels, probabilities)
             written += len(batch.texts)
+            blank += sum(text is None for text in batch.texts)
             bar.update(len(batch.texts))
+    left = f", {plural(blank, 'row')} without text left blank" if blank else ""
+    notice("%s annotated into %s%s", plural(written - blank, "row"), output, left)
     return written
 
 
@@ -229,11 +235,7 @@ class _CsvTable:
 
     def __init__(self, path: Path, delimiter: str, text_column: str) -> None:
         self.path, self.delimiter, self.text_column = path, delimiter, text_column
-        with _utf8(path) as f:
-            self.columns = _csv_call(path, lambda: next(csv.reader(f, delimiter=delimiter, strict=True), None))
-        if not self.columns:
-            raise ValueError(f"{path} is empty; it needs a header row naming its columns")
-        _check_columns(path, self.columns, text_column)
+        self.columns = _csv_header(path, delimiter, text_column)
         self.rows = sum(1 for _ in self._records())  # also checks every row before any inference
 
     def arrow_schema(self):
@@ -297,7 +299,7 @@ class _JsonlTable:
                     if self.text_column not in row:
                         fields = ", ".join(repr(k) for k in row) or "none"
                         raise ValueError(f"text column {self.text_column!r} not found on {where}; fields present: "
-                                         f"{fields} (choose it with text_column=)")
+                                         f"{fields} ({CHOOSE_COLUMN})")
                     yield row, _text_of(row[self.text_column], self.text_column, where)
             except UnicodeDecodeError:
                 raise ValueError(f"{self.path} is not UTF-8 text (near line {number + 1}); save it as UTF-8") from None
@@ -386,6 +388,32 @@ def _csv_call(path: Path, read, reader=None):
         raise ValueError(f"{path} is not UTF-8 text{line}; save it as UTF-8") from None
 
 
+def _csv_header(path: Path, delimiter: str, text_column: str) -> list[str]:
+    """The header row of a CSV/TSV file, checked: present, no repeated name, the text column among them."""
+    with _utf8(path) as f:
+        columns = _csv_call(path, lambda: next(csv.reader(f, delimiter=delimiter, strict=True), None))
+    if not columns:
+        raise ValueError(f"{path} is empty; it needs a header row naming its columns")
+    _check_columns(path, columns, text_column)
+    return columns
+
+
+def check_annotation(source: str | Path, output: str | Path, text_column: str = "text") -> None:
+    """The checks :func:`annotate_file` makes before any row is read, made without a classifier (so a
+    command can refuse a mistake before it loads a model): the suffixes, the paths, and a CSV/TSV header
+    naming ``text_column``.
+
+    Raises:
+        The errors :func:`annotate_file` raises for the same mistakes.
+    """
+    source, output = Path(source), Path(output)
+    in_format = _file_format(source, "input")
+    _file_format(output, "output")
+    _check_paths(source, output)
+    if in_format in (".csv", ".tsv"):
+        _csv_header(source, "\t" if in_format == ".tsv" else ",", text_column)
+
+
 def _check_columns(path: Path, columns: list[str], text_column: str) -> None:
     repeated = _first_repeat(columns)
     if repeated is not None:
@@ -393,7 +421,7 @@ def _check_columns(path: Path, columns: list[str], text_column: str) -> None:
     if text_column not in columns:
         present = ", ".join(repr(c) for c in columns) or "none"
         raise ValueError(f"text column {text_column!r} not found in {path}; columns present: {present} "
-                         "(choose it with text_column=)")
+                         f"({CHOOSE_COLUMN})")
 
 
 # -- classifying --------------------------------------------------------------------------------

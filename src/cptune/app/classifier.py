@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import logging
 import math
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -23,6 +22,7 @@ from cptune.cpt.saving import check_manifest
 from cptune.data.types import label_sort_key
 from cptune.models import AUTO, DEFAULT_MODEL, load_model, placement, resolve_dtype
 from cptune.recipe import CPTRecipe, context_examples, fit_cpt
+from cptune.reporting import notice, quiet
 from cptune.scoring import score_texts
 from cptune.selection import AUTO as AUTO_TEMPLATE
 from cptune.selection import DEFAULT_BUDGET, choose_template
@@ -30,7 +30,6 @@ from cptune.text.template import Template, words_needed_error
 from cptune.training import TrainSettings
 
 CLASSIFIER_FILE = "cptune_classifier.json"
-logger = logging.getLogger("cptune")
 LABEL_TYPES = (str, int, float, bool)
 """The label values a classifier keeps as they are (and writes to its JSON file as they are)."""
 
@@ -107,7 +106,10 @@ class CPTClassifier:
             by those of content-free inputs after the same learned context
             (:func:`cptune.scoring.contextual_calibration`).
         batch_size: texts per forward when predicting.
-        progress: show a progress bar while training.
+        verbose: report as the command line does (:mod:`cptune.reporting`): one line for where the
+            model runs, one for the template and words chosen and the context's size, and progress
+            bars for template selection, training and scoring. ``False`` silences them for this
+            classifier; ``logging.getLogger("cptune").setLevel(logging.WARNING)`` for the process.
         device: where a model loaded by name runs: ``"auto"`` (default: CUDA, else MPS, else CPU),
             ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``.
         dtype: the base model's dtype when it is loaded by name: ``"auto"`` (default: bfloat16 on a
@@ -140,7 +142,7 @@ class CPTClassifier:
         length_normalize: bool = False,
         calibrate: bool = False,
         batch_size: int = 8,
-        progress: bool = False,
+        verbose: bool = True,
         device: str = AUTO,
         dtype: str = AUTO,
         device_map: str | dict | None = None,
@@ -155,7 +157,7 @@ class CPTClassifier:
         self.length_normalize = length_normalize
         self.calibrate = calibrate
         self.batch_size = batch_size
-        self.progress = progress
+        self.verbose = verbose
         self.device = device
         self.dtype = dtype
         self.device_map = device_map
@@ -219,8 +221,9 @@ class CPTClassifier:
         size = self.context_size
         if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
             raise ValueError(f"context_size={size!r} must be a positive integer or None (every example)")
-        if not isinstance(self.calibrate, bool):
-            raise ValueError(f"calibrate={self.calibrate!r} must be True or False")
+        for name in ("calibrate", "verbose"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size!r} must be an integer >= 1")
         if str(self.dtype).strip().lower() != AUTO:
@@ -327,6 +330,10 @@ class CPTClassifier:
         if self.context_size is not None and self.context_size > len(texts):
             raise ValueError(f"context_size={self.context_size} but fit got {len(texts)} labelled examples; "
                              f"give at least {self.context_size} or a smaller context_size")
+        with quiet(not self.verbose):
+            return self._fit(texts, labels, table, checkpoint_dir, checkpoint_every, resume, callback)
+
+    def _fit(self, texts, labels, table, checkpoint_dir, checkpoint_every, resume, callback) -> CPTClassifier:
         base, tokenizer = self._base()
         self.examples_ = list(zip(texts, labels, strict=True))
         self.context_examples_ = context_examples(self.examples_, self.context_size, self._recipe().train.seed)
@@ -336,7 +343,7 @@ class CPTClassifier:
         if self._auto():  # from the labelled examples alone
             choice = choose_template(base, tokenizer, self.examples_, table, seed=self._recipe().train.seed,
                                      budget=self.selection_budget)
-            logger.info("chose %s", choice.summary())
+            notice("chose %s", choice.summary())
             table, self.template_, self.template_choice_ = choice.label_words, choice.template, choice.to_json()
         else:
             self.template_ = self._template()
@@ -346,7 +353,7 @@ class CPTClassifier:
         self.cpt_model_, self.train_result_ = fit_cpt(
             base, tokenizer, self.examples_, self._template(), self._words(), self._recipe(),
             model_name=self.model_name_, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-            resume=resume, progress=self.progress, callback=callback, context_size=self.context_size,
+            resume=resume, progress=True, callback=callback, context_size=self.context_size,  # shown unless quiet
         )
         return self
 
@@ -356,12 +363,13 @@ class CPTClassifier:
         """``(n, C)`` label log-likelihoods after the learned context (calibrated log-probabilities
         when :attr:`calibrate` is set)."""
         model = self._fitted("decision_scores()")
-        base, tokenizer = self._base()
-        with torch.no_grad():
-            context = model.context_embeddings()
-        return score_texts(base, tokenizer, self._template(), self._words(), list(texts), context,
-                           batch_size=self.batch_size, length_normalize=self.length_normalize,
-                           calibrate=self.calibrate)
+        with quiet(not self.verbose):
+            base, tokenizer = self._base()
+            with torch.no_grad():
+                context = model.context_embeddings()
+            return score_texts(base, tokenizer, self._template(), self._words(), list(texts), context,
+                               batch_size=self.batch_size, length_normalize=self.length_normalize,
+                               calibrate=self.calibrate, progress=True)
 
     def predict_proba(self, X: Sequence[str]) -> np.ndarray:
         """``(n, C)`` class probabilities (softmax over the label scores), columns as :attr:`classes_`."""
@@ -429,7 +437,10 @@ class CPTClassifier:
     def save(self, directory: str | Path, keep_training_data: bool = False) -> None:
         """Write the adapter (PEFT format, loadable by PEFT) plus ``cptune_classifier.json``.
 
-        The folder is created if needed; files in it that the save does not write are left alone.
+        The folder is created if needed; files in it that the save does not write are left alone. An
+        earlier save in the folder is replaced without asking, as ``save_pretrained`` does (each file
+        atomically, the manifest last: :mod:`cptune.cpt.saving`); ``cptune train --output`` is the one
+        that refuses an existing classifier without ``--overwrite``.
 
         Args:
             directory: the folder.
@@ -567,7 +578,8 @@ class CPTClassifier:
         return clf
 
     def _load_adapter(self, directory: Path, examples: list) -> None:
-        base, _ = self._base()
+        with quiet(not self.verbose):
+            base, _ = self._base()
         self._set_labels(label_table(self.labels))
         self.template_ = self._template()
         self.template_choice_ = None

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
+import math
 import os
 import sys
 import traceback
 from dataclasses import fields
 
-from cptune import __version__
+from cptune import __version__, reporting
 from cptune.app.demo import CLASSIFIER_SUBDIR, RADIUS_CHOICES, DemoSettings
 
 EXIT_RUNTIME = 1
@@ -38,8 +38,9 @@ class UserError(Exception):
 # cptune.cpt.saving.IncompleteSaveError) or a path that is missing, of the wrong kind or not writable.
 # Everything else (NonFiniteLossError, out of memory, other OSError such as a full disk) is a run
 # time failure.
+# A missing extra (ImportError naming its pip command) is the user's to fix too (README: exit 2).
 USER_ERRORS = (UserError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError,
-               PermissionError)
+               PermissionError, ImportError)
 
 
 def exit_status(err: BaseException) -> int:
@@ -52,6 +53,34 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(EXIT_USAGE, f"cptune: error: {message} (see `{self.prog} --help`)\n")
+
+
+# -- argument types: a bad number is refused while parsing, named by its flag, before anything loads ---
+
+def _number(kind, accepts, check):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {accepts}") from None
+        if not check(value):
+            raise argparse.ArgumentTypeError(f"{text} is not {accepts}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _number(int, "an integer >= 1", lambda v: v >= 1)
+non_negative_int = _number(int, "an integer >= 0", lambda v: v >= 0)
+positive_float = _number(float, "a finite number > 0", lambda v: math.isfinite(v) and v > 0)
+non_negative_float = _number(float, "a finite number >= 0", lambda v: math.isfinite(v) and v >= 0)
+fraction = _number(float, "a number in (0, 1]", lambda v: 0 < v <= 1)
+
+
+def add_overwrite_arg(p, what: str) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"replace an existing --output ({what}); without it an existing one is refused")
 
 
 # -- options shared by several commands --------------------------------------------------------
@@ -99,7 +128,7 @@ def add_classifier_args(p) -> None:
                    help="for an adapter folder without cptune_classifier.json: its context's template")
     p.add_argument("--label-words", default=None,
                    help="for an adapter folder without cptune_classifier.json: label=word,label=word")
-    p.add_argument("--batch-size", type=int, default=8, help="texts per forward (default: %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="texts per forward (default: %(default)s)")
     add_calibrate_arg(p)
 
 
@@ -142,9 +171,9 @@ def _add_train(sub) -> None:
                        description="Train on the labelled rows of --data: --context-size of them (balanced, "
                                    "seeded) form the context, and every row is a training query.")
     add_data_args(p, required=True, split_default="train")
-    p.add_argument("--shots", "--train-size", dest="shots", type=int, default=None,
+    p.add_argument("--shots", "--train-size", dest="shots", type=positive_int, default=None,
                    help="use only N labelled rows, balanced over the classes and seeded (default: every row)")
-    p.add_argument("--context-size", type=int, default=None,
+    p.add_argument("--context-size", type=positive_int, default=None,
                    help="demonstrations in the context, balanced and seeded (default: every training row; "
                         "an error says when they do not fit the model)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling and of training (default: %(default)s)")
@@ -152,22 +181,25 @@ def _add_train(sub) -> None:
     p.add_argument("--template", default="auto",
                    help="auto: chosen with the label words' case from the labelled rows alone, the choice and its "
                         "scores saved (default); or a format with {x} and {y}, \\n for newline")
-    p.add_argument("--selection-budget", type=int, default=400,
+    p.add_argument("--selection-budget", type=non_negative_int, default=400,
                    help="forward passes --template auto may spend choosing (default: %(default)s)")
     p.add_argument("--label-words", default=None, help="label=word,label=word (default: the dataset's, else each "
                                                        "label written as itself if it is a word: 0/1 or LABEL_0 "
                                                        "are refused)")
-    p.add_argument("--steps", type=int, default=40, help="optimizer steps (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=4, help="queries per step (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default: %(default)s)")
-    p.add_argument("--eps-input", type=float, default=0.2, help="epsilon of input tokens (default: %(default)s)")
-    p.add_argument("--eps-format", type=float, default=0.1, help="epsilon of template tokens (default: %(default)s)")
-    p.add_argument("--decay", type=float, default=0.95, help="loss decay gamma in (0, 1] (default: %(default)s)")
+    p.add_argument("--steps", type=positive_int, default=40, help="optimizer steps (default: %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="queries per step (default: %(default)s)")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="AdamW learning rate (default: %(default)s)")
+    p.add_argument("--eps-input", type=non_negative_float, default=0.2,
+                   help="epsilon of input tokens (default: %(default)s)")
+    p.add_argument("--eps-format", type=non_negative_float, default=0.1,
+                   help="epsilon of template tokens (default: %(default)s)")
+    p.add_argument("--decay", type=fraction, default=0.95, help="loss decay gamma in (0, 1] (default: %(default)s)")
     p.add_argument("--radius", choices=RADIUS_CHOICES, default=RADIUS_CHOICES[0],
                    help="absolute: radius eps * sqrt(d/2048), as PEFT; relative: that times the model's embedding "
                         "scale over SmolLM2-135M's (the same there, larger where embeddings are larger, as Gemma's) "
                         "(default: %(default)s)")
-    p.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every N steps (default: at the end)")
+    p.add_argument("--checkpoint-every", type=positive_int, default=None,
+                   help="checkpoint every N steps (default: at the end)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUTPUT/checkpoint")
     p.add_argument("--calibrate", action="store_true",
                    help="save the classifier with contextual calibration on (Zhao et al. 2021; default: off)")
@@ -175,6 +207,8 @@ def _add_train(sub) -> None:
     p.add_argument("--keep-training-data", action="store_true",
                    help="save every training row (text and label) in the classifier, to reproduce the run "
                         "(default: only the context's examples, and salted hashes of the other texts for eval)")
+    add_overwrite_arg(p, "a classifier saved there before, or a folder holding other files: cptune's files "
+                         "are written there, the others stay")
 
 
 def _add_eval(sub) -> None:
@@ -184,7 +218,7 @@ def _add_eval(sub) -> None:
                                    "classifier was trained on are reported and left out.")
     add_classifier_args(p)
     add_data_args(p, required=False, split_default="test", aliases=("--test-data",))  # checked after the folder
-    p.add_argument("--test-size", type=int, default=None,
+    p.add_argument("--test-size", type=positive_int, default=None,
                    help="score a seeded random sample of N rows instead of all (default: all rows)")
     p.add_argument("--seed", type=int, default=0, help="seed of --test-size's sample (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON instead of tables")
@@ -202,6 +236,7 @@ def _add_predict(sub) -> None:
     p.add_argument("--output", default=None,
                    help="annotated copy of a data --file: its rows plus predicted_label and p_<label> columns "
                         "(.csv, .tsv, .jsonl or .parquet)")
+    add_overwrite_arg(p, "a file")
 
 
 def _add_datasets(sub) -> None:
@@ -284,28 +319,6 @@ def _handler(command: str):
     return getattr(importlib.import_module(name), f"run_{command}" if name == "cptune.app.commands" else "run")
 
 
-class _StderrHandler(logging.StreamHandler):
-    """A handler that writes to ``sys.stderr`` as it is when a record comes (callers and tests swap it)."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value) -> None:  # StreamHandler.__init__ sets it; the property decides
-        pass
-
-
-def _report_to_stderr() -> None:
-    """cptune's own notices (where the model runs, the context's size) go to standard error, once each."""
-    log = logging.getLogger("cptune")
-    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("cptune: %(message)s"))
-        log.addHandler(handler)
-    log.setLevel(logging.INFO)
-
-
 def _plain_message(err: BaseException) -> bool:
     """Whether a run-time failure's message says it all (no exception class name needed)."""
     training = sys.modules.get("cptune.training")  # imported only if training ran
@@ -315,9 +328,12 @@ def _plain_message(err: BaseException) -> bool:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cptune`` command."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, --version, a usage mistake: argparse has printed its line
+        return done.code if isinstance(done.code, int) else EXIT_USAGE
     debug = getattr(args, "debug", False) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
-    _report_to_stderr()
+    reporting.install(handler=True)  # notices and warnings as `cptune: ...` lines on standard error
     try:
         return _handler(args.command)(args)
     except KeyboardInterrupt:

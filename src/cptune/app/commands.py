@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from cptune.app import demo
-from cptune.app.cli import UserError
+from cptune.app.cli import DEFAULT_MODEL, UserError
 from cptune.app.trained_texts import KEPT
 from cptune.data import DATASET_DEFAULTS, FILE_FORMATS, Dataset, load_dataset, normalize_text, sample_splits
+from cptune.reporting import notice, plural
 
 CHECKPOINT_SUBDIR = "checkpoint"
 DEFAULT_TEMPLATE = "input: {x} output: {y}"
@@ -111,30 +112,49 @@ def _load(args, default_split: str) -> Dataset:
 
 # -- train -------------------------------------------------------------------------------------
 
+def check_model_name(name: str | None) -> None:
+    """Refuse, before torch loads, a ``--model`` that is neither the embedded default, a local folder or
+    ``.gguf`` file, nor a hub model in the cache or on the hub (:func:`cptune.cpt.hub.check_model_id`)."""
+    if name is None or name == DEFAULT_MODEL or Path(name).expanduser().exists():
+        return
+    if Path(name).suffix.lower() == ".gguf" or name.startswith((".", "/", "~")):
+        raise UserError(f"--model {name} is not an existing folder or .gguf file")
+    from cptune.cpt.hub import check_model_id
+
+    check_model_id(name)
+
+
+def check_train_output(output: str, overwrite: bool) -> None:
+    """Refuse an existing ``--output`` folder with files in it (a checkpoint of cptune's aside) unless
+    ``--overwrite``: a classifier saved there, or files cptune did not write."""
+    from cptune.cpt.saving import MANIFEST_NAME, check_can_save
+
+    check_can_save(output)
+    folder = Path(output)
+    others = sorted(p.name for p in folder.iterdir() if p.name != CHECKPOINT_SUBDIR) if folder.is_dir() else []
+    if not others or overwrite:
+        return
+    if MANIFEST_NAME in others:
+        raise UserError(f"--output {output} already holds a classifier; pass --overwrite to replace it, or choose "
+                        "another folder")
+    raise UserError(f"--output {output} exists and holds files cptune did not write ({others[0]}"
+                    f"{', ...' if len(others) > 1 else ''}); choose another folder, or pass --overwrite to write the "
+                    "classifier there (the other files stay)")
+
+
 def run_train(args) -> int:
-    quiet_transformers()
-    from cptune.app.classifier import CPTClassifier
-    from cptune.cpt.saving import check_can_save, remove_saved_files
-    from cptune.distributed import is_main_process
-    from cptune.recipe import CPTRecipe
+    # Everything the user typed is checked before torch loads (seconds), then the model (more seconds).
     from cptune.text.template import Template
-    from cptune.training import TrainSettings
 
     fmt, words = _format(args.data, args.template, args.label_words)
     if fmt != "auto":
         Template(fmt)
-    recipe = CPTRecipe(eps_input=args.eps_input, eps_format=args.eps_format, decay=args.decay,  # checked now,
-                       train=TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr,  # before any
-                                           seed=args.seed), radius=args.radius)  # model is loaded
-    for name in ("checkpoint_every", "shots", "context_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UserError(f"--{name.replace('_', '-')}={value} must be >= 1")
-    check_can_save(args.output)
+    check_train_output(args.output, args.overwrite)
     output = Path(args.output)
     checkpoint = output / CHECKPOINT_SUBDIR
     if args.resume and not checkpoint.is_dir():
         raise UserError(f"--resume: no checkpoint in {checkpoint}; run without --resume to start")
+    check_model_name(args.model)
     dataset = _load(args, default_split="train")
     words = label_words_for(dataset.labels, words)  # every class of the data, also those a sample may miss
     examples = dataset.examples
@@ -142,17 +162,27 @@ def run_train(args) -> int:
         examples, _, _ = sample_splits(dataset, args.shots, 0, args.seed)
     if args.context_size is not None and args.context_size > len(examples):
         raise UserError(f"--context-size={args.context_size} is more than the {len(examples)} labelled examples used")
+
+    quiet_transformers()
+    from cptune.app.classifier import CPTClassifier
+    from cptune.cpt.saving import remove_saved_files
+    from cptune.distributed import is_main_process
+    from cptune.recipe import CPTRecipe
+    from cptune.training import TrainSettings
+
+    recipe = CPTRecipe(eps_input=args.eps_input, eps_format=args.eps_format, decay=args.decay,
+                       train=TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed),
+                       radius=args.radius)
     clf = CPTClassifier(args.model, template=fmt, labels=words, recipe=recipe, context_size=args.context_size,
-                        progress=True, calibrate=args.calibrate, selection_budget=args.selection_budget,
-                        **_model_options(args))
+                        calibrate=args.calibrate, selection_budget=args.selection_budget, **_model_options(args))
     clf.fit([ex.text for ex in examples], [ex.label for ex in examples], checkpoint_dir=checkpoint,
             checkpoint_every=args.checkpoint_every, resume=args.resume)
     if is_main_process():  # under data parallelism every process trained the same delta; one writes
         clf.save(output, keep_training_data=args.keep_training_data)
         remove_saved_files(checkpoint)  # the classifier holds the final state; only our own files go
         losses = clf.train_result_.losses
-        print(f"trained {len(losses)} steps on {len(examples)} labelled examples (final loss {losses[-1]:.4f}); "
-              f"classifier saved to {output} {held_words(clf.data_held(args.keep_training_data))}")
+        print(f"trained {plural(len(losses), 'step')} on {plural(len(examples), 'labelled example')} (final loss "
+              f"{losses[-1]:.4f}); classifier saved to {output} {held_words(clf.data_held(args.keep_training_data))}")
     return 0
 
 
@@ -177,12 +207,11 @@ def _check_classifier_name(name: str) -> None:
 
 
 def _load_classifier(args):
+    """The classifier the arguments name; the arguments were checked before (torch loads here)."""
+    quiet_transformers()
     from cptune.app.classifier import CLASSIFIER_FILE, CPTClassifier
 
-    _check_classifier_name(args.classifier)
     folder = args.classifier if not Path(args.classifier).exists() else Path(args.classifier)
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size={args.batch_size} must be >= 1")
     options = {**_model_options(args), "batch_size": args.batch_size}
     if args.template is None and args.label_words is None:
         clf = CPTClassifier.load(folder, model=args.model, **options)
@@ -207,9 +236,10 @@ def class_index(classes: list, label: Any) -> int | None:
     return texts.index(str(label)) if str(label) in texts else None
 
 
-def evaluate(clf, dataset: Dataset, test_size: int | None = None, seed: int = 0) -> dict:
+def evaluate(clf, dataset: Dataset, test_size: int | None = None, seed: int = 0, name: str | None = None) -> dict:
     """Score every row of ``dataset`` whose text the classifier was not trained on (or a seeded sample of
     ``test_size`` of them); accuracy, macro-F1, per-class precision/recall/F1/support, confusion.
+    ``name``: the data as the user gave it, for messages (default: the dataset's name).
 
     A row is left out when its text, whitespace-normalised, is one of the training texts: a saved classifier
     knows them by their salted hashes (:class:`cptune.app.trained_texts.TrainedTexts`), not their texts.
@@ -223,7 +253,8 @@ def evaluate(clf, dataset: Dataset, test_size: int | None = None, seed: int = 0)
     rows = [ex for ex in dataset.examples if ex.text not in trained]
     left_out = len(dataset.examples) - len(rows)
     if not rows:
-        raise UserError(f"every row of {dataset.name} was used to train the classifier; nothing left to evaluate")
+        raise UserError(f"every row of {name or dataset.name} was used to train the classifier; nothing left to "
+                        "evaluate")
     if test_size is not None:
         if test_size < 1 or test_size > len(rows):
             raise UserError(f"--test-size={test_size} must be from 1 to the {len(rows)} rows available")
@@ -257,19 +288,19 @@ def format_metrics(report: dict) -> str:
 
 
 def run_eval(args) -> int:
-    quiet_transformers()
     from cptune.cpt.saving import write_json_atomic
 
     _check_classifier_name(args.classifier)
     if args.data is None:
         raise UserError("eval needs the test data: --data (or --test-data) FILE, built-in name or hub id")
-    dataset = _load(args, default_split="test")  # a bad --data fails before the model loads
+    check_model_name(args.model)
+    dataset = _load(args, default_split="test")  # a bad --data fails before torch and the model load
     clf = _load_classifier(args)
-    metrics = evaluate(clf, dataset, args.test_size, args.seed)
+    metrics = evaluate(clf, dataset, args.test_size, args.seed, name=args.data)
     if metrics["left_out_trained"]:
-        print(f"cptune: left out {metrics['left_out_trained']} of {metrics['rows']} rows: their text was used to "
-              "train the classifier", file=sys.stderr)
-    report = {"classifier": str(args.classifier), "data": dataset.name, "split": args.split,
+        notice("left out %d of %s: their text was used to train the classifier", metrics["left_out_trained"],
+               plural(metrics["rows"], "row"))
+    report = {"classifier": str(args.classifier), "data": args.data, "split": args.split,
               "seed": args.seed if args.test_size else None, "calibrated": clf.calibrate, **metrics}
     print(json.dumps(report) if args.json else format_metrics(report))
     if args.output:
@@ -300,7 +331,6 @@ def _text_lines(path: Path) -> Iterator[str]:
 
 
 def run_predict(args) -> int:
-    quiet_transformers()
     if args.texts and args.file:
         raise UserError("give texts as arguments or --file, not both")
     path = Path(args.file) if args.file else None
@@ -312,13 +342,20 @@ def run_predict(args) -> int:
                         "(plain text files, one text per line, print JSON lines)")
     if args.output and not annotate:
         raise UserError(f"--output is for annotating a data --file ({', '.join(FILE_FORMATS)})")
+    if annotate:
+        from cptune.app.annotate import check_annotation
+
+        if Path(args.output).is_file() and not args.overwrite:
+            raise UserError(f"--output {args.output} exists; pass --overwrite to replace it, or choose another file")
+        check_annotation(path, args.output, text_column=args.text_column)  # suffixes, paths, the CSV header
+    _check_classifier_name(args.classifier)
+    check_model_name(args.model)
     clf = _load_classifier(args)  # a wrong folder fails before waiting on standard input
     if annotate:
         from cptune.app.annotate import annotate_file
 
-        written = annotate_file(clf, path, args.output, text_column=args.text_column, batch_size=args.batch_size)
-        print(f"cptune: {written} rows annotated into {args.output}", file=sys.stderr)
-        return 0
+        annotate_file(clf, path, args.output, text_column=args.text_column, batch_size=args.batch_size)
+        return 0  # annotate_file said how many rows it annotated and how many it left blank
     lines = args.texts if args.texts else (_text_lines(path) if path is not None else sys.stdin)
     printed = 0
     for texts in _chunks(lines, PREDICT_CHUNK):

@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
+from cptune import reporting
 from cptune.cpt.saving import prepare_folder, write_file_atomic
 from cptune.data import DATASET_DEFAULTS, Dataset, load_dataset, sample_splits
 from cptune.methods import ALL_METHODS, ENCODER_METHODS, MethodSettings, make_method, settings_read
@@ -298,12 +298,13 @@ def run_grid(cells: Iterable[Cell], output: Path, model: str = DEFAULT_MODEL, te
     done = {tuple(r[k] for k in CELL_KEYS) for r in rows}
     todo = [c for c in cells if c.key() not in done]
     base_model, tokenizer = load_model(model, **(model_options or {})) if todo else (None, None)
-    bar = tqdm(todo, desc="compare", disable=not progress)
     choices: dict = {}
-    for cell in bar:
-        bar.set_postfix_str(f"{cell.dataset} k={cell.shots} seed={cell.seed} {cell.method}")
-        row = run_cell(cell, datasets[cell.dataset], base_model, tokenizer, model, test_size, settings,
-                       template, label_words, train_size, choices)
-        append_result(path, row)
-        rows.append(row)
+    with reporting.progress(len(todo), "compare", unit="cell", enabled=progress) as bar:  # the only bar drawn
+        for cell in todo:
+            bar.set_postfix_str(f"{cell.dataset} k={cell.shots} seed={cell.seed} {cell.method}")
+            row = run_cell(cell, datasets[cell.dataset], base_model, tokenizer, model, test_size, settings,
+                           template, label_words, train_size, choices)
+            append_result(path, row)
+            rows.append(row)
+            bar.update(1)
     return rows

@@ -124,7 +124,7 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> dict:
         icl_embeds = table(context.token_ids.unsqueeze(0).to(table.weight.device))  # (1, N, d)
     timed("ICL", icl_embeds)
     clf = CPTClassifier(settings.model, template=template, labels=label_words, recipe=settings.recipe(),  # shares
-                        progress=progress, device=settings.device, dtype=settings.dtype,  # the model loaded above
+                        verbose=progress, device=settings.device, dtype=settings.dtype,  # the model loaded above
                         device_map=settings.device_map)
     start = time.perf_counter()
     clf.fit([ex.text for ex in shots], [ex.label for ex in shots])

@@ -39,7 +39,14 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, ModelCardData, snapshot_download
+from huggingface_hub import (
+    CommitOperationAdd,
+    CommitOperationDelete,
+    HfApi,
+    ModelCardData,
+    snapshot_download,
+    try_to_load_from_cache,
+)
 from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
@@ -180,6 +187,49 @@ def download(
         raise ConnectionError(f"could not reach the Hugging Face hub for {repo_id} (revision {shown}) and it is not "
                               f"in the cache {cache}: {_one_line(err.__cause__ or err)}") from None
     return Path(folder)
+
+
+MODEL_CHECK_TIMEOUT_S = 10.0
+"""Seconds :func:`check_model_id` waits for the hub before saying it cannot be reached."""
+_MODEL_ID = re.compile(r"\w[\w.-]{0,95}(/\w[\w.-]{0,95})?", re.ASCII)  # owner/name, or a legacy bare name (gpt2)
+
+
+def check_model_id(name: str, cache_dir: str | os.PathLike | None = None,
+                   timeout: float = MODEL_CHECK_TIMEOUT_S) -> bool:
+    """Check, in seconds and in one line, that ``name`` is a hub model that can be loaded from here.
+
+    The local Hugging Face cache is read first (its ``config.json``); only a model missing from it asks
+    the hub, once, with ``timeout`` and no retries (``model_info``), so a mistyped name fails at once
+    instead of after transformers' retries.
+
+    Returns:
+        Whether the model is in the cache (``from_pretrained`` may then read it without the network).
+
+    Raises:
+        ValueError: ``name`` is not shaped like a hub model id (``owner/name`` or ``name``).
+        FileNotFoundError: not in the cache while offline, or not on the hub (or not readable).
+        ConnectionError: not in the cache and the hub cannot be reached.
+    """
+    if not isinstance(name, str) or not _MODEL_ID.fullmatch(name) or "--" in name or ".." in name:
+        raise ValueError(f"model {name!r} is not a local folder, a .gguf file or a hub model id (owner/name)")
+    cache = Path(cache_dir) if cache_dir is not None else hub_cache_dir()
+    if isinstance(try_to_load_from_cache(name, "config.json", cache_dir=cache), str):
+        return True
+    offline = offline_variable()
+    if offline is not None:
+        raise FileNotFoundError(f"model {name} is not a local folder, and hub model {name} is not in the Hugging "
+                                f"Face cache {cache} while {offline} is set; download it once online or unset "
+                                f"{offline}")
+    try:
+        HfApi(library_name=LIBRARY_NAME, library_version=cptune_version()).model_info(name, timeout=timeout)
+    except (RepositoryNotFoundError, GatedRepoError, HFValidationError):
+        raise FileNotFoundError(f"model {name} is neither a local folder or .gguf file nor a hub model this account "
+                                "can read (a private one needs `hf auth login`)") from None
+    except Exception as err:  # noqa: BLE001 - httpx's connection errors, timeouts, HTTP errors: all "unreachable"
+        raise ConnectionError(f"model {name} is not a local folder and not in the Hugging Face cache {cache}, and "
+                              f"the hub could not be reached ({_one_line(err)}); set HF_HUB_OFFLINE=1 to work "
+                              "from the cache") from None
+    return False
 
 
 def push_folder(

@@ -13,8 +13,10 @@ That packing is only used at the PEFT boundary (configs and the forward contract
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch loads when a tensor is converted: TokenRole alone (a template's check) needs none
+    import torch
 
 ROLES_PER_EXAMPLE = 4
 """Number of distinct non-separator roles; PEFT's code stride between demonstrations."""
@@ -63,6 +65,8 @@ def to_peft_codes(roles: torch.Tensor, example_index: torch.Tensor) -> torch.Ten
     Raises:
         ValueError: if a non-separator token has a negative example index.
     """
+    import torch
+
     roles = roles.long()
     example_index = example_index.long()
     member = roles != TokenRole.SEPARATOR
@@ -77,6 +81,8 @@ def from_peft_codes(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Raises:
         ValueError: if a code is negative.
     """
+    import torch
+
     codes = torch.as_tensor(codes).long()
     if bool((codes < 0).any()):
         bad = int(codes[codes < 0][0])

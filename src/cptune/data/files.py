@@ -38,6 +38,7 @@ from cptune.data.types import (
     one_line,
     truncate_text,
 )
+from cptune.reporting import CptuneWarning, plural
 
 
 def load_file(
@@ -265,10 +266,10 @@ def records_to_dataset(
         else:
             examples.append(Example(truncate_text(text, max_chars) if max_chars is not None else text, label))
     if blank or unlabelled:
-        warnings.warn(
-            f"{source}: skipped {blank} rows with blank {text_column!r} and {unlabelled} without a {label_column!r}",
-            stacklevel=3,
-        )
+        parts = [f"{plural(blank, 'row')} with a blank {text_column!r}"] if blank else []
+        parts += [f"{plural(unlabelled, 'row')} without a {label_column!r}"] if unlabelled else []
+        warnings.warn(f"{source}: skipped {' and '.join(parts)}; {plural(len(examples), 'row')} used",
+                      CptuneWarning, stacklevel=3)
     if not examples:
         raise ValueError(
             f"{source!r} has no usable examples ({rows} rows: {blank} with blank {text_column!r}, "

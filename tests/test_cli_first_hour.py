@@ -1,0 +1,174 @@
+"""A new user's first hour at the command line (issue 26): mistakes refused before torch loads, no silent
+overwrite, and every message in cptune's voice (one-line warnings, counts that say what they count, file
+names as given, singular and plural)."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cptune.app.cli import EXIT_USAGE, exit_status, main
+
+WORDS = ["fun", "dull", "great", "bad", "joy", "bore"]
+ROWS = [(f"a {w} film, take {i}", "pos" if k % 2 == 0 else "neg") for i in range(2) for k, w in enumerate(WORDS)]
+FAST = ["--steps", "1", "--batch-size", "4", "--template", "input: {x} output: {y}"]
+
+
+def _csv(path, rows, header=("text", "label")):
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def _run(*args, env=None):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **(env or {}))
+    return subprocess.run([sys.executable, "-m", "cptune", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hour")
+    out = folder / "clf"
+    assert main(["train", "--model", str(tiny_dir), "--data", str(_csv(folder / "train.csv", ROWS)), *FAST,
+                 "--output", str(out)]) == 0
+    return out
+
+
+# -- item 4: mistakes are found before torch is imported ----------------------------------------
+
+CHECK = """
+import json, sys
+from cptune.app.cli import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    code = main(argv)
+    results.append([code, "torch" in sys.modules or "transformers" in sys.modules])
+print(json.dumps(results))
+"""
+
+
+def test_usage_mistakes_are_refused_without_importing_torch(tmp_path):
+    good = _csv(tmp_path / "good.csv", ROWS)
+    no_text = _csv(tmp_path / "review.csv", ROWS, header=("review", "label"))
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    (saved / "cptune_manifest.json").write_text("{}")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    existing = tmp_path / "labelled.csv"
+    existing.write_text("keep me\n")
+    out = str(tmp_path / "new")
+    cases = [
+        (["train", "--data", str(tmp_path / "missing.csv"), "--output", out], "does not exist"),
+        (["train", "--data", str(no_text), "--output", out], "text column 'text' not found"),
+        (["train", "--data", str(good), "--output", str(saved)], "already holds a classifier; pass --overwrite"),
+        (["train", "--data", str(good), "--output", str(foreign)], "files cptune did not write (notes.txt)"),
+        (["train", "--data", str(good), "--output", out, "--steps", "0"], "argument --steps: 0 is not"),
+        (["train", "--data", str(good), "--output", out, "--lr", "nan"], "argument --lr: nan is not"),
+        (["train", "--data", str(good), "--output", out, "--label-words", "pos=good"], "no word for label"),
+        (["train", "--data", str(good), "--output", out, "--template", "no placeholder"], "exactly one {x}"),
+        (["train", "--data", str(good), "--output", out, "--model", "./no-such-folder"], "not an existing folder"),
+        (["train", "--data", str(good), "--output", out, "--model", "no such model!"], "not a local folder"),
+        (["train", "--data", str(good), "--output", out, "--model", "no-such-model"], "not in the Hugging Face cache"),
+        (["predict", str(tmp_path / "nope"), "--file", str(good), "--output", str(existing)],
+         "exists; pass --overwrite"),
+        (["predict", str(tmp_path / "nope"), "--file", str(good), "--text-column", "review", "--output",
+          str(tmp_path / "o.csv")], "choose it with --text-column"),
+        (["predict", str(tmp_path / "nope"), "some text"], "does not exist"),
+        (["eval", str(tmp_path / "nope"), "--data", str(good)], "does not exist"),
+        (["eval", str(saved), "--data", str(tmp_path / "missing.csv")], "does not exist"),
+    ]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-c", CHECK, json.dumps([argv for argv, _ in cases])],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    results = json.loads(done.stdout)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == len(cases), done.stderr  # one line each
+    for (argv, message), (code, heavy), line in zip(cases, results, lines, strict=True):
+        assert code == EXIT_USAGE and not heavy, (argv, code, heavy, line)
+        assert line.startswith("cptune: error: ") and message in line, (argv, line)
+    assert existing.read_text() == "keep me\n" and not (tmp_path / "new").exists()
+
+
+def test_a_missing_extra_is_a_usage_error():
+    assert exit_status(ModuleNotFoundError("cptune serve needs fastapi: pip install 'cptune[serve]'")) == EXIT_USAGE
+
+
+# -- item 3: no silent overwrite ----------------------------------------------------------------
+
+def test_train_refuses_an_existing_classifier_unless_overwrite(trained, tiny_dir, tmp_path, capsys):
+    data = _csv(tmp_path / "train.csv", ROWS)
+    before = (trained / "cptune_classifier.json").read_text()
+    args = ["train", "--model", str(tiny_dir), "--data", str(data), *FAST, "--seed", "1", "--output", str(trained)]
+    assert main(args) == 2
+    assert "already holds a classifier; pass --overwrite" in capsys.readouterr().err
+    assert (trained / "cptune_classifier.json").read_text() == before
+    assert main([*args, "--overwrite"]) == 0
+    assert json.loads((trained / "cptune_classifier.json").read_text())["train"]["seed"] == 1
+
+
+def test_train_into_a_folder_of_other_files_only_with_overwrite_and_they_stay(tiny_dir, tmp_path, capsys):
+    data = _csv(tmp_path / "train.csv", ROWS)
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    args = ["train", "--model", str(tiny_dir), "--data", str(data), *FAST, "--output", str(folder)]
+    assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
+    assert (folder / "notes.txt").read_text() == "mine" and (folder / "cptune_classifier.json").is_file()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main([*args[:-1], str(empty)]) == 0  # an empty folder holds nothing to lose
+
+
+def test_predict_file_refuses_an_existing_output_unless_overwrite(trained, tmp_path, capsys):
+    source = _csv(tmp_path / "in.csv", [("a fun film", "pos"), ("", "neg"), ("a dull film", "neg"), (" ", "pos")])
+    out = tmp_path / "out.csv"
+    out.write_text("someone's file\n")
+    args = ["predict", str(trained), "--file", str(source), "--output", str(out)]
+    assert main(args) == 2
+    assert "--output" in capsys.readouterr().err and out.read_text() == "someone's file\n"
+    assert main([*args, "--overwrite"]) == 0
+    # item 5: the count says what it counts
+    assert f"cptune: 2 rows annotated into {out}, 2 rows without text left blank" in capsys.readouterr().err
+    assert len(out.read_text().splitlines()) == 5
+
+
+# -- item 5: cptune's voice -----------------------------------------------------------------------
+
+def test_messages_name_files_as_given_and_count_in_the_singular(trained, tiny_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _csv(tmp_path / "test.csv", [(f"an {w} story", "pos" if k % 2 == 0 else "neg") for k, w in enumerate(WORDS)])
+    assert main(["eval", str(trained), "--data", "test.csv", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["data"] == "test.csv"
+    _csv(tmp_path / "train.csv", ROWS)
+    assert main(["train", "--model", str(tiny_dir), "--data", "train.csv", *FAST, "--output", "c"]) == 0
+    assert "trained 1 step on 12 labelled examples" in capsys.readouterr().out
+
+
+def test_skipped_rows_are_one_cptune_warning_line(tiny_dir, tmp_path):
+    data = _csv(tmp_path / "train.csv", [*ROWS, ("", "pos"), ("  ", "neg")])
+    done = _run("train", "--model", tiny_dir, "--data", data, *FAST, "--output", tmp_path / "c")
+    assert done.returncode == 0, done.stderr
+    warning = [line for line in done.stderr.splitlines() if "warning" in line.lower()]
+    assert warning == [f"cptune: warning: {data}: skipped 2 rows with a blank 'text'; 12 rows used"], done.stderr
+    assert "UserWarning" not in done.stderr and "warnings.warn" not in done.stderr
+
+
+def test_eval_shows_a_scoring_progress_bar(trained, tmp_path, capsys, monkeypatch):
+    from cptune import scoring
+
+    monkeypatch.setattr(scoring, "BAR_DELAY_S", 0.0)  # the tiny model scores faster than the bar's delay
+    data = _csv(tmp_path / "test.csv", [(f"an {w} story {i}", "pos" if k % 2 == 0 else "neg")
+                                        for i in range(3) for k, w in enumerate(WORDS)])
+    assert main(["eval", str(trained), "--data", str(data), "--batch-size", "4"]) == 0
+    err = capsys.readouterr().err
+    assert "score: 100%" in err and "18/18" in err, err

@@ -14,7 +14,18 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from cptune.cpt.config import CPTConfig
 from cptune.cpt.embedding import CPTEmbedding
-from cptune.cpt.engine import LAYOUTS, Prefix, encode_prefix, layout_report, max_positions, run_queries, run_rows
+from cptune.cpt.engine import (
+    CACHE_NAMES,
+    LAYOUTS,
+    TRANSFORMERS_CACHE_NAME,
+    Prefix,
+    cache_name,
+    encode_prefix,
+    layout_report,
+    max_positions,
+    run_queries,
+    run_rows,
+)
 from cptune.cpt.files import check_frozen_rows, read_adapter, save_adapter
 from cptune.cpt.hub import CARD_NAME, adapter_card, push_folder, resolve_folder
 from cptune.cpt.loss import IGNORE_INDEX, cpt_loss, cpt_loss_from_logits
@@ -33,7 +44,7 @@ class CPTOutput(CausalLMOutputWithPast):
     num_label_tokens: int | None = None
 
 # Forward keywords under which the shared-prefix path cannot reproduce the plain one's output.
-_PLAIN_ONLY_KWARGS = ("output_attentions", "output_hidden_states", "past_key_values", "position_ids")
+_PLAIN_ONLY_KWARGS = ("output_attentions", "output_hidden_states", "position_ids", *CACHE_NAMES)
 
 
 class CPTModel(nn.Module):
@@ -238,7 +249,8 @@ class CPTModel(nn.Module):
         cfg = self.config
         loss = cpt_loss_from_logits(out.logits, full_labels, full_ranks, cfg.opt_weighted_loss_type,
                                     cfg.opt_loss_decay_factor)
-        return CPTOutput(loss=loss, logits=out.logits, past_key_values=out.get("past_key_values"),
+        cache = {TRANSFORMERS_CACHE_NAME: out.get(cache_name(self.base_model))}  # own-code models may differ
+        return CPTOutput(loss=loss, logits=out.logits, **cache,
                          hidden_states=out.get("hidden_states"), attentions=out.get("attentions"),
                          num_label_tokens=int((full_labels[:, 1:] != IGNORE_INDEX).sum()))
 

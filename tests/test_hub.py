@@ -3,13 +3,13 @@
 
 import copy
 import hashlib
+import importlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import httpx2
 import huggingface_hub
 import numpy as np
 import pytest
@@ -34,6 +34,9 @@ from cptune.cpt.hub import (
 from cptune.cpt.saving import MANIFEST_NAME, IncompleteSaveError
 from cptune.training import TrainSettings, train
 from tiny import tiny_model
+
+# The HTTP client huggingface_hub's errors carry: httpx2 from huggingface_hub 2 on, httpx before (the oldest set).
+http = importlib.import_module("httpx2" if int(huggingface_hub.__version__.split(".")[0]) >= 2 else "httpx")
 
 REPO = "owner/tiny-cpt"
 TEMPLATE = "Review: {x}\nSentiment: {y}"
@@ -308,8 +311,8 @@ def test_online_a_repo_the_hub_does_not_have_is_one_clear_line(context, queries,
 
     def not_found(self, repo_id, **kwargs):
         asked.append((repo_id, kwargs.get("revision")))
-        request = httpx2.Request("GET", f"https://huggingface.co/api/models/{repo_id}")
-        raise RepositoryNotFoundError("404 Repository Not Found", response=httpx2.Response(404, request=request))
+        request = http.Request("GET", f"https://huggingface.co/api/models/{repo_id}")
+        raise RepositoryNotFoundError("404 Repository Not Found", response=http.Response(404, request=request))
 
     monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", not_found)
     base = tiny_model("llama")

@@ -28,14 +28,25 @@ def _pyproject_requirements() -> dict[str, Requirement]:
     return {canonicalize_name(r.name): r for r in map(Requirement, lines)}
 
 
-def _constraints() -> dict[str, Requirement]:
-    lines = [line.split("#")[0].strip() for line in (ROOT / "constraints.txt").read_text().splitlines()]
+CONSTRAINT_SETS = ("constraints.txt", "constraints-oldest.txt", "constraints-newest.txt")
+"""The pinned set `make install` uses, and the oldest and newest sets CI's `make test-oldest`/`test-newest` use."""
+
+
+def _constraints(file: str = "constraints.txt") -> dict[str, Requirement]:
+    lines = [line.split("#")[0].strip() for line in (ROOT / file).read_text().splitlines()]
     return {canonicalize_name(r.name): r for r in map(Requirement, filter(None, lines))}
+
+
+def _installed_with() -> str:
+    """The constraints file this environment was installed with: the one the Makefile's stamp names."""
+    stamp = Path(sys.prefix) / ".cptune-installed"
+    named = stamp.read_text().strip() if stamp.is_file() else ""
+    return named or "constraints.txt"  # a stamp from before the Makefile wrote the name: the default set
 
 
 def _pinned(req: Requirement) -> Version:
     (spec,) = req.specifier
-    assert spec.operator == "==", f"constraints.txt: {req} is not an exact pin"
+    assert spec.operator == "==", f"{req} is not an exact pin"
     return Version(spec.version)
 
 
@@ -52,19 +63,47 @@ def test_dependency_range_stops_below_the_next_major(name):
     assert upper == Version(str(tested.major + 1)), f"{req}: the tested {tested} is below major {tested.major + 1}"
 
 
-def test_constraints_pin_every_dependency_inside_its_range():
-    pins = _constraints()
+@pytest.mark.parametrize("file", CONSTRAINT_SETS)
+def test_constraints_pin_every_dependency_inside_its_range(file):
+    pins = _constraints(file)
     for name, req in _pyproject_requirements().items():
-        assert name in pins, f"constraints.txt has no pin for {req}"
-        assert req.specifier.contains(_pinned(pins[name])), f"constraints.txt {pins[name]} is outside {req}"
+        assert name in pins, f"{file} has no pin for {req}"
+        assert req.specifier.contains(_pinned(pins[name])), f"{file} {pins[name]} is outside {req}"
     for req in pins.values():
         _pinned(req)
 
 
+def test_oldest_set_is_every_lower_bound():
+    """The floors in pyproject.toml are what CI tests: constraints-oldest.txt pins each direct dependency
+    (the extras' included) at exactly its lower bound."""
+    pins = _constraints("constraints-oldest.txt")
+    for name, req in _pyproject_requirements().items():
+        lower = Version(next(spec.version for spec in req.specifier if spec.operator == ">="))
+        assert _pinned(pins[name]) == lower, f"constraints-oldest.txt has {pins[name]}; {req}'s floor is {lower}"
+
+
+def test_newest_set_is_no_older_than_the_pinned_one():
+    """constraints-newest.txt is the top of the ranges: no direct dependency older than in constraints.txt,
+    and each in the major release below its range's upper bound."""
+    newest, pinned = _constraints("constraints-newest.txt"), _constraints()
+    for name, req in _pyproject_requirements().items():
+        assert _pinned(newest[name]) >= _pinned(pinned[name]), f"constraints-newest.txt {newest[name]} < {pinned[name]}"
+        upper = Version(next(spec.version for spec in req.specifier if spec.operator == "<"))
+        assert _pinned(newest[name]).major + 1 == upper.major, f"constraints-newest.txt {newest[name]} vs {req}"
+
+
+@pytest.mark.parametrize("file", CONSTRAINT_SETS)
+def test_every_set_holds_torch_at_the_tested_release(file):
+    """torch 2.13.0 is the only release tested (others are multi-GB CUDA downloads): every set pins it,
+    and pyproject's floor is it."""
+    assert _pinned(_constraints(file)["torch"]) == Version("2.13.0"), file
+
+
 def test_running_environment_is_the_pinned_set():
     direct = _pyproject_requirements()
+    file = _installed_with()
     wrong = []
-    for name, req in _constraints().items():
+    for name, req in _constraints(file).items():
         try:
             installed = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -73,15 +112,26 @@ def test_running_environment_is_the_pinned_set():
             continue
         if not req.specifier.contains(installed):  # 2.13.0+cpu satisfies ==2.13.0
             wrong.append(f"{req} (installed {installed})")
-    assert not wrong, f"not the constraints.txt set (run `make install`): {wrong}"
+    assert not wrong, f"not the {file} set (run `make install`, or the Makefile target that uses {file}): {wrong}"
 
 
 def test_makefile_installs_with_constraints_and_the_download_module():
     makefile = (ROOT / "Makefile").read_text()
-    assert '-c constraints.txt -e ".[test,serve,setfit]"' in makefile
+    assert "CONSTRAINTS := constraints.txt" in makefile
+    assert '-c $(CONSTRAINTS) -e ".[test,serve,setfit]"' in makefile
+    assert "echo $(CONSTRAINTS) > $(STAMP)" in makefile  # what _installed_with reads
     assert "-m cptune.app.download" in makefile
     for package in dl.PACKAGES:  # the list lives in cptune.app.download only
         assert package.pin not in makefile, f"Makefile pins {package.pin}; the pin belongs in cptune.app.download"
+
+
+def test_ci_runs_the_fast_suite_on_the_oldest_and_the_newest_set():
+    makefile = (ROOT / "Makefile").read_text()
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    for which in ("oldest", "newest"):
+        assert f"test-{which}:\n\t$(MAKE) test-fast CONSTRAINTS=constraints-{which}.txt VENV=.venv-{which}" in makefile
+        assert f"make test-{which}" in ci
+    assert ci.index("make test") < ci.index("make test-oldest")
 
 
 # -- cptune download -------------------------------------------------------------------------------

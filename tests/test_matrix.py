@@ -1,6 +1,9 @@
 """Every feature on every tiny architecture: shapes, training, invariants, files."""
 
 import copy
+import inspect
+import logging
+import warnings
 
 import pytest
 import torch
@@ -312,3 +315,70 @@ def test_every_row_in_its_own_bucket_gives_the_same_loss_and_gradient(arch, cont
         grads.append(model.prompt_encoder.delta.grad.clone())
     assert torch.allclose(losses[0], losses[1], rtol=1e-10)
     assert (grads[0] - grads[1]).norm() <= 1e-6 * grads[0].norm()
+
+
+class _WarningRecords(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_no_deprecated_cache_name(arch, layout, context, queries, tok):
+    """Training and scoring never use a name transformers deprecates for the key/value cache.
+
+    transformers 5.24 renamed ``past_key_values`` to ``cache``: the old forward keyword raises a
+    ``FutureWarning`` (an error here), the old output field logs a warning once (recorded here, with
+    transformers' once-only memory cleared). Before 5.24 ``past_key_values`` is the only name and
+    nothing warns; the cache must still reach the model (the logits are checked elsewhere in this file).
+    """
+    from cptune.cpt.engine import cache_name
+    from cptune.scoring import encode_context, label_log_likelihoods
+    from cptune.text.template import label_token_ids, render_example
+
+    base = tiny_model(arch)
+    assert cache_name(base) in inspect.signature(base.forward).parameters
+    records = _WarningRecords()
+    hf_logger = logging.getLogger("transformers")
+    logging.Logger.warning_once.cache_clear()  # transformers' warning_once: else a warning seen before is silent
+    hf_logger.addHandler(records)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*past_key_values.*", category=FutureWarning)
+            for sharing in ("never", "always"):
+                model = cptune.get_cpt_model(copy.deepcopy(base), context.to_config(), prefix_sharing=sharing,
+                                             query_layout=layout)
+                model(**queries).loss.backward()
+                with torch.no_grad():
+                    prefix = encode_context(model.base_model, model.context_embeddings())
+                query_ids = [render_example(TEMPLATE, tok, text, None, False)[0] for text, _ in QUERIES]
+                label_ids = list(label_token_ids(TEMPLATE, tok, LABEL_WORDS).values())
+                scores = label_log_likelihoods(model.base_model, prefix, query_ids, label_ids, batch_size=4)
+                assert scores.shape == (len(QUERIES), len(LABEL_WORDS))
+    finally:
+        hf_logger.removeHandler(records)
+    assert not [m for m in records.messages if "past_key_values" in m], records.messages
+
+
+def test_cache_name_follows_the_forward_signature():
+    """A forward that names ``past_key_values`` (a model with its own code) gets it; one with only
+    ``**kwargs`` gets the installed transformers' name."""
+    from cptune.cpt.engine import TRANSFORMERS_CACHE_NAME, cache_name
+
+    class OldStyle(torch.nn.Module):
+        def forward(self, inputs_embeds=None, past_key_values=None, **kwargs):
+            return inputs_embeds
+
+    class KwargsOnly(torch.nn.Module):
+        def forward(self, **kwargs):
+            return kwargs
+
+    assert cache_name(OldStyle()) == "past_key_values"
+    assert cache_name(KwargsOnly()) == TRANSFORMERS_CACHE_NAME
+    import transformers.modeling_outputs as outputs
+
+    assert TRANSFORMERS_CACHE_NAME in outputs.CausalLMOutputWithPast.__dataclass_fields__

@@ -88,7 +88,7 @@ def test_fit_scores_and_base_model_untouched(arch, name, tok):
 def test_untrained_methods_need_no_training(name, tok):
     """Fitting an untrained method runs no forward of the model; scoring runs one per query batch
     (plus one to encode the context), each keeping one position per text, so the texts are scored once."""
-    from cptune.cpt.engine import layout_for
+    from cptune.cpt.engine import cache_name, layout_for
 
     base = tiny_model()
     layout_for(base)  # the engine's one-time layout check runs its own forwards; not counted here
@@ -101,7 +101,7 @@ def test_untrained_methods_need_no_training(name, tok):
     texts = TEXTS * 3  # 18 texts: 3 batches of at most 8
     method.scores(texts)
     batches = -(-len(texts) // FAST.score_batch_size)
-    context_forwards = [kw for kw in forwards if kw.get("past_key_values") is None and kw.get("use_cache")]
+    context_forwards = [kw for kw in forwards if kw.get(cache_name(base)) is None and kw.get("use_cache")]
     query_forwards = [kw for kw in forwards if not any(kw is c for c in context_forwards)]
 
     def kept(kw) -> int:  # positions whose logits the forward returns: one per text (single-token labels)

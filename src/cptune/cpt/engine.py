@@ -35,6 +35,7 @@ few random tokens (:func:`layout_for`). Among those it picks by a measured rule 
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import weakref
 from collections.abc import Sequence
@@ -42,6 +43,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 LAYOUTS = ("auto", "packed", "padded", "onepass")
 PACKED_ATTENTION = ("sdpa", "eager")  # implementations that read an arbitrary 4-D additive mask
@@ -55,6 +57,11 @@ keeps the measured-safe two-pass layout there until the GPU benchmark (``benchma
 every layout forced in turn) says otherwise. A device type not listed never gets it from ``auto``.
 """
 PREFIX_SEGMENT = -1  # the segment id of prefix tokens in the one-pass mask; queries count from 0
+
+# transformers 5.24 renamed the key/value cache keyword and output field past_key_values to cache; the
+# old name warns (FutureWarning) until 5.40 removes it. A model with its own code may keep the old name.
+CACHE_NAMES = ("cache", "past_key_values")
+TRANSFORMERS_CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 logger = logging.getLogger(__name__)
 _layouts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -90,7 +97,18 @@ def encode_prefix(model, embeds: torch.Tensor, keep: torch.Tensor | None = None)
     if embeds.ndim != 3 or embeds.shape[0] != 1:
         raise ValueError(f"the prefix must be (1, P, d) embeddings; got {tuple(embeds.shape)}")
     out = model(inputs_embeds=embeds, use_cache=True, logits_to_keep=keep if keep is not None else 1)
-    return Prefix(out.past_key_values, embeds.shape[1], out.logits[0] if keep is not None else None, embeds)
+    return Prefix(getattr(out, cache_name(model)), embeds.shape[1], out.logits[0] if keep is not None else None,
+                  embeds)
+
+
+def cache_name(model) -> str:
+    """The keyword ``model``'s forward takes a key/value cache under, and its output's field for it.
+
+    ``cache`` from transformers 5.24 on, ``past_key_values`` before (and for a model with its own code
+    that kept it); a forward that names neither (``**kwargs``) gets the installed transformers' name.
+    """
+    parameters = inspect.signature(model.forward).parameters
+    return next((name for name in CACHE_NAMES if name in parameters), TRANSFORMERS_CACHE_NAME)
 
 
 def fresh_cache(cache: Cache, batch_size: int = 1) -> Cache:
@@ -220,7 +238,7 @@ def _run_packed(model, prefix, queries, keep) -> torch.Tensor:
     index = torch.cat([starts[i] + k.to(device) for i, k in enumerate(keep)])  # (M,)
     kwargs = {}
     if prefix is not None:
-        kwargs["past_key_values"] = fresh_cache(prefix.cache)
+        kwargs[cache_name(model)] = fresh_cache(prefix.cache)
 
     def cached(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Segment and position of the keys before the packed tokens in a layer of this kind: the
@@ -338,7 +356,7 @@ def run_rows(model, prefix: Prefix | None, embeds: torch.Tensor, attention_mask:
     if prefix is not None:
         ones = torch.ones(batch, prefix.length, dtype=attention_mask.dtype, device=attention_mask.device)
         attention_mask = torch.cat([ones, attention_mask], dim=1)  # (B, P + T): with a cache, past + current
-        kwargs["past_key_values"] = fresh_cache(prefix.cache, batch)
+        kwargs[cache_name(model)] = fresh_cache(prefix.cache, batch)
     return model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=prefix is not None,
                  logits_to_keep=keep, **kwargs).logits
 

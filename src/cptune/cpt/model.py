@@ -15,8 +15,11 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from cptune.cpt.config import CPTConfig
 from cptune.cpt.embedding import CPTEmbedding
 from cptune.cpt.engine import (
+    CACHE_NAMES,
     LAYOUTS,
+    TRANSFORMERS_CACHE_NAME,
     Prefix,
+    cache_name,
     compiled,
     encode_prefix,
     layout_for,
@@ -43,7 +46,7 @@ class CPTOutput(CausalLMOutputWithPast):
     num_label_tokens: int | None = None
 
 # Forward keywords under which the shared-prefix path cannot reproduce the plain one's output.
-_PLAIN_ONLY_KWARGS = ("output_attentions", "output_hidden_states", "past_key_values", "position_ids")
+_PLAIN_ONLY_KWARGS = ("output_attentions", "output_hidden_states", "position_ids", *CACHE_NAMES)
 
 
 class CPTModel(nn.Module):
@@ -268,7 +271,8 @@ class CPTModel(nn.Module):
         cfg = self.config
         loss = cpt_loss_from_logits(out.logits, full_labels, full_ranks, cfg.opt_weighted_loss_type,
                                     cfg.opt_loss_decay_factor)
-        return CPTOutput(loss=loss, logits=out.logits, past_key_values=out.get("past_key_values"),
+        cache = {TRANSFORMERS_CACHE_NAME: out.get(cache_name(self.base_model))}  # own-code models may differ
+        return CPTOutput(loss=loss, logits=out.logits, **cache,
                          hidden_states=out.get("hidden_states"), attentions=out.get("attentions"),
                          num_label_tokens=int((full_labels[:, 1:] != IGNORE_INDEX).sum()))
 

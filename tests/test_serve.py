@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import cptune
 from cptune import CPTClassifier, TrainSettings
@@ -474,6 +476,123 @@ def test_a_short_request_is_answered_between_the_chunks_of_a_long_one(keyed, exp
     assert status == 200
     check_predictions(long_answer, long, expected)
     assert request(keyed.port, "GET", "/health")[1]["batches"] - before == 17  # a call per long text, one short
+
+
+# -- hostile input -----------------------------------------------------------------------------------
+
+HOSTILE_EXAMPLES = 200
+ANSWERS = {200, 400, 401, 413, 503}  # what docs/serve.md promises /predict answers (500: only a failing model)
+FRAMING = {"content-length", "transfer-encoding", "host", "connection", "expect", "authorization", "x-api-key"}
+KEYED_MAX_BODY = serve.Limits(max_texts=64, max_chars=1500).max_body_bytes
+header_names = st.text(st.sampled_from("abcdefghijklmnopqrstuvwxyz0123456789-_"), min_size=1, max_size=20).filter(
+    lambda name: name not in FRAMING)
+header_values = st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f"), max_size=80)
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                      max_size=4), max_leaves=12)
+valid_texts = st.lists(st.text(max_size=60), max_size=6)  # short: within the tiny model's positions
+
+
+@st.composite
+def hostile_requests(draw):
+    """(headers, body, chunked, valid texts or None): what a careless or hostile client might send."""
+    kind = draw(st.sampled_from(["valid", "json", "bytes", "huge", "many", "surrogate", "deep", "long"]))
+    texts = None
+    if kind == "valid":
+        texts = draw(valid_texts)
+        encoding = draw(st.sampled_from(["utf-8", "utf-8-sig", "utf-16", "utf-32"]))  # json.loads detects these
+        body = json.dumps({"texts": texts}, ensure_ascii=draw(st.booleans())).encode(encoding)
+    elif kind == "json":
+        body = json.dumps(draw(json_values)).encode()
+    elif kind == "bytes":
+        body = draw(st.binary(max_size=512))
+    elif kind == "huge":  # around the body limit: 413 beyond it, however the bytes look
+        size = draw(st.sampled_from([KEYED_MAX_BODY - 64, KEYED_MAX_BODY + 1, 2 * KEYED_MAX_BODY]))
+        body = draw(st.sampled_from([b"x", b"[", b'{"texts": ["'])) + b"a" * size
+    elif kind == "many":
+        body = json.dumps({"texts": ["a"] * draw(st.integers(65, 300))}).encode()
+    elif kind == "surrogate":
+        body = b'{"texts": ["fine", "' + draw(st.sampled_from([b"\\ud800", b"\\udfff x", b"\\ud83d"])) + b'"]}'
+    elif kind == "deep":
+        depth = draw(st.integers(100, 100_000))
+        body = b"[" * depth + b"]" * depth
+    else:  # texts over --max-chars, or characters of many tokens each (past the model's positions)
+        body = json.dumps({"texts": [draw(st.sampled_from(["x" * 1501, "中" * 1000, "😀" * 700]))]}).encode()
+    headers = draw(st.dictionaries(header_names, header_values, max_size=4))
+    content_type = draw(st.none() | st.sampled_from(["application/json", "text/plain", "application/json; "
+                        "charset=latin-1", "multipart/form-data; boundary=x", "application/x-www-form-urlencoded"])
+                        | header_values)
+    if content_type is not None:
+        headers["content-type"] = content_type
+    encoding = draw(st.none() | st.sampled_from(["gzip", "br", "deflate", "identity", "x-unknown"]))
+    if encoding is not None:
+        headers["content-encoding"] = encoding
+    auth = draw(st.sampled_from(["bearer", "x-api-key", "none", "wrong", "empty"]))
+    if auth == "bearer":
+        headers["authorization"] = f"Bearer {KEY}"
+    elif auth == "x-api-key":
+        headers["x-api-key"] = KEY
+    elif auth == "wrong":
+        headers[draw(st.sampled_from(["authorization", "x-api-key"]))] = draw(header_values)
+    elif auth == "empty":
+        headers["authorization"] = "Bearer "
+    keyed_right = auth in ("bearer", "x-api-key")
+    return headers, body, draw(st.booleans()), texts if keyed_right else None, keyed_right
+
+
+def send_raw(port, headers, body, chunked):
+    """POST /predict with exactly these headers, the body sent whole or in chunks; (status, headers, raw)."""
+    conn = http.client.HTTPConnection(LOOPBACK, port, timeout=REQUEST_S)
+    try:
+        conn.putrequest("POST", "/predict", skip_accept_encoding=True)
+        for name, value in headers.items():
+            conn.putheader(name, value.encode("latin-1"))
+        if chunked:
+            conn.putheader("Transfer-Encoding", "chunked")
+            conn.endheaders()
+            step = max(1, len(body) // 3)
+            for start in range(0, len(body), step):
+                piece = body[start : start + step]
+                conn.send(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+            conn.send(b"0\r\n\r\n")
+        else:
+            conn.putheader("Content-Length", str(len(body)))
+            conn.endheaders(body)
+        response = conn.getresponse()
+        return response.status, response.getheader("content-type", ""), response.read()
+    finally:
+        conn.close()
+
+
+def test_hostile_requests_get_only_documented_answers_and_the_server_keeps_serving(keyed, expected):
+    """Arbitrary bodies, headers, content types and encodings, sizes around the limits, keys right and
+    wrong: every answer is 200, 400, 401, 413 or 503 with a one-line JSON message (200: one prediction per
+    text sent), and a correct request is answered right after each."""
+    statuses = []
+
+    @settings(max_examples=HOSTILE_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+              database=None)
+    @given(hostile_requests())
+    def one(case):
+        headers, body, chunked, texts, keyed_right = case
+        status, content_type, raw = send_raw(keyed.port, headers, body, chunked)
+        statuses.append(status)
+        assert status in ANSWERS and content_type.startswith("application/json"), (status, raw[:300])
+        answer = json.loads(raw)
+        if not keyed_right:
+            assert status == 401, answer
+        if texts is not None:  # a valid request with the key: answered
+            assert status == 200 and len(answer["predictions"]) == len(texts), answer
+        if status != 200:
+            assert set(answer) == {"detail"} and "\n" not in answer["detail"] and "Traceback" not in answer["detail"]
+        good, answer = request(keyed.port, "POST", "/predict", {"texts": ["still serving"]}, headers={"X-API-Key": KEY})
+        assert good == 200 and len(answer["predictions"]) == 1
+
+    one()
+    assert {200, 400, 401, 413} <= set(statuses), sorted(set(statuses))  # every kind of answer was exercised
+    status, answer = request(keyed.port, "POST", "/predict", {"texts": TEXTS}, headers={"X-API-Key": KEY})
+    assert status == 200
+    check_predictions(answer, TEXTS, expected)
 
 
 # -- SIGTERM under load ----------------------------------------------------------------------------

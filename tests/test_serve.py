@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import cptune
 from cptune import CPTClassifier, TrainSettings
@@ -43,6 +45,10 @@ TEXTS = ["a fun film", "so dull, so long", "great", "the plot is thin", "wonderf
          "a gripping and moving story", "far too long and dull", "the best movie of the year"]
 LIMITS = ["--max-texts", "8", "--max-chars", "1500"]
 TOO_MANY_POSITIONS = "中" * 1000  # 1000 characters (within --max-chars) but 3000 tokens: the tiny Llama has 2048
+KEY = "k3y-for-tests"
+KEYED_LIMITS = ["--max-texts", "64", "--max-chars", "1500", "--max-batch", "4", "--max-batch-tokens", "256"]
+# A worker that waits up to 30 s for 8 texts before scoring: requests stay queued until a test fills the batch.
+BUSY_LIMITS = ["--max-texts", "8", "--max-batch", "8", "--max-queue", "8", "--max-wait-ms", "30000", "--timeout-s", "2"]
 
 
 # -- the scorer and the batcher, in process --------------------------------------------------------
@@ -67,32 +73,86 @@ def test_context_scorer_equals_score_texts(calibrate, length_normalize):
                           score_texts(model, tok, template, words, TEXTS, None, calibrate=calibrate), atol=1e-5)
 
 
-def test_batcher_batches_concurrent_requests_and_drains_on_close():
+def test_scheduler_interleaves_chunks_of_a_long_request_with_later_requests():
+    """Pure and deterministic: which texts each model call scores. A request that arrives while a long one
+    is being scored is in the very next batch, not behind the long one's other chunks."""
+    sched = serve.Scheduler(max_texts=4, max_tokens=100)
+    sched.add("long", [10] * 10)
+    assert sched.next_batch() == [("long", 0, 4)]  # one chunk, at most 4 texts
+    sched.add("short", [10])  # arrives while that chunk runs
+    assert sched.next_batch() == [("short", 0, 1), ("long", 4, 7)]  # first in turn; the long one fills the rest
+    sched.add("next", [10, 10])
+    assert sched.next_batch() == [("long", 7, 10), ("next", 0, 1)]  # "short" is done; "next" fills the batch
+    assert sched.next_batch() == [("next", 1, 2)] and sched.next_batch() == [] and len(sched) == 0
+
+
+def test_scheduler_batches_by_tokens_and_scores_a_text_over_the_budget_alone():
+    sched = serve.Scheduler(max_texts=32, max_tokens=100)
+    sched.add("a", [60, 60, 30])
+    sched.add("huge", [500])
+    sched.add("b", [5, 5])
+    assert sched.next_batch() == [("a", 0, 1), ("b", 0, 2)]  # 60 + 60 > 100; "huge" does not fit; "b" does
+    assert sched.next_batch() == [("huge", 0, 1)]  # its turn: over the budget, so alone
+    assert sched.next_batch() == [("a", 1, 3)]  # 60 + 30
+    assert sched.next_batch() == []
+    sched.add("x", [1] * 3)
+    sched.add("y", [1] * 3)
+    sched.drop("x")  # answered with an error, or given up by its client
+    assert sched.keys() == ["y"] and sched.next_batch() == [("y", 0, 3)]
+    with pytest.raises(ValueError, match="at least one text"):
+        sched.add("empty", [])
+
+
+def test_batcher_chunks_requests_bounds_the_queue_and_drains_on_close():
     calls = []
 
-    def answer(requests):
-        calls.append([len(texts) for texts in requests])
+    def prepare(requests):
+        return [[[len(t) if t != "fail" else -1] for t in texts] if texts[0] != "untokenizable"
+                else serve.RequestError(413, "too long") for texts in requests]
+
+    def score(chunks):
+        calls.append([len(chunk) for chunk in chunks])
         time.sleep(0.05)  # the model's time: requests keep arriving meanwhile
-        return [[f"{t}!" for t in texts] if texts[0] != "fail" else ValueError("no") for texts in requests]
+        return [[ids[0] * 10 for ids in chunk] if chunk[0] != [-1] else ValueError("no") for chunk in chunks]
 
     async def scenario():
-        batcher = serve.Batcher(answer, max_batch=8, max_wait_s=0.2)
+        limits = serve.Limits(max_batch=8, max_wait_ms=200, max_texts=20, max_queue=40)
+        batcher = serve.Batcher(prepare, score, limits)
         batcher.start()
         sizes = [3, 3, 3, 20, 1, 2]
-        tasks = [asyncio.create_task(batcher.submit([f"r{i}t{j}" for j in range(n)])) for i, n in enumerate(sizes)]
-        failing = asyncio.create_task(batcher.submit(["fail"]))
-        await asyncio.sleep(0)  # every request queued
+        tasks = [asyncio.create_task(batcher.submit(["x" * (i + 1)] * n)) for i, n in enumerate(sizes)]
+        failing = asyncio.create_task(batcher.submit(["fail"]))  # scored to an error
+        refused = asyncio.create_task(batcher.submit(["untokenizable"]))
+        await asyncio.sleep(0)  # every request queued: 34 texts
+        assert batcher.queued_texts == 34
+        with pytest.raises(serve.RequestError) as full:  # 34 + 7 > 40: at once, not queued
+            await batcher.submit(["y"] * 7)
+        assert full.value.status == 503 and full.value.retry_after >= 1 and batcher.refused == 1
         await batcher.close()  # answers everything submitted before it
-        with pytest.raises(serve.RequestError):  # closed: refused
+        with pytest.raises(serve.RequestError, match="shutting down"):  # closed: refused
             await batcher.submit(["late"])
         with pytest.raises(ValueError, match="no"):
             await failing
+        with pytest.raises(serve.RequestError, match="too long"):
+            await refused
         return [t.result() for t in tasks], batcher
 
     results, batcher = asyncio.run(scenario())
-    assert results[0] == ["r0t0!", "r0t1!", "r0t2!"] and results[3][-1] == "r3t19!" and len(results[3]) == 20
-    assert calls == [[3, 3], [3], [20], [1, 2, 1]]  # in order, whole requests, <= 8 texts unless one is larger
-    assert batcher.batches == 4 and batcher.in_flight == 0 and batcher.received == 7
+    assert results[0] == [10] * 3 and results[3] == [40] * 20 and results[5] == [60, 60]
+    # Requests in turn, each giving its next texts while they fit; the 20-text one in chunks (7, 8, 4, 1)
+    # that alternate with the others: the requests behind it go first in the fourth call, not after it.
+    assert calls == [[3, 3, 2], [1, 7], [8], [1, 2, 1, 4], [1]], calls
+    assert batcher.batches == 5 and batcher.in_flight == 0 and batcher.queued_texts == 0 and batcher.received == 8
+
+
+@pytest.mark.parametrize("option, message", [
+    ({"max_queue": 10, "max_texts": 20}, "--max-queue=10 must be >= --max-texts=20"),
+    ({"max_batch_tokens": 0}, "--max-batch-tokens=0 must be an integer >= 1"),
+    ({"timeout_s": 0}, "--timeout-s=0 must be > 0"),
+])
+def test_limits_name_the_bad_option(option, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        serve.Limits(**option)
 
 
 # -- a trained classifier and a server process -----------------------------------------------------
@@ -127,9 +187,10 @@ class Server:
     """``python -m cptune serve FOLDER --port 0 ...`` as a child process, on loopback; :meth:`wait_ready`
     before use (several start at once: their imports overlap)."""
 
-    def __init__(self, folder, *options):
+    def __init__(self, folder, *options, env=None):
         self.log = tempfile.TemporaryFile(mode="w+")
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        inherited = {k: v for k, v in os.environ.items() if k != serve.API_KEY_ENV}  # a key only where given
+        env = {**inherited, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
         self.proc = subprocess.Popen([sys.executable, "-m", "cptune", "serve", str(folder), "--host", LOOPBACK,
                                       "--port", "0", *options], stdout=subprocess.PIPE, stderr=self.log, text=True,
                                      env=env)
@@ -165,16 +226,19 @@ class Server:
                 self.proc.wait(timeout=10)
 
 
-def request(port, method, path, body=None, timeout=REQUEST_S):
-    """``(status, parsed JSON or text)``; http.client so that no proxy setting can send it elsewhere."""
+def request(port, method, path, body=None, timeout=REQUEST_S, headers=None, with_headers=False):
+    """``(status, parsed JSON or text)``, and the response's headers ``with_headers``; http.client so that no
+    proxy setting can send it elsewhere."""
     conn = http.client.HTTPConnection(LOOPBACK, port, timeout=timeout)
     try:
         data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-        conn.request(method, path, body=data, headers={"Content-Type": "application/json"} if data else {})
+        sent = {"Content-Type": "application/json"} if data else {}
+        conn.request(method, path, body=data, headers={**sent, **(headers or {})})
         response = conn.getresponse()
         raw = response.read().decode()
         is_json = response.getheader("content-type", "").startswith("application/json")
-        return response.status, json.loads(raw) if is_json else raw
+        answer = response.status, json.loads(raw) if is_json else raw
+        return (*answer, dict(response.getheaders())) if with_headers else answer
     finally:
         conn.close()
 
@@ -192,9 +256,13 @@ def check_predictions(answer, texts, expected, atol=1e-5):
 
 @pytest.fixture(scope="module")
 def servers(classifier):
-    """Two server processes started together: one for most tests, one for the SIGTERM test to stop."""
+    """Server processes started together: one for most tests, one for the SIGTERM test to stop, one with an
+    API key (and small batches, for the head-of-line and hostile-input tests), one with a tiny queue whose
+    worker waits long for a batch to fill (the overload tests)."""
     started = {"main": Server(classifier, *LIMITS, "--max-wait-ms", "100"),
-               "to_stop": Server(classifier, "--max-batch", "8")}
+               "to_stop": Server(classifier, "--max-batch", "8"),
+               "keyed": Server(classifier, *KEYED_LIMITS, env={serve.API_KEY_ENV: KEY}),
+               "busy": Server(classifier, *BUSY_LIMITS)}
     try:
         yield started
     finally:
@@ -228,7 +296,9 @@ def test_health_info_and_page(server, classifier):
     assert status == 200 and info["labels"] == [{"label": 0, "word": "negative"}, {"label": 1, "word": "very positive"}]
     assert info["template"] == saved["template"]["format"] and info["calibrate"] and info["length_normalize"]
     assert info["context_tokens"] > 0 and info["placement"] == "cpu, float32" and info["cptune_version"]
-    assert info["limits"] == {"max_batch": 32, "max_wait_ms": 100.0, "max_texts": 8, "max_chars": 1500}
+    assert info["limits"] == {"max_batch": 32, "max_wait_ms": 100.0, "max_texts": 8, "max_chars": 1500,
+                              "max_batch_tokens": serve.DEFAULT_MAX_BATCH_TOKENS, "max_queue": serve.DEFAULT_MAX_QUEUE,
+                              "timeout_s": serve.DEFAULT_TIMEOUT_S}
     status, page = request(server.port, "GET", "/")
     assert status == 200 and "<textarea" in page and "<script>" in page
     assert not re.search(r"(src|href)=\"?(https?:)?//", page)  # nothing loaded from elsewhere
@@ -248,7 +318,7 @@ def test_empty_request_is_answered_without_the_model(server):
     ({"texts": "a"}, 400, '"texts" must be a list of strings; got a string'),
     ({"texts": ["a", 3]}, 400, '"texts" must be a list of strings; item 1 is a number'),
     ([1, 2], 400, "got a list"),
-    (b'{"texts": ["a lone surrogate \\ud800"]}', 500, "the model failed on this request: TypeError"),
+    (b'{"texts": ["ok", "a lone surrogate \\ud800"]}', 400, "text 1 is not valid Unicode: a lone surrogate '\\ud800'"),
 ])
 def test_errors_are_one_line_json(server, expected, body, status, message):
     got, answer = request(server.port, "POST", "/predict", body)
@@ -279,6 +349,250 @@ def test_one_failing_request_leaves_the_others_in_its_batch_answered(classifier,
     check_predictions({"predictions": last}, ["great"], expected)
     assert bad.status == 500 and bad.message == "the model failed on this request: RuntimeError: CUDA error: an " \
                                                 "illegal memory access"
+
+
+# -- overload: a bounded queue, a time limit ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def busy(servers):
+    return servers["busy"].wait_ready()
+
+
+def wait_for_health(port, condition, seconds=30):
+    """/health once ``condition(health)`` holds (polled; the bound only ends a test that would hang)."""
+    deadline = time.monotonic() + seconds
+    health = request(port, "GET", "/health")[1]
+    while not condition(health) and time.monotonic() < deadline:
+        time.sleep(0.02)
+        health = request(port, "GET", "/health")[1]
+    assert condition(health), health
+    return health
+
+
+def test_a_full_queue_is_refused_at_once_with_retry_after(busy, expected):
+    """--max-queue 8: a request of 7 texts waits for the batch to fill (--max-batch 8); one of 2 more would
+    pass the bound and is refused with 503 and Retry-After, without being queued; one of 1 fits, fills the
+    batch, and both queued requests are answered right."""
+    with ThreadPoolExecutor(2) as pool:
+        seven = pool.submit(request, busy.port, "POST", "/predict", {"texts": TEXTS[:7]})
+        wait_for_health(busy.port, lambda h: h["queued_texts"] == 7)
+        status, answer, headers = request(busy.port, "POST", "/predict", {"texts": TEXTS[:2]}, with_headers=True)
+        assert status == 503 and "7 texts are queued and --max-queue is 8" in answer["detail"], answer
+        assert int(headers["retry-after"]) >= 1
+        health = request(busy.port, "GET", "/health")[1]
+        assert health["queued_texts"] == 7 and health["refused"] == 1 and not seven.done()
+        status, answer = request(busy.port, "POST", "/predict", {"texts": TEXTS[7:8]})
+        assert status == 200
+        check_predictions(answer, TEXTS[7:8], expected)
+        status, answer = seven.result(timeout=REQUEST_S)
+        assert status == 200
+        check_predictions(answer, TEXTS[:7], expected)
+    assert request(busy.port, "GET", "/health")[1]["queued_texts"] == 0
+
+
+def test_a_request_past_its_time_limit_gets_503_and_leaves_the_queue(busy, expected):
+    """--timeout-s 2: a lone text waits for a batch that does not fill (--max-wait-ms 30000) and is answered
+    503 with Retry-After once its time is up; its text leaves the queue, and a full batch is answered."""
+    status, answer, headers = request(busy.port, "POST", "/predict", {"texts": ["left waiting"]}, with_headers=True)
+    assert status == 503 and answer["detail"].startswith("not answered within --timeout-s=2 s"), answer
+    assert int(headers["retry-after"]) >= 1
+    assert request(busy.port, "GET", "/health")[1]["queued_texts"] == 0
+    status, answer = request(busy.port, "POST", "/predict", {"texts": TEXTS[:8]})
+    assert status == 200
+    check_predictions(answer, TEXTS[:8], expected)
+
+
+# -- an API key --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def keyed(servers):
+    return servers["keyed"].wait_ready()
+
+
+@pytest.mark.parametrize("headers, status", [
+    ({}, 401),
+    ({"Authorization": f"Bearer {KEY}x"}, 401),
+    ({"Authorization": f"Basic {KEY}"}, 401),
+    ({"X-API-Key": KEY[:-1]}, 401),
+    ({"Authorization": f"Bearer {KEY}"}, 200),
+    ({"Authorization": f"bearer  {KEY} "}, 200),
+    ({"X-API-Key": KEY}, 200),
+])
+def test_the_key_is_required_on_every_endpoint_but_health_and_the_page(keyed, expected, headers, status):
+    got, answer = request(keyed.port, "POST", "/predict", {"texts": ["a fun film"]}, headers=headers)
+    assert got == status, answer
+    if status == 401:
+        assert "needs an API key" in answer["detail"] and KEY not in answer["detail"]
+    else:
+        check_predictions(answer, ["a fun film"], expected)
+    assert request(keyed.port, "GET", "/info", headers=headers)[0] == status
+    assert request(keyed.port, "GET", "/health")[0] == 200  # for load balancers: no key
+    status, page = request(keyed.port, "GET", "/")  # the page holds no data: it asks for the key
+    assert status == 200 and 'id="key"' in page and "Authorization" in page
+
+
+def test_the_key_comes_from_the_option_or_the_environment_and_exposure_warns(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv(serve.API_KEY_ENV, raising=False)
+    assert serve.api_key_from(None) is None and serve.api_key_from("abc") == "abc"
+    monkeypatch.setenv(serve.API_KEY_ENV, "from-env")
+    assert serve.api_key_from(None) == "from-env" and serve.api_key_from("abc") == "abc"
+    with pytest.raises(ValueError, match="--api-key='' must not be empty"):
+        serve.api_key_from("")
+    for host in ("127.0.0.1", "::1", "localhost", "127.0.0.5"):
+        assert serve.exposure_warning(host, None) is None
+    assert serve.exposure_warning("0.0.0.0", "k") is None
+    line = serve.exposure_warning("0.0.0.0", None)
+    assert line.startswith("cptune: warning: listening on 0.0.0.0 without an API key") and "\n" not in line
+    # The command: the socket is bound (never listening: the folder does not exist), the warning printed
+    # before the model would load, then the one-line error.
+    monkeypatch.delenv(serve.API_KEY_ENV)
+    assert main(["serve", str(tmp_path / "none"), "--host", "0.0.0.0", "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[0] == serve.exposure_warning("0.0.0.0", None) and "does not exist" in err[1], err
+    assert main(["serve", str(tmp_path / "none"), "--host", "0.0.0.0", "--port", "0", "--api-key", "k"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+# -- head-of-line blocking ---------------------------------------------------------------------------
+
+def test_a_short_request_is_answered_between_the_chunks_of_a_long_one(keyed, expected):
+    """--max-batch 4 --max-batch-tokens 256: a request of 16 long texts is scored a text at a time; a
+    one-text request sent once its scoring has begun is answered while it is still in flight (ordering,
+    not time: without chunks it would be answered after the long one)."""
+    auth = {"X-API-Key": KEY}
+    # Letters the tiny tokenizer has no merges for: ~1 token a character, so each text is a model call alone
+    long = ["".join(chr(ord("a") + (i + 7 * j) % 26) for j in range(300)) for i in range(16)]
+    before = request(keyed.port, "GET", "/health")[1]["batches"]
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(request, keyed.port, "POST", "/predict", {"texts": long}, headers=auth)
+        wait_for_health(keyed.port, lambda h: h["batches"] >= before + 2 and h["in_flight"] == 1)
+        status, answer = request(keyed.port, "POST", "/predict", {"texts": ["a fun film"]}, headers=auth)
+        assert status == 200
+        done_first = not pending.done()
+        health = request(keyed.port, "GET", "/health")[1]
+        status, long_answer = pending.result(timeout=REQUEST_S)
+    assert done_first and health["in_flight"] == 1, health  # the long request was still being scored
+    check_predictions(answer, ["a fun film"], expected)
+    assert status == 200
+    check_predictions(long_answer, long, expected)
+    assert request(keyed.port, "GET", "/health")[1]["batches"] - before == 17  # a call per long text, one short
+
+
+# -- hostile input -----------------------------------------------------------------------------------
+
+HOSTILE_EXAMPLES = 200
+ANSWERS = {200, 400, 401, 413, 503}  # what docs/serve.md promises /predict answers (500: only a failing model)
+FRAMING = {"content-length", "transfer-encoding", "host", "connection", "expect", "authorization", "x-api-key"}
+KEYED_MAX_BODY = serve.Limits(max_texts=64, max_chars=1500).max_body_bytes
+header_names = st.text(st.sampled_from("abcdefghijklmnopqrstuvwxyz0123456789-_"), min_size=1, max_size=20).filter(
+    lambda name: name not in FRAMING)
+header_values = st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f"), max_size=80)
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                      max_size=4), max_leaves=12)
+valid_texts = st.lists(st.text(max_size=60), max_size=6)  # short: within the tiny model's positions
+
+
+@st.composite
+def hostile_requests(draw):
+    """(headers, body, chunked, valid texts or None): what a careless or hostile client might send."""
+    kind = draw(st.sampled_from(["valid", "json", "bytes", "huge", "many", "surrogate", "deep", "long"]))
+    texts = None
+    if kind == "valid":
+        texts = draw(valid_texts)
+        encoding = draw(st.sampled_from(["utf-8", "utf-8-sig", "utf-16", "utf-32"]))  # json.loads detects these
+        body = json.dumps({"texts": texts}, ensure_ascii=draw(st.booleans())).encode(encoding)
+    elif kind == "json":
+        body = json.dumps(draw(json_values)).encode()
+    elif kind == "bytes":
+        body = draw(st.binary(max_size=512))
+    elif kind == "huge":  # around the body limit: 413 beyond it, however the bytes look
+        size = draw(st.sampled_from([KEYED_MAX_BODY - 64, KEYED_MAX_BODY + 1, 2 * KEYED_MAX_BODY]))
+        body = draw(st.sampled_from([b"x", b"[", b'{"texts": ["'])) + b"a" * size
+    elif kind == "many":
+        body = json.dumps({"texts": ["a"] * draw(st.integers(65, 300))}).encode()
+    elif kind == "surrogate":
+        body = b'{"texts": ["fine", "' + draw(st.sampled_from([b"\\ud800", b"\\udfff x", b"\\ud83d"])) + b'"]}'
+    elif kind == "deep":
+        depth = draw(st.integers(100, 100_000))
+        body = b"[" * depth + b"]" * depth
+    else:  # texts over --max-chars, or characters of many tokens each (past the model's positions)
+        body = json.dumps({"texts": [draw(st.sampled_from(["x" * 1501, "中" * 1000, "😀" * 700]))]}).encode()
+    headers = draw(st.dictionaries(header_names, header_values, max_size=4))
+    content_type = draw(st.none() | st.sampled_from(["application/json", "text/plain", "application/json; "
+                        "charset=latin-1", "multipart/form-data; boundary=x", "application/x-www-form-urlencoded"])
+                        | header_values)
+    if content_type is not None:
+        headers["content-type"] = content_type
+    encoding = draw(st.none() | st.sampled_from(["gzip", "br", "deflate", "identity", "x-unknown"]))
+    if encoding is not None:
+        headers["content-encoding"] = encoding
+    auth = draw(st.sampled_from(["bearer", "x-api-key", "none", "wrong", "empty"]))
+    if auth == "bearer":
+        headers["authorization"] = f"Bearer {KEY}"
+    elif auth == "x-api-key":
+        headers["x-api-key"] = KEY
+    elif auth == "wrong":
+        headers[draw(st.sampled_from(["authorization", "x-api-key"]))] = draw(header_values)
+    elif auth == "empty":
+        headers["authorization"] = "Bearer "
+    keyed_right = auth in ("bearer", "x-api-key")
+    return headers, body, draw(st.booleans()), texts if keyed_right else None, keyed_right
+
+
+def send_raw(port, headers, body, chunked):
+    """POST /predict with exactly these headers, the body sent whole or in chunks; (status, headers, raw)."""
+    conn = http.client.HTTPConnection(LOOPBACK, port, timeout=REQUEST_S)
+    try:
+        conn.putrequest("POST", "/predict", skip_accept_encoding=True)
+        for name, value in headers.items():
+            conn.putheader(name, value.encode("latin-1"))
+        if chunked:
+            conn.putheader("Transfer-Encoding", "chunked")
+            conn.endheaders()
+            step = max(1, len(body) // 3)
+            for start in range(0, len(body), step):
+                piece = body[start : start + step]
+                conn.send(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+            conn.send(b"0\r\n\r\n")
+        else:
+            conn.putheader("Content-Length", str(len(body)))
+            conn.endheaders(body)
+        response = conn.getresponse()
+        return response.status, response.getheader("content-type", ""), response.read()
+    finally:
+        conn.close()
+
+
+def test_hostile_requests_get_only_documented_answers_and_the_server_keeps_serving(keyed, expected):
+    """Arbitrary bodies, headers, content types and encodings, sizes around the limits, keys right and
+    wrong: every answer is 200, 400, 401, 413 or 503 with a one-line JSON message (200: one prediction per
+    text sent), and a correct request is answered right after each."""
+    statuses = []
+
+    @settings(max_examples=HOSTILE_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+              database=None)
+    @given(hostile_requests())
+    def one(case):
+        headers, body, chunked, texts, keyed_right = case
+        status, content_type, raw = send_raw(keyed.port, headers, body, chunked)
+        statuses.append(status)
+        assert status in ANSWERS and content_type.startswith("application/json"), (status, raw[:300])
+        answer = json.loads(raw)
+        if not keyed_right:
+            assert status == 401, answer
+        if texts is not None:  # a valid request with the key: answered
+            assert status == 200 and len(answer["predictions"]) == len(texts), answer
+        if status != 200:
+            assert set(answer) == {"detail"} and "\n" not in answer["detail"] and "Traceback" not in answer["detail"]
+        good, answer = request(keyed.port, "POST", "/predict", {"texts": ["still serving"]}, headers={"X-API-Key": KEY})
+        assert good == 200 and len(answer["predictions"]) == 1
+
+    one()
+    assert {200, 400, 401, 413} <= set(statuses), sorted(set(statuses))  # every kind of answer was exercised
+    status, answer = request(keyed.port, "POST", "/predict", {"texts": TEXTS}, headers={"X-API-Key": KEY})
+    assert status == 200
+    check_predictions(answer, TEXTS, expected)
 
 
 # -- SIGTERM under load ----------------------------------------------------------------------------

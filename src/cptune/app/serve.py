@@ -2,17 +2,22 @@
 
 The learned context is the same for every request, so its keys and values are computed once at
 start-up (:class:`cptune.scoring.ContextScorer`; with calibration, the content-free scores too) and a
-request pays only for its own tokens. Concurrent requests are batched: one worker task takes queued
-requests until ``max_batch`` texts or ``max_wait_ms`` milliseconds, scores them in one call in a
-thread (the event loop keeps accepting and answering), and answers each request.
+request pays only for its own tokens. Concurrent requests are batched by one worker task: it tokenizes
+the requests that arrived and scores up to ``max_batch`` texts and ``max_batch_tokens`` query tokens in
+one call in a thread (the event loop keeps accepting and answering), taking chunks of the requests in
+turn (:class:`Scheduler`), so a long request does not hold up the others. The texts received and not
+yet answered are bounded (``max_queue``: beyond it 503 with ``Retry-After`` at once) and so is each
+request's time (``timeout_s``: then 503); ``--api-key`` makes every endpoint but ``/health`` and the page
+require a key (401 otherwise).
 
 Endpoints: ``POST /predict`` (``{"texts": [...]}`` -> ``{"predictions": [{"label": ..., "probabilities":
 {label: p}}]}``, equal to ``CPTClassifier.predict_proba``), ``GET /health``, ``GET /info`` and a page at
 ``/`` (plain HTML and JavaScript, package data). Errors are JSON ``{"detail": "one line"}``: 400 for a
-body that is not JSON or not ``{"texts": [string, ...]}``, 413 for a limit (texts per request,
-characters per text, the model's positions), 500 when the model fails (the traceback goes to the
-server's log, never into the body). SIGTERM: the server stops accepting connections, answers every
-request it has received, and exits with status 0. docs/serve.md has the usage.
+body that is not JSON or not ``{"texts": [string, ...]}``, 401 for a missing key, 413 for a limit (texts
+per request, characters per text, the model's positions), 500 when the model fails (the traceback goes
+to the server's log, never into the body), 503 for a full queue, a passed time limit or shutdown.
+SIGTERM: the server stops accepting connections, answers every request it has received, and exits with
+status 0. docs/serve.md has the usage.
 
 Only the standard library is imported here at the top (``cptune --help`` stays fast); fastapi, uvicorn
 and torch are imported when the server starts.
@@ -21,14 +26,18 @@ and torch are imported when the server starts.
 import argparse
 import asyncio
 import contextlib
+import hmac
 import importlib.resources
+import ipaddress
 import json
 import logging
+import math
+import os
 import signal
 import socket
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from cptune import __version__
@@ -39,6 +48,14 @@ DEFAULT_MAX_BATCH = 32  # texts scored in one call of the worker
 DEFAULT_MAX_WAIT_MS = 5.0  # how long the worker waits for more requests once it has one
 DEFAULT_MAX_TEXTS = 256  # texts in one request
 DEFAULT_MAX_CHARS = 4000  # characters in one text
+DEFAULT_MAX_BATCH_TOKENS = 1024  # query tokens scored in one call of the worker (the context is shared)
+DEFAULT_MAX_QUEUE = 1024  # texts received and not yet answered; beyond it: 503 at once
+DEFAULT_TIMEOUT_S = 60.0  # a request not answered by then gets 503
+MAX_TIMEOUT_S = 3600.0
+RETRY_AFTER_MIN_S = 1  # the smallest Retry-After: HTTP counts it in whole seconds
+RATE_SMOOTHING = 0.2  # weight of the latest batch in the running estimate of seconds per text
+API_KEY_ENV = "CPTUNE_API_KEY"
+LOOPBACK_NAMES = ("localhost",)
 JSON_BYTES_PER_CHAR = 12  # the most one character can take in a JSON string (a surrogate pair as \uXXXX\uXXXX)
 BODY_OVERHEAD_BYTES = 4096  # braces, the key, commas and whitespace around the texts
 SERVE_EXTRA = "pip install 'cptune[serve]'"
@@ -51,41 +68,65 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Limits:
-    """How requests are batched and what one request may hold.
+    """How requests are batched, what one request may hold, and how much work the server takes on.
 
     Args:
-        max_batch: texts scored together in one call of the model (a request with more is scored alone).
+        max_batch: texts scored together in one call of the model.
         max_wait_ms: how long the worker waits for more requests once it holds one.
         max_texts: texts in one request (more: 413).
         max_chars: characters in one text (more: 413).
+        max_batch_tokens: query tokens scored together in one call of the model (the context is shared
+            and not counted); a single text longer than this is scored in a call of its own.
+        max_queue: texts received and not yet answered; a request that would go beyond is answered 503
+            at once (with ``Retry-After``). At least ``max_texts``, so that every valid request can fit.
+        timeout_s: seconds from a request's arrival to its answer; later: 503 (with ``Retry-After``).
     """
 
     max_batch: int = DEFAULT_MAX_BATCH
     max_wait_ms: float = DEFAULT_MAX_WAIT_MS
     max_texts: int = DEFAULT_MAX_TEXTS
     max_chars: int = DEFAULT_MAX_CHARS
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
+    max_queue: int = DEFAULT_MAX_QUEUE
+    timeout_s: float = DEFAULT_TIMEOUT_S
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_texts", "max_chars"):
+        for name in ("max_batch", "max_texts", "max_chars", "max_batch_tokens", "max_queue"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"--{name.replace('_', '-')}={value!r} must be an integer >= 1")
         if not 0 <= self.max_wait_ms <= 60_000:
             raise ValueError(f"--max-wait-ms={self.max_wait_ms!r} must be from 0 to 60000")
+        if self.max_queue < self.max_texts:
+            raise ValueError(f"--max-queue={self.max_queue} must be >= --max-texts={self.max_texts} (a request of "
+                             "--max-texts texts must fit in the queue)")
+        if not 0 < self.timeout_s <= MAX_TIMEOUT_S:
+            raise ValueError(f"--timeout-s={self.timeout_s!r} must be > 0 and <= {MAX_TIMEOUT_S:g}")
 
     @property
     def max_body_bytes(self) -> int:
         """The largest body a request within the limits can have."""
         return self.max_texts * (self.max_chars * JSON_BYTES_PER_CHAR + 8) + BODY_OVERHEAD_BYTES
 
+    def as_dict(self) -> dict:
+        """The limits as ``/info`` shows them."""
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
 
 class RequestError(Exception):
-    """A request answered with an HTTP error status and a one-line message."""
+    """A request answered with an HTTP error status and a one-line message.
 
-    def __init__(self, status: int, message: str) -> None:
+    Args:
+        status: the HTTP status.
+        message: one line for ``{"detail": ...}``.
+        retry_after: seconds for the ``Retry-After`` header (a 503 that a later try may pass); ``None``: none.
+    """
+
+    def __init__(self, status: int, message: str, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.retry_after = retry_after
 
 
 def one_line(err: BaseException) -> str:
@@ -119,6 +160,12 @@ def parse_texts(body: bytes, limits: Limits) -> list[str]:
     if long is not None:
         raise RequestError(413, f"text {long} has {len(texts[long])} characters; the limit is {limits.max_chars} "
                                 "(--max-chars)")
+    for i, text in enumerate(texts):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:  # JSON allows "\ud800" alone; no tokenizer takes it
+            raise RequestError(400, f"text {i} is not valid Unicode: a lone surrogate {text[err.start]!a} at "
+                                    f"character {err.start}") from None
     return texts
 
 
@@ -174,43 +221,49 @@ class ServedClassifier:
         return [{"label": self.classes[max(range(len(row)), key=row.__getitem__)],
                  "probabilities": {str(c): p for c, p in zip(self.classes, row, strict=True)}} for row in rows]
 
-    def answer(self, requests: Sequence[Sequence[str]]) -> list[list[dict] | RequestError]:
-        """Answer rows for each request, or its error; the whole batch in one scoring call.
-
-        A request that cannot be prepared (a text longer than the model's positions: 413; the
-        tokenizer failing: 500) is answered alone. If the batch's scoring fails, each request is scored
-        alone, so one failing request does not fail the others batched with it.
-        """
-        results: list[Any] = [None] * len(requests)
-        prepared: dict[int, list[list[int]]] = {}
-        for i, texts in enumerate(requests):
+    def prepare(self, requests: Sequence[Sequence[str]]) -> list[list[list[int]] | RequestError]:
+        """Each request's query token ids, or its error: 413 for a text longer than the model's positions
+        after the context (the message gives the token counts), 500 for the tokenizer failing."""
+        prepared: list[Any] = []
+        for texts in requests:
             try:
                 ids = self.scorer.query_ids(texts)
             except Exception as err:  # noqa: BLE001 - the tokenizer failed on this request only
-                results[i] = self._failure(err)
+                prepared.append(self._failure(err))
                 continue
             try:
                 self.scorer.check_lengths(ids)
             except ValueError as err:
-                results[i] = RequestError(413, str(err))  # names the text, its tokens and the model's positions
+                prepared.append(RequestError(413, str(err)))  # names the text, its tokens and the model's positions
                 continue
-            prepared[i] = ids
-        if prepared:
-            flat = [ids for i in prepared for ids in prepared[i]]
-            try:
-                rows = self.predictions(self.scorer.scores(flat))
-            except Exception as err:  # noqa: BLE001 - find which request fails, answer the others
-                if len(prepared) == 1:
-                    results[next(iter(prepared))] = self._failure(err)
-                    return results
-                for i in prepared:
-                    results[i] = self.answer([requests[i]])[0]
-                return results
-            start = 0
-            for i, ids in prepared.items():
-                results[i] = rows[start : start + len(ids)]
-                start += len(ids)
+            prepared.append(ids)
+        return prepared
+
+    def score(self, chunks: Sequence[Sequence[Sequence[int]]]) -> list[list[dict] | RequestError]:
+        """Answer rows for each chunk of prepared queries (from :meth:`prepare`), or its error; all the
+        chunks in one scoring call. If that call fails, each chunk is scored alone, so one failing chunk
+        does not fail the others."""
+        flat = [ids for chunk in chunks for ids in chunk]
+        try:
+            rows = self.predictions(self.scorer.scores(flat))
+        except Exception as err:  # noqa: BLE001 - find which chunk fails, answer the others
+            if len(chunks) == 1:
+                return [self._failure(err)]
+            return [self.score([chunk])[0] for chunk in chunks]
+        results, start = [], 0
+        for chunk in chunks:
+            results.append(rows[start : start + len(chunk)])
+            start += len(chunk)
         return results
+
+    def answer(self, requests: Sequence[Sequence[str]]) -> list[list[dict] | RequestError]:
+        """Answer rows for each request, or its error: :meth:`prepare`, then one :meth:`score` call for the
+        requests that could be prepared (what the server does, without its chunking)."""
+        prepared = self.prepare(requests)
+        ready = [i for i, ids in enumerate(prepared) if not isinstance(ids, RequestError)]
+        for i, result in zip(ready, self.score([prepared[i] for i in ready]) if ready else [], strict=True):
+            prepared[i] = result
+        return prepared
 
     @staticmethod
     def _failure(err: Exception) -> RequestError:
@@ -221,105 +274,242 @@ class ServedClassifier:
 # -- batching ------------------------------------------------------------------------------------
 
 @dataclass
+class _Progress:
+    lengths: list[int]  # tokens of each text of one request
+    done: int = 0  # texts handed to a batch so far
+
+
+class Scheduler:
+    """Which texts the next model call scores: requests split into chunks that interleave (pure; no I/O).
+
+    A batch holds at most ``max_texts`` texts and ``max_tokens`` query tokens (a single text longer than
+    ``max_tokens`` is a batch of its own). It is filled from the requests in turn: the request that
+    started the previous batch goes behind every other, those that arrived meanwhile included, and each
+    request gives its next texts while they fit. So a long request is scored a chunk at a time, and a
+    request that arrives while it runs is in the very next batch (unless the requests ahead of it in turn
+    fill that batch), rather than behind the long request's remaining chunks.
+
+    Args:
+        max_texts: texts per batch.
+        max_tokens: query tokens per batch.
+    """
+
+    def __init__(self, max_texts: int, max_tokens: int) -> None:
+        self.max_texts, self.max_tokens = max_texts, max_tokens
+        self._active: dict[Hashable, _Progress] = {}  # in turn order (dicts keep insertion order)
+        self._last_start: Hashable | None = None
+
+    def __len__(self) -> int:
+        return len(self._active)
+
+    def keys(self) -> list[Hashable]:
+        """The requests that still have texts to score, in turn order."""
+        return list(self._active)
+
+    def add(self, key: Hashable, lengths: Sequence[int]) -> None:
+        """A request whose texts have these token counts (at least one text), behind every active one."""
+        if not lengths:
+            raise ValueError("a request to schedule needs at least one text")
+        self._active[key] = _Progress(list(lengths))
+
+    def drop(self, key: Hashable) -> None:
+        """Forget a request (answered with an error, or given up by its client)."""
+        self._active.pop(key, None)
+
+    def next_batch(self) -> list[tuple[Hashable, int, int]]:
+        """The next batch as ``(request, start, end)`` slices of the requests' texts, in turn order; each
+        request's slices follow one another across batches. Empty when nothing is left."""
+        if self._last_start in self._active:  # its turn is over
+            self._active[self._last_start] = self._active.pop(self._last_start)
+        batch, texts, tokens = [], 0, 0
+        for key, progress in self._active.items():
+            start = progress.done
+            while progress.done < len(progress.lengths) and texts < self.max_texts:
+                length = progress.lengths[progress.done]
+                if texts and tokens + length > self.max_tokens:
+                    break  # this request's next text waits; a later request's may still fit
+                texts, tokens, progress.done = texts + 1, tokens + length, progress.done + 1
+            if progress.done > start:
+                batch.append((key, start, progress.done))
+            if texts >= self.max_texts or tokens >= self.max_tokens:
+                break
+        for key, _, end in batch:
+            if end == len(self._active[key].lengths):
+                del self._active[key]
+        self._last_start = batch[0][0] if batch else None
+        return batch
+
+
+@dataclass(eq=False)  # a scheduler key: hashed by identity
 class _Pending:
     texts: list[str]
     future: asyncio.Future
+    ids: list[list[int]] | None = None  # query token ids, once prepared
+    rows: list = field(default_factory=list)  # answer rows of the chunks scored so far, in order
 
 
 class Batcher:
-    """One worker task that batches concurrent requests and runs ``answer`` on each batch in a thread.
+    """One worker task that takes requests, tokenizes them, and scores chunks of them (:class:`Scheduler`)
+    in a thread, one call at a time; admission (``max_queue``) happens at :meth:`submit`.
 
     Args:
-        answer: requests (lists of texts) -> one result or exception per request; called in a thread,
-            one call at a time.
-        max_batch: texts per call; requests are taken whole, in arrival order, while they fit (a
-            request larger than ``max_batch`` is a batch of its own).
-        max_wait_s: how long to wait for more requests once one is held.
+        prepare: requests (lists of texts) -> each one's query token ids or its exception (called in a
+            thread, by the worker only).
+        score: chunks (lists of token ids) -> each one's answer rows or its exception (likewise).
+        limits: ``max_batch``, ``max_batch_tokens``, ``max_wait_ms`` and ``max_queue`` are used here.
     """
 
-    def __init__(self, answer: Callable[[list[list[str]]], list], max_batch: int, max_wait_s: float) -> None:
-        self.answer, self.max_batch, self.max_wait_s = answer, max_batch, max_wait_s
+    def __init__(self, prepare: Callable[[list[list[str]]], list], score: Callable[[list[list[list[int]]]], list],
+                 limits: Limits) -> None:
+        self.prepare, self.score, self.limits = prepare, score, limits
         self.received = 0  # requests submitted so far
         self.in_flight = 0  # requests submitted and not yet answered
-        self.batches = 0  # calls of answer so far
-        self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
-        self._held: _Pending | None = None  # taken from the queue but not fitting the last batch
+        self.queued_texts = 0  # their texts: what max_queue bounds
+        self.refused = 0  # requests answered 503 because the queue was full
+        self.batches = 0  # calls of score so far
+        self.seconds_per_text: float | None = None  # a running estimate, for Retry-After
+        self._inbox: asyncio.Queue[_Pending | None] = asyncio.Queue()  # unbounded: submit bounds what enters
+        self._scheduler = Scheduler(limits.max_batch, limits.max_batch_tokens)
         self._worker: asyncio.Task | None = None
         self._closing = False
 
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._work())
 
-    async def submit(self, texts: list[str]) -> Any:
-        """The result of ``answer`` for these texts (its exception raised)."""
+    def retry_after(self) -> int:
+        """Seconds until the texts queued now are likely answered (at least 1), for ``Retry-After``."""
+        if self.seconds_per_text is None:
+            return RETRY_AFTER_MIN_S
+        return max(RETRY_AFTER_MIN_S, math.ceil(self.queued_texts * self.seconds_per_text))
+
+    def check_room(self, texts: int = 1) -> None:
+        """Refuse at once a request of ``texts`` texts that the queue cannot take.
+
+        Raises:
+            RequestError: 503 with ``Retry-After`` when the server is shutting down or the texts
+                received and not yet answered would exceed ``max_queue``.
+        """
         if self._closing or self._worker is None or self._worker.done():
-            raise RequestError(503, "the server is shutting down")
+            raise RequestError(503, "the server is shutting down", retry_after=RETRY_AFTER_MIN_S)
+        if self.queued_texts + texts > self.limits.max_queue:
+            self.refused += 1
+            raise RequestError(503, f"the server is busy: {self.queued_texts} texts are queued and --max-queue is "
+                                    f"{self.limits.max_queue}; retry later", retry_after=self.retry_after())
+
+    async def submit(self, texts: list[str]) -> Any:
+        """The answer rows for these texts (the exception of ``prepare`` or ``score`` raised).
+
+        Raises:
+            RequestError: from :meth:`check_room`.
+        """
+        self.check_room(len(texts))
         future = asyncio.get_running_loop().create_future()
         self.received += 1
         self.in_flight += 1
+        self.queued_texts += len(texts)
         try:
-            self._queue.put_nowait(_Pending(texts, future))
-            return await future
+            self._inbox.put_nowait(_Pending(texts, future))
+            return await future  # cancelled (a time limit) cancels the future: the worker drops it
         finally:
             self.in_flight -= 1
+            self.queued_texts -= len(texts)
 
     async def close(self) -> None:
         """Answer everything already submitted, then stop the worker."""
         if self._worker is None:
             return
         self._closing = True
-        self._queue.put_nowait(None)  # after every request submitted so far
+        self._inbox.put_nowait(None)  # after every request submitted so far
         await self._worker
 
     async def _work(self) -> None:
+        closing = False
         while True:
-            batch, stop = await self._collect()
-            if batch:
-                self.batches += 1
+            arrivals: list[_Pending] = []
+            if not self._scheduler and not closing:  # idle: wait for a request, then briefly for more
+                closing = await self._wait_for_requests(arrivals)
+            while not closing:  # whatever else has arrived, without waiting
                 try:
-                    results = await asyncio.to_thread(self.answer, [p.texts for p in batch])
-                except Exception as err:  # noqa: BLE001 - answer isolates requests itself; this is the last resort
-                    results = [err] * len(batch)
-                for pending, result in zip(batch, results, strict=True):
-                    if pending.future.done():  # the request was cancelled meanwhile
-                        continue
-                    if isinstance(result, BaseException):
-                        pending.future.set_exception(result)
-                    else:
-                        pending.future.set_result(result)
-            if stop:
+                    item = self._inbox.get_nowait()
+                except asyncio.QueueEmpty:
+                    break
+                if item is None:
+                    closing = True
+                else:
+                    arrivals.append(item)
+            await self._admit([p for p in arrivals if not p.future.done()])
+            for key in self._scheduler.keys():
+                if key.future.done():  # its client's time limit passed: score no more of it
+                    self._scheduler.drop(key)
+            batch = self._scheduler.next_batch()
+            if batch:
+                await self._score(batch)
+            elif closing:
                 return
 
-    async def _collect(self) -> tuple[list[_Pending], bool]:
-        """Requests for one call: the first waited for, then more until ``max_batch`` texts or ``max_wait_s``.
-        Returns them and whether the close marker was reached."""
-        first = self._held if self._held is not None else await self._queue.get()
-        self._held = None
-        if first is None:
-            return [], True
-        batch, count = [first], len(first.texts)
+    async def _wait_for_requests(self, arrivals: list[_Pending]) -> bool:
+        """Wait for one request, then up to ``max_wait_ms`` for more until they hold ``max_batch`` texts.
+        Returns whether the close marker came."""
+        item = await self._inbox.get()
+        if item is None:
+            return True
+        arrivals.append(item)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.max_wait_s
-        while count < self.max_batch:
+        deadline = loop.time() + self.limits.max_wait_ms / 1000
+        while sum(len(p.texts) for p in arrivals if not p.future.done()) < self.limits.max_batch:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
             try:
-                item = self._queue.get_nowait()
-            except asyncio.QueueEmpty:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    async with asyncio.timeout(remaining):
-                        item = await self._queue.get()  # asyncio.Queue keeps the item if this is cancelled
-                except TimeoutError:
-                    break
+                async with asyncio.timeout(remaining):
+                    item = await self._inbox.get()  # asyncio.Queue keeps the item if this is cancelled
+            except TimeoutError:
+                return False
             if item is None:
-                return batch, True
-            if count + len(item.texts) > self.max_batch:
-                self._held = item
-                break
-            batch.append(item)
-            count += len(item.texts)
-        return batch, False
+                return True
+            arrivals.append(item)
+        return False
+
+    async def _admit(self, arrivals: list[_Pending]) -> None:
+        """Tokenize new requests (in the thread the model runs in) and schedule them; errors answered."""
+        if not arrivals:
+            return
+        try:
+            prepared = await asyncio.to_thread(self.prepare, [p.texts for p in arrivals])
+        except Exception as err:  # noqa: BLE001 - prepare isolates requests itself; this is the last resort
+            prepared = [err] * len(arrivals)
+        for pending, ids in zip(arrivals, prepared, strict=True):
+            if pending.future.done():
+                continue
+            if isinstance(ids, BaseException):
+                pending.future.set_exception(ids)
+            else:
+                pending.ids = ids
+                self._scheduler.add(pending, [len(x) for x in ids])
+
+    async def _score(self, batch: list[tuple[_Pending, int, int]]) -> None:
+        """One call of ``score`` on the batch's chunks; a request is answered once all its chunks are."""
+        self.batches += 1
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            results = await asyncio.to_thread(self.score, [p.ids[start:end] for p, start, end in batch])
+        except Exception as err:  # noqa: BLE001 - score isolates chunks itself; this is the last resort
+            results = [err] * len(batch)
+        texts = sum(end - start for _, start, end in batch)
+        latest = (loop.time() - started) / texts
+        self.seconds_per_text = latest if self.seconds_per_text is None else (
+            RATE_SMOOTHING * latest + (1 - RATE_SMOOTHING) * self.seconds_per_text)
+        for (pending, _, _), result in zip(batch, results, strict=True):
+            if pending.future.done():  # given up meanwhile
+                self._scheduler.drop(pending)
+            elif isinstance(result, BaseException):
+                self._scheduler.drop(pending)  # its other chunks are not scored
+                pending.future.set_exception(result)
+            else:
+                pending.rows.extend(result)
+                if len(pending.rows) == len(pending.texts):
+                    pending.future.set_result(pending.rows)
 
 
 # -- the HTTP application ------------------------------------------------------------------------
@@ -343,14 +533,23 @@ def page_html() -> str:
     return importlib.resources.files("cptune.app").joinpath(PAGE).read_text(encoding="utf-8")
 
 
-def create_app(served: ServedClassifier, limits: Limits):
-    """The FastAPI application over ``served``; its lifespan runs the batching worker and drains it."""
-    require_serving_packages()
-    from fastapi import FastAPI, Request
-    from fastapi.responses import HTMLResponse, JSONResponse
+def create_app(served: ServedClassifier, limits: Limits, api_key: str | None = None):
+    """The FastAPI application over ``served``; its lifespan runs the batching worker and drains it.
 
-    batcher = Batcher(served.answer, limits.max_batch, limits.max_wait_ms / 1000)
+    Args:
+        served: the loaded classifier.
+        limits: the server's limits.
+        api_key: when given, every endpoint but ``/health`` and the page at ``/`` answers 401 unless the
+            request carries it (``Authorization: Bearer KEY`` or ``X-API-Key: KEY``).
+    """
+    require_serving_packages()
+    from fastapi import Depends, FastAPI, HTTPException, Request
+    from fastapi.responses import HTMLResponse, JSONResponse
+    from starlette.requests import ClientDisconnect
+
+    batcher = Batcher(served.prepare, served.score, limits)
     page = page_html()
+    expected_key = None if api_key is None else api_key.encode("utf-8")
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -363,36 +562,56 @@ def create_app(served: ServedClassifier, limits: Limits):
     app.state.batcher = batcher
 
     def error(err: RequestError) -> JSONResponse:
-        return JSONResponse({"detail": err.message}, status_code=err.status)
+        headers = {} if err.retry_after is None else {"Retry-After": str(err.retry_after)}
+        return JSONResponse({"detail": err.message}, status_code=err.status, headers=headers)
+
+    def require_key(request: Request) -> None:
+        if expected_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = token.strip() if scheme.lower() == "bearer" else request.headers.get("x-api-key", "")
+        # Starlette decodes header bytes as latin-1: encoding back gives the bytes the client sent
+        if not hmac.compare_digest(given.encode("latin-1"), expected_key):
+            raise HTTPException(401, "this server needs an API key: send it as 'Authorization: Bearer KEY' or "
+                                     "'X-API-Key: KEY'" + (" (the one sent is not it)" if given else ""),
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    keyed = [Depends(require_key)]
 
     @app.get("/", response_class=HTMLResponse)
-    async def index():
+    async def index():  # the page holds no data; it asks for the key and sends it with its requests
         return HTMLResponse(page)
 
     @app.get("/health")
     async def health():
         return {"status": "ok", "requests": batcher.received, "in_flight": batcher.in_flight,
-                "batches": batcher.batches}
+                "queued_texts": batcher.queued_texts, "refused": batcher.refused, "batches": batcher.batches}
 
-    @app.get("/info")
+    @app.get("/info", dependencies=keyed)
     async def info():
-        return {**served.info, "limits": {"max_batch": limits.max_batch, "max_wait_ms": limits.max_wait_ms,
-                                          "max_texts": limits.max_texts, "max_chars": limits.max_chars}}
+        return {**served.info, "limits": limits.as_dict()}
 
-    @app.post("/predict")
+    @app.post("/predict", dependencies=keyed)
     async def predict(request: Request):
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limits.max_body_bytes:
-                return error(RequestError(413, f"the body has more than {limits.max_body_bytes} bytes, more than "
-                                               f"{limits.max_texts} texts of {limits.max_chars} characters can take "
-                                               "(--max-texts, --max-chars)"))
         try:
-            texts = parse_texts(bytes(body), limits)
-            rows = await batcher.submit(texts) if texts else []
+            async with asyncio.timeout(limits.timeout_s):  # from the request's arrival to its answer
+                batcher.check_room()  # a full queue refuses before reading the body
+                body = bytearray()
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > limits.max_body_bytes:
+                        raise RequestError(413, f"the body has more than {limits.max_body_bytes} bytes, more than "
+                                                f"{limits.max_texts} texts of {limits.max_chars} characters can "
+                                                "take (--max-texts, --max-chars)")
+                texts = parse_texts(bytes(body), limits)
+                rows = await batcher.submit(texts) if texts else []
         except RequestError as err:
             return error(err)
+        except ClientDisconnect:  # nobody reads this answer; without it, a traceback in the log
+            return error(RequestError(400, "the client closed the connection before the body ended"))
+        except TimeoutError:
+            return error(RequestError(503, f"not answered within --timeout-s={limits.timeout_s:g} s (the server "
+                                           "is busy); retry later", retry_after=batcher.retry_after()))
         return JSONResponse({"predictions": rows})
 
     return app
@@ -423,6 +642,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="texts in one request; more are answered 413 (default: %(default)s)")
     p.add_argument("--max-chars", type=int, default=DEFAULT_MAX_CHARS,
                    help="characters in one text; more are answered 413 (default: %(default)s)")
+    p.add_argument("--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS,
+                   help="query tokens scored together; longer requests are scored in chunks that interleave "
+                        "with other requests (default: %(default)s)")
+    p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                   help="texts received and not yet answered; a request beyond is answered 503 with Retry-After "
+                        "at once (default: %(default)s)")
+    p.add_argument("--timeout-s", type=float, default=DEFAULT_TIMEOUT_S,
+                   help="seconds from a request's arrival to its answer; later: 503 with Retry-After "
+                        "(default: %(default)s)")
+    p.add_argument("--api-key", default=None,
+                   help=f"require this key on every endpoint but /health and the page (401 otherwise), sent as "
+                        f"'Authorization: Bearer KEY' or 'X-API-Key: KEY'; or set {API_KEY_ENV} (which, unlike "
+                        "an option, other users of the machine cannot see in the process list)")
     return p
 
 
@@ -447,6 +679,33 @@ def listening_socket(host: str, port: int) -> socket.socket:
         sock.close()
         raise OSError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
     return sock
+
+
+def api_key_from(option: str | None) -> str | None:
+    """The key to require: ``--api-key``, else ``$CPTUNE_API_KEY`` when set and not empty, else ``None``.
+
+    Raises:
+        ValueError: an empty ``--api-key``.
+    """
+    if option is not None:
+        if not option:
+            raise ValueError("--api-key='' must not be empty (leave it out to serve without a key)")
+        return option
+    return os.environ.get(API_KEY_ENV) or None
+
+
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """The warning for a server reachable beyond this machine without a key (``None`` if it is not)."""
+    if api_key is not None:
+        return None
+    try:
+        local = ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:  # a name, not an address
+        local = host.lower() in LOOPBACK_NAMES
+    if local:
+        return None
+    return (f"cptune: warning: listening on {host} without an API key: anyone who can reach this address can use "
+            f"the classifier (set --api-key or {API_KEY_ENV})")
 
 
 def load_served(folder: str, model: str | None = None, device: str = "auto", dtype: str = "auto",
@@ -491,18 +750,23 @@ def _quiet_transformers() -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``cptune serve`` until SIGTERM or Ctrl-C; 0 after a graceful stop."""
-    limits = Limits(args.max_batch, args.max_wait_ms, args.max_texts, args.max_chars)
+    limits = Limits(args.max_batch, args.max_wait_ms, args.max_texts, args.max_chars,
+                    max_batch_tokens=args.max_batch_tokens, max_queue=args.max_queue, timeout_s=args.timeout_s)
+    api_key = api_key_from(args.api_key)
     require_serving_packages()
     import uvicorn
 
     sock = listening_socket(args.host, args.port)  # a busy port fails before the model loads
     try:
+        warning = exposure_warning(sock.getsockname()[0], api_key)
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
         _quiet_transformers()
         served = load_served(args.classifier, args.model, args.device, args.dtype, args.device_map,
                              args.batch_size, args.calibrate)
         host, port = sock.getsockname()[:2]
         url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
-        config = uvicorn.Config(create_app(served, limits), http="h11", loop="asyncio", lifespan="on",
+        config = uvicorn.Config(create_app(served, limits, api_key), http="h11", loop="asyncio", lifespan="on",
                                 log_level="warning", timeout_graceful_shutdown=None)
         # uvicorn raises the signal again once it has shut down gracefully; handled here, a SIGTERM
         # ends the process with status 0 (not killed by the signal) after every request is answered.

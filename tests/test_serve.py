@@ -657,7 +657,7 @@ def test_a_busy_port_and_a_missing_extra_are_one_line(tmp_path, capsys, monkeypa
         assert main(["serve", str(tmp_path), "--port", str(port)]) == 1
         assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "fastapi", None)  # as if not installed
-    assert main(["serve", str(tmp_path)]) == 1
+    assert main(["serve", str(tmp_path)]) == 2  # a missing extra is a usage mistake (README)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs fastapi" in err[0] and "pip install 'cptune[serve]'" in err[0]
 

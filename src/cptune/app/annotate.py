@@ -119,11 +119,11 @@ def annotate_file(
             object; ``predict_proba`` returns the wrong shape; ``pyarrow`` is missing for Parquet.
     """
     source, output = Path(source), Path(output)
-    in_format = _file_format(source, "input")
-    out_format = _file_format(output, "output")
+    in_format = file_format(source, "input")
+    out_format = file_format(output, "output")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
-    _check_paths(source, output)
+    check_paths(source, output)
     if ".parquet" in (in_format, out_format):
         _pyarrow()  # fail before reading anything when it is missing
     classes = [c.item() if isinstance(c, np.generic) else c for c in classifier.classes_]
@@ -142,11 +142,11 @@ def annotate_file(
     written = blank = 0
     with (
         AtomicOutput(output) as tmp,
-        _open_writer(out_format, tmp, table, classes, new_columns) as writer,
+        open_writer(out_format, tmp, table, classes, new_columns) as writer,
         progress_bar(table.rows, "annotate", unit="row", enabled=progress) as bar,
     ):
         for batch in table.batches(batch_size):
-            labels, probabilities = _predict(classifier, classes, batch.texts)
+            labels, probabilities = predict_rows(classifier, classes, batch.texts)
             writer.write(batch.rows, labels, probabilities)
             written += len(batch.texts)
             blank += sum(text is None for text in batch.texts)
@@ -159,14 +159,16 @@ def annotate_file(
 # -- checks -------------------------------------------------------------------------------------
 
 
-def _file_format(path: Path, role: str) -> str:
+def file_format(path: Path, role: str) -> str:
+    """``path``'s suffix, lower-cased, when it is one of the formats read and written (``role`` names it)."""
     suffix = path.suffix.lower()
     if suffix not in FILE_FORMATS:
         raise ValueError(f"{role} file {str(path)!r} has extension {suffix or '(none)'!r}; accepted: {formats()}")
     return suffix
 
 
-def _check_paths(source: Path, output: Path) -> None:
+def check_paths(source: Path, output: Path) -> None:
+    """Refuse a missing or folder ``source``, an ``output`` that cannot be written, or one that is ``source``."""
     if not source.exists():
         raise FileNotFoundError(f"input file {source} does not exist")
     if source.is_dir():
@@ -201,7 +203,7 @@ def _pyarrow():
     return pa, pq
 
 
-def _text_of(value: Any, column: str, where: str) -> str | None:
+def text_of(value: Any, column: str, where: str) -> str | None:
     """The normalised text of a cell, or None when it is blank (as :func:`cptune.data.load_file` reads it)."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
@@ -254,7 +256,7 @@ class _CsvTable:
                     raise ValueError(f"{where} has {len(fields)} fields but the header has {len(self.columns)}; "
                                      "check the quoting and the delimiter")
                 row = dict(zip(self.columns, fields, strict=True))
-                yield row, _text_of(row[self.text_column], self.text_column, where)
+                yield row, text_of(row[self.text_column], self.text_column, where)
 
     def batches(self, size: int) -> Iterator[_Batch]:
         return _record_batches(self._records(), size)
@@ -300,7 +302,7 @@ class _JsonlTable:
                         fields = ", ".join(repr(k) for k in row) or "none"
                         raise ValueError(f"text column {self.text_column!r} not found on {where}; fields present: "
                                          f"{fields} ({CHOOSE_COLUMN})")
-                    yield row, _text_of(row[self.text_column], self.text_column, where)
+                    yield row, text_of(row[self.text_column], self.text_column, where)
             except UnicodeDecodeError:
                 raise ValueError(f"{self.path} is not UTF-8 text (near line {number + 1}); save it as UTF-8") from None
 
@@ -360,7 +362,7 @@ class _ParquetTable:
         with pq.ParquetFile(self.path) as file:
             for batch in file.iter_batches(batch_size=size):
                 cells = batch.column(self.text_column).to_pylist()
-                yield _Batch(batch, [_text_of(cell, self.text_column, where) for cell in cells])
+                yield _Batch(batch, [text_of(cell, self.text_column, where) for cell in cells])
 
 
 def _open_table(path: Path, suffix: str, text_column: str, batch_size: int, arrow_schema: bool):
@@ -407,9 +409,9 @@ def check_annotation(source: str | Path, output: str | Path, text_column: str = 
         The errors :func:`annotate_file` raises for the same mistakes.
     """
     source, output = Path(source), Path(output)
-    in_format = _file_format(source, "input")
-    _file_format(output, "output")
-    _check_paths(source, output)
+    in_format = file_format(source, "input")
+    file_format(output, "output")
+    check_paths(source, output)
     if in_format in (".csv", ".tsv"):
         _csv_header(source, "\t" if in_format == ".tsv" else ",", text_column)
 
@@ -427,7 +429,7 @@ def _check_columns(path: Path, columns: list[str], text_column: str) -> None:
 # -- classifying --------------------------------------------------------------------------------
 
 
-def _predict(classifier, classes: list, texts: list[str | None]) -> tuple[list, np.ndarray]:
+def predict_rows(classifier, classes: list, texts: list[str | None]) -> tuple[list, np.ndarray]:
     """Each row's predicted class (None for a blank text) and ``(n, C)`` probabilities (NaN rows for blanks)."""
     probabilities = np.full((len(texts), len(classes)), np.nan)  # (n, C)
     keep = [i for i, text in enumerate(texts) if text is not None]
@@ -446,7 +448,11 @@ def _predict(classifier, classes: list, texts: list[str | None]) -> tuple[list, 
 # -- writing ------------------------------------------------------------------------------------
 
 
-def _open_writer(suffix: str, path: Path, table, classes: list, new_columns: list[str]):
+def open_writer(suffix: str, path: Path, table, classes: list, new_columns: list[str]):
+    """A context-managed writer of ``suffix``'s format at ``path``: ``write(rows, labels, probabilities)``.
+
+    ``table`` gives the input's ``columns`` (CSV/TSV header) and ``arrow_schema()`` (Parquet).
+    """
     if suffix == ".parquet":
         return _ParquetWriter(path, table.arrow_schema(), classes, new_columns)
     if suffix == ".jsonl":

@@ -8,6 +8,7 @@ import asyncio
 import base64
 import http.client
 import json
+import math
 import os
 import re
 import selectors
@@ -116,7 +117,7 @@ def test_batcher_chunks_requests_bounds_the_queue_and_drains_on_close():
         return [[ids[0] * 10 for ids in chunk] if chunk[0] != [-1] else ValueError("no") for chunk in chunks]
 
     async def scenario():
-        limits = serve.Limits(max_batch=8, max_wait_ms=200, max_texts=20, max_queue=40)
+        limits = serve.Limits(max_batch=8, max_wait_ms=200, max_texts=20, max_queue=40, timeout_s=10)
         batcher = serve.Batcher(prepare, score, limits)
         batcher.start()
         sizes = [3, 3, 3, 20, 1, 2]
@@ -128,6 +129,15 @@ def test_batcher_chunks_requests_bounds_the_queue_and_drains_on_close():
         with pytest.raises(serve.RequestError) as full:  # 34 + 7 > 40: at once, not queued
             await batcher.submit(["y"] * 7)
         assert full.value.status == 503 and full.value.retry_after >= 1 and batcher.refused == 1
+        work = 3 * 1 + 3 * 2 + 3 * 3 + 20 * 4 + 5 + 2 * 6 + 4 + 13 + 34 * serve.TEXT_OVERHEAD_CHARS
+        assert batcher.queued_chars == work
+        batcher.seconds_per_char = 2**-7  # as if measured (exact in binary): the 34 texts queued take ~12 s > 10 / 2
+        with pytest.raises(serve.RequestError, match="the 34 texts queued would take about 12 s") as slow:
+            await batcher.submit(["y"])
+        assert slow.value.status == 503 and slow.value.retry_after == math.ceil(work * 2**-7) == 12
+        assert batcher.refused == 2
+        batcher.seconds_per_char = 2**-9  # ~3 s: there is room
+        batcher.check_room(1)
         await batcher.close()  # answers everything submitted before it
         with pytest.raises(serve.RequestError, match="shutting down"):  # closed: refused
             await batcher.submit(["late"])
@@ -296,6 +306,8 @@ def test_health_info_and_page(server, classifier):
     assert status == 200 and info["labels"] == [{"label": 0, "word": "negative"}, {"label": 1, "word": "very positive"}]
     assert info["template"] == saved["template"]["format"] and info["calibrate"] and info["length_normalize"]
     assert info["context_tokens"] > 0 and info["placement"] == "cpu, float32" and info["cptune_version"]
+    assert info["training_data"] == {"training_data": saved["training_data"], "examples": len(saved["examples"]),
+                                     "training_size": saved["training_size"]}
     assert info["limits"] == {"max_batch": 32, "max_wait_ms": 100.0, "max_texts": 8, "max_chars": 1500,
                               "max_batch_tokens": serve.DEFAULT_MAX_BATCH_TOKENS, "max_queue": serve.DEFAULT_MAX_QUEUE,
                               "timeout_s": serve.DEFAULT_TIMEOUT_S}

@@ -6,8 +6,9 @@ request pays only for its own tokens. Concurrent requests are batched by one wor
 the requests that arrived and scores up to ``max_batch`` texts and ``max_batch_tokens`` query tokens in
 one call in a thread (the event loop keeps accepting and answering), taking chunks of the requests in
 turn (:class:`Scheduler`), so a long request does not hold up the others. The texts received and not
-yet answered are bounded (``max_queue``: beyond it 503 with ``Retry-After`` at once) and so is each
-request's time (``timeout_s``: then 503); ``--api-key`` makes every endpoint but ``/health`` and the page
+yet answered are bounded (``max_queue``; and no more than half of ``timeout_s`` of work at the
+worker's recent speed: beyond either, 503 with ``Retry-After`` at once) and so is each request's time
+(``timeout_s``: then 503); ``--api-key`` makes every endpoint but ``/health`` and the page
 require a key (401 otherwise).
 
 Endpoints: ``POST /predict`` (``{"texts": [...]}`` -> ``{"predictions": [{"label": ..., "probabilities":
@@ -53,7 +54,15 @@ DEFAULT_MAX_QUEUE = 1024  # texts received and not yet answered; beyond it: 503 
 DEFAULT_TIMEOUT_S = 60.0  # a request not answered by then gets 503
 MAX_TIMEOUT_S = 3600.0
 RETRY_AFTER_MIN_S = 1  # the smallest Retry-After: HTTP counts it in whole seconds
-RATE_SMOOTHING = 0.2  # weight of the latest batch in the running estimate of seconds per text
+RATE_SMOOTHING = 0.2  # weight of the latest batch in the running estimate of seconds per character
+# The work of a text, for the estimate of how long the queue takes: its characters (what is known before
+# tokenizing; a model's cost grows with the tokens, about in step) plus this many for the template's
+# tokens around it (~10 tokens). Texts alone would misjudge a queue of short texts after a 4000-character one.
+TEXT_OVERHEAD_CHARS = 40
+# Refuse at once a request that would wait behind texts taking more than this part of --timeout-s (at
+# the running estimate): a request admitted at the edge must still be answered in time, and the
+# estimate is an average.
+SHED_FRACTION = 0.5
 API_KEY_ENV = "CPTUNE_API_KEY"
 LOOPBACK_NAMES = ("localhost",)
 JSON_BYTES_PER_CHAR = 12  # the most one character can take in a JSON string (a surrogate pair as \uXXXX\uXXXX)
@@ -210,6 +219,8 @@ class ServedClassifier:
             "calibrate": clf.calibrate,
             "length_normalize": clf.length_normalize,
             "placement": clf.placement_,
+            # what the folder served holds of the training data, as its card says: "context only" or "kept"
+            "training_data": clf.data_held(clf.holds_training_data_),
             "cptune_version": __version__,
         }
 
@@ -340,6 +351,11 @@ class Scheduler:
         return batch
 
 
+def work_chars(texts: Sequence[str]) -> int:
+    """The work of these texts for the queue's time estimate: characters plus ``TEXT_OVERHEAD_CHARS`` each."""
+    return sum(len(text) + TEXT_OVERHEAD_CHARS for text in texts)
+
+
 @dataclass(eq=False)  # a scheduler key: hashed by identity
 class _Pending:
     texts: list[str]
@@ -365,9 +381,10 @@ class Batcher:
         self.received = 0  # requests submitted so far
         self.in_flight = 0  # requests submitted and not yet answered
         self.queued_texts = 0  # their texts: what max_queue bounds
+        self.queued_chars = 0  # their work: characters plus TEXT_OVERHEAD_CHARS a text
         self.refused = 0  # requests answered 503 because the queue was full
         self.batches = 0  # calls of score so far
-        self.seconds_per_text: float | None = None  # a running estimate, for Retry-After
+        self.seconds_per_char: float | None = None  # a running estimate over the worker's calls
         self._inbox: asyncio.Queue[_Pending | None] = asyncio.Queue()  # unbounded: submit bounds what enters
         self._scheduler = Scheduler(limits.max_batch, limits.max_batch_tokens)
         self._worker: asyncio.Task | None = None
@@ -378,16 +395,20 @@ class Batcher:
 
     def retry_after(self) -> int:
         """Seconds until the texts queued now are likely answered (at least 1), for ``Retry-After``."""
-        if self.seconds_per_text is None:
-            return RETRY_AFTER_MIN_S
-        return max(RETRY_AFTER_MIN_S, math.ceil(self.queued_texts * self.seconds_per_text))
+        return max(RETRY_AFTER_MIN_S, math.ceil(self.queued_seconds()))
+
+    def queued_seconds(self) -> float:
+        """How long the texts queued now would take at the running estimate (0 before any call)."""
+        return self.queued_chars * (self.seconds_per_char or 0.0)
 
     def check_room(self, texts: int = 1) -> None:
         """Refuse at once a request of ``texts`` texts that the queue cannot take.
 
         Raises:
-            RequestError: 503 with ``Retry-After`` when the server is shutting down or the texts
-                received and not yet answered would exceed ``max_queue``.
+            RequestError: 503 with ``Retry-After`` when the server is shutting down, when the texts
+                received and not yet answered would exceed ``max_queue``, or when those queued would take
+                more than ``SHED_FRACTION`` of ``timeout_s`` at the running estimate of seconds per character
+                (a request that would likely time out is refused now rather than then).
         """
         if self._closing or self._worker is None or self._worker.done():
             raise RequestError(503, "the server is shutting down", retry_after=RETRY_AFTER_MIN_S)
@@ -395,6 +416,12 @@ class Batcher:
             self.refused += 1
             raise RequestError(503, f"the server is busy: {self.queued_texts} texts are queued and --max-queue is "
                                     f"{self.limits.max_queue}; retry later", retry_after=self.retry_after())
+        ahead = self.queued_seconds()  # nothing queued: always admitted
+        if ahead > SHED_FRACTION * self.limits.timeout_s:
+            self.refused += 1
+            raise RequestError(503, f"the server is busy: the {self.queued_texts} texts queued would take about "
+                                    f"{ahead:.0f} s, more than half of --timeout-s={self.limits.timeout_s:g}; retry "
+                                    "later", retry_after=self.retry_after())
 
     async def submit(self, texts: list[str]) -> Any:
         """The answer rows for these texts (the exception of ``prepare`` or ``score`` raised).
@@ -407,12 +434,15 @@ class Batcher:
         self.received += 1
         self.in_flight += 1
         self.queued_texts += len(texts)
+        work = work_chars(texts)
+        self.queued_chars += work
         try:
             self._inbox.put_nowait(_Pending(texts, future))
             return await future  # cancelled (a time limit) cancels the future: the worker drops it
         finally:
             self.in_flight -= 1
             self.queued_texts -= len(texts)
+            self.queued_chars -= work
 
     async def close(self) -> None:
         """Answer everything already submitted, then stop the worker."""
@@ -496,10 +526,9 @@ class Batcher:
             results = await asyncio.to_thread(self.score, [p.ids[start:end] for p, start, end in batch])
         except Exception as err:  # noqa: BLE001 - score isolates chunks itself; this is the last resort
             results = [err] * len(batch)
-        texts = sum(end - start for _, start, end in batch)
-        latest = (loop.time() - started) / texts
-        self.seconds_per_text = latest if self.seconds_per_text is None else (
-            RATE_SMOOTHING * latest + (1 - RATE_SMOOTHING) * self.seconds_per_text)
+        latest = (loop.time() - started) / sum(work_chars(p.texts[start:end]) for p, start, end in batch)
+        self.seconds_per_char = latest if self.seconds_per_char is None else (
+            RATE_SMOOTHING * latest + (1 - RATE_SMOOTHING) * self.seconds_per_char)
         for (pending, _, _), result in zip(batch, results, strict=True):
             if pending.future.done():  # given up meanwhile
                 self._scheduler.drop(pending)

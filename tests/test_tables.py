@@ -101,3 +101,17 @@ def test_csv_output_bytes(tmp_path):
         writer.write([{"text": 'a, "b"\r\nc', "n": 1}, {"text": "plain", "n": None}], [[0.25, None]])
         writer.write([{"text": "x", "n": [1, "y"]}], [["é"]])
     assert path.read_bytes() == ('text,n,added\n"a, ""b""\r\nc",1,0.25\nplain,,\nx,"[1, ""y""]",é\n').encode()
+
+
+@pytest.mark.parametrize("data", [b"text\nab\xc3\xa9c\n\xff\n", b"text\nabc\xc3", b"text\na\xc3\xa9\xc3\xa9x\xe9z\n"])
+def test_the_offset_of_a_bad_byte_is_exact_where_characters_straddle_chunks(tmp_path, monkeypatch, data):
+    from cptune.data import tables
+
+    monkeypatch.setattr(tables, "_UTF8_CHUNK", 4)  # a chunk boundary inside the two-byte characters
+    path = tmp_path / "d.csv"
+    path.write_bytes(data)
+    with pytest.raises(UnicodeDecodeError) as want:
+        data.decode("utf-8")
+    start = want.value.start
+    with pytest.raises(ValueError, match=rf"byte 0x{data[start]:02x} at offset {start}\)"):
+        list(open_table(path).batches())

@@ -35,6 +35,7 @@ pyarrow is imported on first use, so ``import cptune.data`` stays light.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import itertools
 import json
@@ -114,7 +115,7 @@ class Batch:
 
     def records(self) -> list[dict]:
         """The rows as dicts of Python values (JSONL objects as they were read)."""
-        return self.rows if isinstance(self.rows, list) else self.rows.to_pylist()
+        return _records(self.rows)
 
     def column(self, name: str) -> list:
         """One column's Python values (None where a JSONL object lacks the key)."""
@@ -198,51 +199,52 @@ class _CsvTable(Table):
 
     def __init__(self, path: Path) -> None:
         self.delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+        self._ragged: list = []  # pyarrow's InvalidRow of the row that stopped the read: its number and counts
         super().__init__(path, [])
-        # one block parsed to learn the header (the names decode lazily, hence inside _call)
-        self.columns = self._call(lambda: list(self._reader(None).schema.names))
+        with self._parsing():  # one block is parsed to learn the header; its names decode lazily
+            self.columns = list(self._reader(None).schema.names)
 
     def _reader(self, column_types):
         pa = arrow(f"reading {self.name}")
-        ragged = []
 
-        def on_ragged(row) -> str:  # pyarrow's InvalidRow: the row's number and its field counts
-            ragged.append(row)
+        def on_ragged(row) -> str:
+            self._ragged.append(row)
             return "error"
 
-        options = dict(
+        return pa.csv.open_csv(
+            self.path,
             # one thread: pyarrow then knows each row's number (for errors), and on 200,000 rows it was faster
             read_options=pa.csv.ReadOptions(block_size=CSV_BLOCK_BYTES, use_threads=False),
             parse_options=pa.csv.ParseOptions(delimiter=self.delimiter, newlines_in_values=True,
                                               invalid_row_handler=on_ragged),
             convert_options=pa.csv.ConvertOptions(column_types=column_types, strings_can_be_null=False),
         )
-        self._ragged = ragged
-        return self._call(lambda: pa.csv.open_csv(self.path, **options))
 
-    def _call(self, read):
-        """``read()``, with pyarrow's and the decoder's errors as one-line ValueErrors naming the file and row."""
+    @contextlib.contextmanager
+    def _parsing(self):
+        """pyarrow's and the decoder's errors inside the block as one-line ValueErrors naming the file and row."""
         pa = arrow(f"reading {self.name}")
+        self._ragged.clear()
         try:
-            return read()
+            yield
         except (pa.ArrowInvalid, UnicodeDecodeError) as err:
             if self._ragged:
                 row = self._ragged[0]
                 at = f"row {row.number}" if row.number is not None else "a row"
                 raise ValueError(f"{self.name} {at} has {row.actual_columns} fields but the header has "
                                  f"{row.expected_columns}; check the quoting and the delimiter") from None
-            message = str(err)
-            if "Empty CSV file" in message:
+            if "Empty CSV file" in str(err):
                 raise ValueError(f"{self.name} is empty; it needs a header row naming its columns") from None
-            if isinstance(err, UnicodeDecodeError) or "invalid UTF8" in message:
+            if isinstance(err, UnicodeDecodeError) or "invalid UTF8" in str(err):
                 raise ValueError(_not_utf8(self.path, self.name)) from None
             raise ValueError(f"{self.name} is not valid CSV ({one_line(err)}); check the quoting and the "
                              "delimiter") from None
 
     def batches(self, size: int | None = None) -> Iterator[Batch]:
         pa = arrow(f"reading {self.name}")
-        reader = self._reader({name: pa.string() for name in self.columns})
-        return _numbered(_sized(_until_stop(reader, self._call), size, pa), HEADER_ROW + 1)
+        with self._parsing():
+            reader = self._reader({name: pa.string() for name in self.columns})
+            yield from _numbered(_sized(reader, size, pa), HEADER_ROW + 1)
 
 
 class _ParquetTable(Table):
@@ -363,19 +365,6 @@ def open_table(path: str | Path) -> Table:
     return _CsvTable(path)
 
 
-def _until_stop(reader, call) -> Iterator:
-    """A pyarrow CSV stream's record batches, with ``call`` turning its parse errors into ValueErrors."""
-
-    def step():
-        try:
-            return reader.read_next_batch()
-        except StopIteration:
-            return None
-
-    while (batch := call(step)) is not None:
-        yield batch
-
-
 def _sized(blocks: Iterable, size: int | None, pa) -> Iterator:
     """pyarrow record batches re-cut to ``size`` rows each (the last may be shorter); ``None``: as they come."""
     if size is None:
@@ -405,12 +394,16 @@ def _not_utf8(path: Path, name: str) -> str:
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0
     with open(path, "rb") as f:
-        while chunk := f.read(_UTF8_CHUNK):
+        while True:
+            chunk = f.read(_UTF8_CHUNK)
+            held = len(decoder.getstate()[0])  # bytes of a character the previous chunk left unfinished
             try:
-                decoder.decode(chunk)
-            except UnicodeDecodeError as err:
-                at = offset + err.start - len(decoder.getstate()[0])
-                return f"{name} is not UTF-8 (byte 0x{chunk[err.start]:02x} at offset {at}); save it as UTF-8"
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as err:  # err.object: the held bytes, then this chunk
+                at = offset - held + err.start
+                return f"{name} is not UTF-8 (byte 0x{err.object[err.start]:02x} at offset {at}); save it as UTF-8"
+            if not chunk:
+                break
             offset += len(chunk)
     return f"{name} is not UTF-8 text; save it as UTF-8"
 

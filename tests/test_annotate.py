@@ -95,7 +95,7 @@ def is_empty(cell) -> bool:
 
 @pytest.mark.parametrize("source_name, output_name", [
     ("in.csv", "out.csv"), ("in.tsv", "out.tsv"), ("in.jsonl", "out.jsonl"), ("in.parquet", "out.parquet"),
-    ("in.csv", "out.jsonl"), ("in.jsonl", "out.parquet"), ("in.parquet", "out.csv"),
+    ("in.csv", "out.jsonl"), ("in.jsonl", "out.parquet"), ("in.parquet", "out.csv"), ("in.tsv", "out.parquet"),
 ])
 def test_rows_come_back_unchanged_with_the_classifiers_predictions(clf, tmp_path, source_name, output_name):
     source, output = tmp_path / source_name, tmp_path / "results" / output_name

@@ -95,7 +95,7 @@ def is_empty(cell) -> bool:
 
 @pytest.mark.parametrize("source_name, output_name", [
     ("in.csv", "out.csv"), ("in.tsv", "out.tsv"), ("in.jsonl", "out.jsonl"), ("in.parquet", "out.parquet"),
-    ("in.csv", "out.jsonl"), ("in.jsonl", "out.parquet"), ("in.parquet", "out.csv"),
+    ("in.csv", "out.jsonl"), ("in.jsonl", "out.parquet"), ("in.parquet", "out.csv"), ("in.tsv", "out.parquet"),
 ])
 def test_rows_come_back_unchanged_with_the_classifiers_predictions(clf, tmp_path, source_name, output_name):
     source, output = tmp_path / source_name, tmp_path / "results" / output_name
@@ -274,3 +274,51 @@ def test_predictions_equal_predict_proba_in_one_call(clf):
     whole = clf.predict_proba(CLASSIFIED)
     pieces = np.concatenate([clf.predict_proba(CLASSIFIED[i:i + 3]) for i in range(0, len(CLASSIFIED), 3)])
     assert np.abs(whole - pieces).max() < 5e-7
+
+
+def test_a_ragged_csv_row_fails_before_any_inference_and_names_its_row(clf, tmp_path):
+    source = tmp_path / "in.csv"
+    source.write_bytes(b'text,label\n"two\nlines",pos\nfine,neg\nbad,neg,extra\n')
+    recording = Recording(clf)
+    with pytest.raises(ValueError, match=r"in.csv' row 4 has 3 fields but the header has 2"):  # rows, not lines
+        annotate_file(recording, source, tmp_path / "out.csv", progress=False)
+    assert recording.calls == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.csv"]
+
+
+@pytest.mark.parametrize("source_name, data, output_name, want", [
+    ("in.csv", b"text,label\n", "out.csv", b"text,label,predicted_label,p_pos,p_neg\n"),
+    ("in.tsv", b"\xef\xbb\xbftext\tlabel\n\n", "out.tsv", b"text\tlabel\tpredicted_label\tp_pos\tp_neg\n"),
+    ("in.jsonl", b"", "out.jsonl", b""),
+    ("in.csv", b"text\n", "out.jsonl", b""),
+])
+def test_a_file_without_rows_gives_an_output_without_rows(clf, tmp_path, source_name, data, output_name, want):
+    source, output = tmp_path / source_name, tmp_path / output_name
+    source.write_bytes(data)
+    recording = Recording(clf)
+    assert annotate_file(recording, source, output, progress=False) == 0
+    assert recording.calls == [] and output.read_bytes() == want
+
+
+def test_a_csv_without_rows_gives_a_parquet_file_without_rows(clf, tmp_path):
+    source, output = tmp_path / "in.csv", tmp_path / "out.parquet"
+    source.write_bytes(b"text,label\n")
+    assert annotate_file(clf, source, output, progress=False) == 0
+    table = pq.read_table(output)
+    assert table.num_rows == 0 and table.column_names == ["text", "label", "predicted_label", "p_pos", "p_neg"]
+
+
+@pytest.mark.parametrize("suffix, sep", [(".csv", ","), (".tsv", "\t")])
+def test_csv_and_tsv_output_bytes(clf, tmp_path, suffix, sep):
+    """The exact bytes: the BOM and blank lines dropped, cells as they were, minimal quoting, 6 decimals."""
+    source, output = tmp_path / f"in{suffix}", tmp_path / f"out{suffix}"
+    text = f'text{sep}note\n"a, ""b""\r\nc"{sep}1\n\n{sep}blank\nplain{sep}  x  \n'
+    source.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    annotate_file(clf, source, output, progress=False)
+    probs = clf.predict_proba(['a, "b" c', "plain"])
+    cells = [[clf.classes_[int(p.argmax())], *(repr(round(float(q), 6)) for q in p)] for p in probs]
+    want = (f"text{sep}note{sep}predicted_label{sep}p_pos{sep}p_neg\n"
+            f'"a, ""b""\r\nc"{sep}1{sep}{sep.join(cells[0])}\n'
+            f"{sep}blank{sep}{sep}{sep}\n"
+            f"plain{sep}  x  {sep}{sep.join(cells[1])}\n")
+    assert output.read_bytes() == want.encode()

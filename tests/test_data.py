@@ -475,7 +475,9 @@ def test_parquet_without_pyarrow(tmp_path, monkeypatch):
         ("d.csv", b"text,label\n\x00\x01\x02,a\n", "holds NUL bytes"),
         ("d.csv", b"text,label\nx,a\ny,b,extra\n", "row 3 has 3 fields but the header has 2"),
         ("d.csv", b"text,label\nx,a\ny\n", "row 3 has 1 fields but the header has 2"),
-        ("d.csv", b'text,label\n"x"y,a\n', "is not valid CSV \\(after line 1: .*check the quoting"),
+        ("d.csv", b'text,label\n"x,a\ny,b\n', "row 2 has 1 fields but the header has 2; check the quoting"),
+        ("d.csv", b'text,label\n"a\nb",x\n\ny\n', "row 3 has 1 fields"),  # rows, not lines: a quoted newline
+        ("d.csv", b"te\xe9xt,label\nx,a\n", "is not UTF-8 \\(byte 0xe9 at offset 2\\)"),  # in the header
         ("d.csv", b"review,stars\nx,1\n", "text column 'text' not found in .*; columns present: 'review', "),
         ("d.csv", b"text,stars\nx,1\n", "label column 'label' not found .*columns present: 'text', 'stars'"),
         ("d.csv", b"text,label\n ,a\n\t,b\n", "no usable examples \\(2 rows: 2 with blank 'text'"),
@@ -694,3 +696,15 @@ def test_property_truncate(text, limit):
     norm = " ".join(text.split())
     assert len(out) <= limit and norm.startswith(out)
     assert bool(out) == bool(norm) and out == out.strip()
+
+
+def test_csv_label_types_look_at_every_row(tmp_path):
+    """An integer-looking label column with one word past pyarrow's first block stays strings."""
+    from cptune.data.tables import CSV_BLOCK_BYTES
+
+    path = tmp_path / "long.csv"
+    rows = "".join(f"text {i},{i % 2}\n" for i in range(CSV_BLOCK_BYTES // 8))  # about 1.7 blocks
+    path.write_text("text,label\n" + rows + "last,x\n", encoding="utf-8")
+    assert load_file(path).labels == ["0", "1", "x"]
+    path.write_text("text,label\n" + rows, encoding="utf-8")
+    assert load_file(path).labels == [0, 1]

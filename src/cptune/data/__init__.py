@@ -8,7 +8,7 @@ class-balanced sampling.
   *stand-ins* for the paper's benchmarks (SST-2/MR, SUBJ, SST-5, AG News/DBpedia), which are not available
   offline; every report should say so. :func:`list_datasets` describes them without loading any.
 * **Local files** (:func:`load_file`, :mod:`cptune.data.files`): ``.csv``, ``.tsv``, ``.jsonl`` (one JSON object
-  per line) and ``.parquet`` (needs ``pyarrow``, which cptune does not install).
+  per line) and ``.parquet``, read through :mod:`cptune.data.tables` (on ``pyarrow``).
 * **Hub datasets** (:mod:`cptune.data.hub`, with the optional ``datasets`` library): any hub id ``owner/name``
   (``SetFit/sst2``), loaded by ``datasets.load_dataset`` with its cache and offline mode; ``config`` picks a
   configuration. The four named ones (:data:`HUB_DATASETS`: ``glue/sst2``, ``ag_news``, ``trec``,
@@ -28,7 +28,8 @@ integer labels become its names. ``Dataset.provenance["source"]`` records the ki
 (:data:`SOURCE_KINDS`). ``datasets`` and ``pandas`` are imported only when such a source is given.
 
 The package, by layer: ``types`` (:class:`Example`, :class:`Dataset`, the text rules, the per-dataset
-defaults, the file formats) <- ``files`` (:func:`load_file`, :func:`records_to_dataset`) <- ``builtin``,
+defaults, the file formats) <- ``tables`` (the reader and writer of data files) <- ``files`` (:func:`load_file`,
+:func:`records_to_dataset`) <- ``builtin``,
 ``hub`` (everything ``datasets`` reads), ``objects`` (lists, DataFrames) <- ``catalog``
 (:func:`list_datasets`) <- this module (:func:`load_dataset` and sampling), which re-exports their public
 names.

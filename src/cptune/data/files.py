@@ -2,8 +2,9 @@
 
 :func:`load_file` reads a file into a :class:`~cptune.data.Dataset`; :func:`records_to_dataset` turns
 ``(location, record)`` pairs from any source (a file, a hub split, a DataFrame, Python lists) into one, checking
-columns, skipping blank or unlabelled rows with one warning and recording provenance. CSV/TSV need a header row
-and UTF-8 text; JSONL holds one JSON object per line; Parquet needs ``pyarrow``, which cptune does not install.
+columns, skipping blank or unlabelled rows with one warning and recording provenance. Files are read through
+:mod:`cptune.data.tables` (the one reader of data files, on ``pyarrow``): CSV/TSV need a header row and UTF-8
+text; JSONL holds one JSON object per line.
 Texts are normalised as :mod:`cptune.data.types` states, and truncated only when ``max_chars`` is given.
 
 Labels keep their type: JSONL and Parquet give their own (an int stays an int, ``1.0`` becomes ``1``); a CSV/TSV
@@ -15,10 +16,7 @@ Every public name here is also importable from :mod:`cptune.data`.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
-import json
 import math
 import re
 import warnings
@@ -26,6 +24,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from cptune.data.tables import Batch, Table, open_table, text_of
 from cptune.data.types import (
     FILE_FORMATS,
     Dataset,
@@ -59,7 +58,7 @@ def load_file(
 
     Args:
         path: The data file. CSV/TSV need a header row and UTF-8 text; JSONL holds one JSON object per line;
-            Parquet needs ``pyarrow``.
+            CSV, TSV and Parquet are read with ``pyarrow``.
         text_column: Column (or JSON field) holding the text.
         label_column: Column (or JSON field) holding the label.
         name: Dataset name; defaults to the file name without its extension.
@@ -85,23 +84,22 @@ def load_file(
     if suffix not in FILE_FORMATS:
         raise ValueError(f"data file {source!r} has extension {suffix or '(none)'!r}; accepted: {formats()}")
     try:
-        raw = path.read_bytes()
+        sha256, nul = _digest(path)
     except OSError as err:
         raise ValueError(f"cannot read data file {source!r}: {err.strerror or one_line(err)}") from None
-    if suffix == ".parquet":
-        columns, records = _read_parquet(raw, source)
-    else:
-        text = _decode(raw, source)
-        if suffix == ".jsonl":
-            columns, records = _read_jsonl(text, source)
-        else:
-            columns, records = _read_csv(text, source, "\t" if suffix == ".tsv" else ",", label_column)
+    if nul and suffix != ".parquet":
+        raise ValueError(f"data file {source!r} holds NUL bytes (binary?); accepted: UTF-8 text for .csv/.tsv/.jsonl")
+    table = open_table(path)
+    batches = list(table.batches())
+    if suffix == ".jsonl" and not batches:
+        raise ValueError(f"data file {source!r} is empty; a .jsonl file holds one JSON object per line")
+    records = _records(table, batches, label_column)
     provenance = {
         "source": "file",
         "package": None,
         "version": None,
         "file": str(path.resolve()),
-        "sha256": hashlib.sha256(raw).hexdigest(),
+        "sha256": sha256,
         "format": suffix[1:],
         "stand_in_for": None,
     }
@@ -109,7 +107,7 @@ def load_file(
         records,
         name=name or path.stem,
         source=source,
-        columns=columns,
+        columns=table.columns,
         text_column=text_column,
         label_column=label_column,
         label_names=label_names,
@@ -118,15 +116,17 @@ def load_file(
     )
 
 
-def _decode(raw: bytes, source: str) -> str:
-    if b"\x00" in raw:
-        raise ValueError(f"data file {source!r} holds NUL bytes (binary?); accepted: UTF-8 text for .csv/.tsv/.jsonl")
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise ValueError(
-            f"data file {source!r} is not UTF-8 (byte 0x{raw[err.start]:02x} at offset {err.start}); save it as UTF-8"
-        ) from None
+_HASH_CHUNK = 1 << 20  # bytes hashed at a time
+
+
+def _digest(path: Path) -> tuple[str, bool]:
+    """The file's SHA-256 and whether it holds a NUL byte (a text file never does), read in chunks."""
+    digest, nul = hashlib.sha256(), False
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+            nul = nul or b"\x00" in chunk
+    return digest.hexdigest(), nul
 
 
 Records = Iterator[tuple[str, dict]]
@@ -135,74 +135,17 @@ Records = Iterator[tuple[str, dict]]
 _INTEGER = re.compile(r"[+-]?\d+")
 
 
-def _read_csv(text: str, source: str, delimiter: str, label_column: str) -> tuple[list[str], Records]:
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
-    try:
-        columns = list(reader.fieldnames or [])
-        rows = list(reader)
-    except csv.Error as err:
-        raise ValueError(
-            f"data file {source!r} is not valid CSV (after line {reader.line_num}: {one_line(err)}); check the quoting"
-        ) from None
-    if not columns:
-        raise ValueError(f"data file {source!r} is empty; it needs a header row naming its columns and data rows")
-    labels = [row.get(label_column) for row in rows]
-    filled = [value.strip() for value in labels if isinstance(value, str) and value.strip()]
-    integers = bool(filled) and all(_INTEGER.fullmatch(value) for value in filled)
-
-    def records() -> Records:
-        for index, row in enumerate(rows, start=2):
-            extra = row.get(None)
-            if extra is not None or None in row.values():
-                found = len(columns) + len(extra) if extra is not None else sum(v is not None for v in row.values())
-                raise ValueError(
-                    f"data file {source!r} row {index} has {found} fields but the header has {len(columns)}; "
-                    "check the quoting and the delimiter"
-                )
+def _records(table: Table, batches: list[Batch], label_column: str) -> Records:
+    """``(" row N", record)`` pairs of a table's rows; a CSV/TSV label column of integer literals as ints."""
+    integers = False
+    if table.format in (".csv", ".tsv") and label_column in table.columns:
+        filled = [value.strip() for batch in batches for value in batch.column(label_column) if value.strip()]
+        integers = bool(filled) and all(_INTEGER.fullmatch(value) for value in filled)
+    for batch in batches:
+        for number, row in zip(batch.numbers, batch.records(), strict=True):
             if integers and row[label_column].strip():
                 row[label_column] = int(row[label_column])
-            yield f" row {index}", row
-
-    return columns, records()
-
-
-def _read_jsonl(text: str, source: str) -> tuple[list[str], Records]:
-    objects: list[tuple[str, dict]] = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(
-                f"data file {source!r} line {number} is not valid JSON ({err.msg} at column {err.colno}); "
-                "a .jsonl file holds one JSON object per line"
-            ) from None
-        if not isinstance(obj, dict):
-            raise ValueError(
-                f"data file {source!r} line {number} holds a JSON {type(obj).__name__}; "
-                "a .jsonl file holds one JSON object per line"
-            )
-        objects.append((f" line {number}", obj))
-    if not objects:
-        raise ValueError(f"data file {source!r} is empty; a .jsonl file holds one JSON object per line")
-    return list(objects[0][1]), iter(objects)
-
-
-def _read_parquet(raw: bytes, source: str) -> tuple[list[str], Records]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise ValueError(
-            f"reading {source!r} needs pyarrow, which is not installed; run `pip install pyarrow` "
-            "or convert the file to .csv or .jsonl"
-        ) from None
-    try:
-        table = pq.read_table(io.BytesIO(raw))
-    except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ...: all mean "not a readable Parquet file"
-        raise ValueError(f"cannot read data file {source!r} as Parquet: {one_line(err)}") from None
-    rows = table.to_pylist()
-    return list(table.column_names), ((f" row {i}", row) for i, row in enumerate(rows, start=1))
+            yield f" {table.unit} {number}", row
 
 
 def records_to_dataset(
@@ -257,7 +200,7 @@ def records_to_dataset(
             if column not in record:
                 fields = ", ".join(repr(c) for c in record) or "none"
                 raise ValueError(f"{source!r}{where} has no {column!r} field; fields present: {fields}")
-        text = _cell_text(record[text_column], text_column, source, where)
+        text = text_of(record[text_column], text_column, f"{source!r}{where}")
         label = _cell_label(record[label_column], label_column, names, source, where)
         if text is None:
             blank += 1
@@ -308,15 +251,6 @@ def _refuse_merged_labels(labels: list[Label], source: str) -> None:
                 f"{source!r}: labels {seen!r} and {label!r} are equal in Python, so they would be one class; "
                 "make the label column one type (e.g. all strings)"
             )
-
-
-def _cell_text(value: Any, column: str, source: str, where: str) -> str | None:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    if isinstance(value, (dict, list)):
-        raise ValueError(f"{source!r}{where}: {column!r} holds a {type(value).__name__}; a text must be a string")
-    text = normalize_text(str(value))
-    return text or None
 
 
 def _scalar(value: Any) -> Any:

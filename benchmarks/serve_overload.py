@@ -22,7 +22,7 @@ library only, one connection per request, every loop bounded in count and time):
   drawn (seeded) from valid ones and ten kinds of invalid ones, on a server with ``--api-key``; every
   answer's status is checked against the one documented for its kind, and memory is sampled throughout.
 
-The results go to standard output and to OUTPUT/serve_MODE.md and OUTPUT/serve_MODE.json.
+The results go to standard output and to OUTPUT/serve_MODE.json (the server's log to OUTPUT/serve_MODE.log).
 """
 
 import argparse

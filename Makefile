@@ -22,7 +22,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml $(CONSTRAINTS) Makefile src/cptune/app/download.py
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e ".[test,serve,setfit]"
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e ".[test,serve,setfit,ray]"
 	$(PY) -m cptune.app.download --quiet --dest $(DATA_DIR)
 	echo $(CONSTRAINTS) > $(STAMP)
 

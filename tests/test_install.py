@@ -118,7 +118,7 @@ def test_running_environment_is_the_pinned_set():
 def test_makefile_installs_with_constraints_and_the_download_module():
     makefile = (ROOT / "Makefile").read_text()
     assert "CONSTRAINTS := constraints.txt" in makefile
-    assert '-c $(CONSTRAINTS) -e ".[test,serve,setfit]"' in makefile
+    assert '-c $(CONSTRAINTS) -e ".[test,serve,setfit,ray]"' in makefile
     assert "echo $(CONSTRAINTS) > $(STAMP)" in makefile  # what _installed_with reads
     assert "-m cptune.app.download" in makefile
     for package in dl.PACKAGES:  # the list lives in cptune.app.download only

@@ -78,6 +78,14 @@ non_negative_float = _number(float, "a finite number >= 0", lambda v: math.isfin
 fraction = _number(float, "a number in (0, 1]", lambda v: 0 < v <= 1)
 
 
+def add_ray_arg(p, what: str) -> None:
+    """``--ray [ADDRESS]``: run on a Ray cluster (the ray extra); the address is optional."""
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help=f"{what} on a Ray cluster: ADDRESS (host:port, ray://host:port, auto), else the one "
+                        "RAY_ADDRESS names, else a local cluster on this machine (needs pip install 'cptune[ray]'; "
+                        "docs/scaling.md)")
+
+
 def add_overwrite_arg(p, what: str) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help=f"replace an existing --output ({what}); without it an existing one is refused")
@@ -237,6 +245,14 @@ def _add_predict(sub) -> None:
                    help="annotated copy of a data --file: its rows plus predicted_label and p_<label> columns "
                         "(.csv, .tsv, .jsonl or .parquet)")
     add_overwrite_arg(p, "a file")
+    add_ray_arg(p, "annotate the data --file (or a folder of such files) with one actor per worker")
+    p.add_argument("--ray-workers", type=positive_int, default=None,
+                   help="with --ray: actors, each loading the classifier once (default: the cluster's CPUs over "
+                        "--ray-threads)")
+    p.add_argument("--ray-threads", type=positive_int, default=1,
+                   help="with --ray: torch threads and CPUs per actor (default: %(default)s)")
+    p.add_argument("--ray-gpus", type=non_negative_float, default=0,
+                   help="with --ray: GPUs per actor, a fraction shares one (default: %(default)s)")
 
 
 def _add_datasets(sub) -> None:
@@ -267,6 +283,11 @@ def _add_compare(sub) -> None:
     p.add_argument("--label-words", default=None, help="label=word,label=word (default: each dataset's)")
     p.add_argument("--only", default=None, help="run only matching cells, e.g. dataset=subj,shots=4,seed=0,method=cpt")
     p.add_argument("--report-only", action="store_true", help="do not run cells; rebuild the table and plots")
+    add_ray_arg(p, "run each cell as a task")
+    p.add_argument("--ray-cpus-per-cell", type=positive_float, default=1,
+                   help="with --ray: CPUs (and torch threads) per cell (default: %(default)s)")
+    p.add_argument("--ray-gpus-per-cell", type=non_negative_float, default=0,
+                   help="with --ray: GPUs per cell, a fraction shares one (default: %(default)s)")
     p.add_argument("--versus", default=None, metavar="DIR",
                    help="another grid's output folder: the report adds each method minus the same method there, "
                         "on the cells both have (e.g. --template auto against the fixed templates)")

@@ -334,9 +334,13 @@ def run_predict(args) -> int:
     if args.texts and args.file:
         raise UserError("give texts as arguments or --file, not both")
     path = Path(args.file) if args.file else None
-    if path is not None and not path.is_file():
-        raise UserError(f"--file {path} does not exist")
-    annotate = path is not None and path.suffix.lower() in FILE_FORMATS
+    on_ray = args.ray is not None
+    if path is not None and not (path.is_file() or (on_ray and path.is_dir())):
+        raise UserError(f"--file {path} does not exist" if not path.exists() else
+                        f"--file {path} is a folder; a folder of data files is read with --ray only")
+    annotate = path is not None and (path.suffix.lower() in FILE_FORMATS or path.is_dir())
+    if on_ray and not annotate:
+        raise UserError(f"--ray annotates a data --file ({', '.join(FILE_FORMATS)}, or a folder of them) into --output")
     if annotate and not args.output:
         raise UserError(f"--file {path} is a {path.suffix} data file: give --output FILE for the annotated copy "
                         "(plain text files, one text per line, print JSON lines)")
@@ -347,9 +351,12 @@ def run_predict(args) -> int:
 
         if Path(args.output).is_file() and not args.overwrite:
             raise UserError(f"--output {args.output} exists; pass --overwrite to replace it, or choose another file")
-        check_annotation(path, args.output, text_column=args.text_column)  # suffixes, paths, the CSV header
+        if not path.is_dir():
+            check_annotation(path, args.output, text_column=args.text_column)  # suffixes, paths, the CSV header
     _check_classifier_name(args.classifier)
     check_model_name(args.model)
+    if on_ray:
+        return _predict_on_ray(args, path)
     clf = _load_classifier(args)  # a wrong folder fails before waiting on standard input
     if annotate:
         from cptune.app.annotate import annotate_file
@@ -368,6 +375,22 @@ def run_predict(args) -> int:
         printed += len(texts)
     if not printed:
         raise UserError("no texts to classify (give arguments, --file, or lines on standard input)")
+    return 0
+
+
+def _predict_on_ray(args, path: Path) -> int:
+    """``predict --file --ray``: the workers load the classifier by its folder's path (no model loads here)."""
+    from cptune.app.onray import SavedClassifier, annotate_file_ray, require_ray
+
+    require_ray()  # one line naming the extra's pip command when ray is missing
+    if args.template is not None or args.label_words is not None or args.device_map is not None:
+        raise UserError("--ray loads a classifier folder on each worker; --template, --label-words and --device-map "
+                        "are not available with it")
+    quiet_transformers()
+    loader = SavedClassifier(str(args.classifier), model=args.model, device=args.device, dtype=args.dtype,
+                             batch_size=args.batch_size, calibrate=args.calibrate)
+    annotate_file_ray(loader, path, args.output, text_column=args.text_column, workers=args.ray_workers,
+                      threads=args.ray_threads, gpus=args.ray_gpus, address=args.ray or None)
     return 0
 
 
@@ -442,12 +465,31 @@ def run_compare(args) -> int:
         template = args.template.replace("\\n", "\n") if args.template else None
         if template is not None and template != "auto":
             Template(template)  # check it before loading anything
-        rows = run_grid(cells, output, model=args.model, test_size=args.test_size, settings=settings,
-                        template=template, label_words=parse_label_words(args.label_words),
-                        train_size=args.train_size, model_options=_model_options(args))
+        options = {"model": args.model, "test_size": args.test_size, "settings": settings, "template": template,
+                   "label_words": parse_label_words(args.label_words), "train_size": args.train_size,
+                   "model_options": _model_options(args)}
+        if args.ray is None:
+            rows = run_grid(cells, output, **options)
+        else:
+            rows = _compare_on_ray(args, cells, output, options)
     if not is_main_process():
         return 0
     write_report(rows, output, versus)
     print(summary_table(rows))
     print(f"results: {output / RESULTS_NAME}; table and plots: {output}/results.md, accuracy.png, gap.png")
     return 0
+
+
+def _compare_on_ray(args, cells, output: Path, options: dict) -> list[dict]:
+    """``compare --ray``: every cell a Ray task; a failed cell is reported and the others go on, then the first
+    failure is raised, so the exit status is the one a serial run stopping at that cell gives."""
+    from cptune.app.onray import require_ray, run_grid_ray
+
+    require_ray()
+    rows, failures = run_grid_ray(cells, output, **options, address=args.ray or None,
+                                  cpus_per_cell=args.ray_cpus_per_cell, gpus_per_cell=args.ray_gpus_per_cell)
+    if failures:
+        notice("%s failed (their lines above); the others are in %s; run the same command again to retry the failed",
+               plural(len(failures), "cell"), output / "results.jsonl")
+        raise failures[0][1]
+    return rows

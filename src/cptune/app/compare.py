@@ -261,6 +261,44 @@ def _check_same_config(rows: list[dict], expected: dict[str, dict], methods: set
                              "settings)")
 
 
+@dataclass
+class GridPlan:
+    """What a grid run has left to do: the rows already in ``path``, the cells not yet there, their datasets."""
+
+    path: Path  # output/results.jsonl
+    rows: list[dict]
+    todo: list[Cell]
+    datasets: dict[str, Dataset]
+
+
+def plan_grid(cells: Iterable[Cell], output: Path, model: str = DEFAULT_MODEL, test_size: int = 200,
+              settings: MethodSettings | None = None, progress: bool = True, template: str | None = None,
+              label_words: dict[str, str] | None = None, train_size: int | None = None) -> GridPlan:
+    """Read ``output/results.jsonl``, check that its rows were run like this grid, and list the cells left.
+
+    The one resume rule of a grid, whichever way it runs (:func:`run_grid` here, or
+    :func:`cptune.app.onray.run_grid_ray` on a Ray cluster). Arguments as for :func:`run_grid`.
+
+    Raises:
+        ValueError: as :func:`run_grid`.
+    """
+    settings = settings or MethodSettings()
+    path = Path(output) / RESULTS_NAME
+    rows, damaged = read_results(path)
+    if damaged and progress:
+        print(f"skipping {damaged} damaged line(s) in {path} (an interrupted run); their cells will rerun")
+    cells = list(cells)
+    datasets = {name: load_dataset(name, default_split="train") for name in dict.fromkeys(c.dataset for c in cells)}
+    expected = {}
+    for name, dataset in datasets.items():
+        fmt, words = cell_format(dataset, template, label_words)
+        expected[name] = {"model": model, "test_size": test_size, "template": fmt, "label_words": words,
+                          "train_size": train_size, "settings": asdict(settings)}
+    _check_same_config(rows, expected, {c.method for c in cells}, path)
+    done = {tuple(r[k] for k in CELL_KEYS) for r in rows}
+    return GridPlan(path, rows, [c for c in cells if c.key() not in done], datasets)
+
+
 def run_grid(cells: Iterable[Cell], output: Path, model: str = DEFAULT_MODEL, test_size: int = 200,
              settings: MethodSettings | None = None, progress: bool = True, template: str | None = None,
              label_words: dict[str, str] | None = None, train_size: int | None = None,
@@ -282,29 +320,21 @@ def run_grid(cells: Iterable[Cell], output: Path, model: str = DEFAULT_MODEL, te
             that method reads (:func:`cptune.methods.settings_read`): resuming would mix them.
     """
     settings = settings or MethodSettings()
-    output = Path(output)
-    path = output / RESULTS_NAME
-    rows, damaged = read_results(path)
-    if damaged and progress:
-        print(f"skipping {damaged} damaged line(s) in {path} (an interrupted run); their cells will rerun")
-    cells = list(cells)
-    datasets = {name: load_dataset(name, default_split="train") for name in dict.fromkeys(c.dataset for c in cells)}
-    expected = {}
-    for name, dataset in datasets.items():
-        fmt, words = cell_format(dataset, template, label_words)
-        expected[name] = {"model": model, "test_size": test_size, "template": fmt, "label_words": words,
-                          "train_size": train_size, "settings": asdict(settings)}
-    _check_same_config(rows, expected, {c.method for c in cells}, path)
-    done = {tuple(r[k] for k in CELL_KEYS) for r in rows}
-    todo = [c for c in cells if c.key() not in done]
-    base_model, tokenizer = load_model(model, **(model_options or {})) if todo else (None, None)
+    plan = plan_grid(cells, output, model, test_size, settings, progress, template, label_words, train_size)
+    rows = plan.rows
+    base_model, tokenizer = load_model(model, **(model_options or {})) if plan.todo else (None, None)
     choices: dict = {}
-    with reporting.progress(len(todo), "compare", unit="cell", enabled=progress) as bar:  # the only bar drawn
-        for cell in todo:
-            bar.set_postfix_str(f"{cell.dataset} k={cell.shots} seed={cell.seed} {cell.method}")
-            row = run_cell(cell, datasets[cell.dataset], base_model, tokenizer, model, test_size, settings,
+    with reporting.progress(len(plan.todo), "compare", unit="cell", enabled=progress) as bar:  # the only bar drawn
+        for cell in plan.todo:
+            bar.set_postfix_str(cell_name(cell))
+            row = run_cell(cell, plan.datasets[cell.dataset], base_model, tokenizer, model, test_size, settings,
                            template, label_words, train_size, choices)
-            append_result(path, row)
+            append_result(plan.path, row)
             rows.append(row)
             bar.update(1)
     return rows
+
+
+def cell_name(cell: Cell) -> str:
+    """A cell in a few words, for progress bars and messages: ``rotten_tomatoes k=4 seed=0 cpt``."""
+    return f"{cell.dataset} k={cell.shots} seed={cell.seed} {cell.method}"

@@ -179,3 +179,31 @@ def test_train_refuses_a_bad_unlabeled_file(tiny_dir, tmp_path, capsys, name, co
     err = capsys.readouterr().err
     assert code == 2 and f"cptune: error: --unlabeled {path} {message}" in err
     assert not (tmp_path / "clf").exists()
+
+
+def test_the_demo_reports_what_its_saved_classifier_predicts(tmp_path):
+    from cptune.app.classifier import shared_model
+    from cptune.app.demo import DemoSettings, run_demo
+    from cptune.data import load_dataset, sample_splits
+    from cptune.scoring import classification_metrics, score_texts
+    from cptune.text.template import Template
+
+    folder = tmp_path / "biased"
+    _biased_gpt2("positive").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    settings = DemoSettings(model=str(folder), template="input: {x} output: {y}", shots=2, test_size=12, steps=2,
+                            output=str(tmp_path / "demo"))
+    report = run_demo(settings, progress=False)
+    cpt = next(row for row in report["results"] if row["method"] == "CPT")
+    assert report["balance"]["bias"] is not None  # the biased model collapsed and the guard fired
+    clf = CPTClassifier.load(tmp_path / "demo" / "classifier", model=str(folder), verbose=False)
+    _, _, test = sample_splits(load_dataset(settings.dataset), settings.shots, settings.test_size, settings.seed)
+    labels = list(clf.classes_)
+    gold = [labels.index(ex.label) for ex in test]
+    saved = [labels.index(label) for label in clf.predict([ex.text for ex in test])]
+    assert cpt["confusion"] == classification_metrics(saved, gold, len(labels))["confusion"]
+    base, tokenizer = shared_model(str(folder), settings.device, settings.dtype, None)
+    with torch.no_grad():
+        raw = score_texts(base, tokenizer, Template(settings.template), clf.label_words_, [ex.text for ex in test],
+                          clf.cpt_model_.context_embeddings()).argmax(-1).tolist()
+    assert raw != saved  # without the guard's bias the demo would report other predictions

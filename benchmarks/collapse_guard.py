@@ -3,6 +3,7 @@ most-predicted label's share, without the guard, with it (labelled rows and cont
 with the dev texts given as ``unlabeled``.
 
     OMP_NUM_THREADS=1 python benchmarks/collapse_guard.py --data subj --shots 4 --seeds 0 3 4 --dev-size 200
+    OMP_NUM_THREADS=1 python benchmarks/collapse_guard.py ... --finalists 3 --out runs/collapse-guard-finalists
 
 Each cell's shots are the issue-14 grid cell's (:func:`cptune.app.compare.cell_splits`); the dev set
 is :func:`template_dev.dev_set`'s, disjoint from every grid cell's test set and shots. One default
@@ -46,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 3, 4])
     parser.add_argument("--dev-size", type=int, default=200)
     parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--finalists", type=int, default=0,
+                        help="CPTClassifier(finalists=K): the best K templates by the ICL score get a few CPT steps "
+                             "each before the choice (default 0: the ICL score alone)")
     parser.add_argument("--out", default="runs/collapse-guard")
     args = parser.parse_args(argv)
     base, tok = load_model(args.model, device="cpu", dtype="float32")
@@ -55,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         start = time.perf_counter()
         shots, _, _ = cell_splits(dataset, Cell(dataset.name, args.shots, seed, "cpt"), TEST_SIZE)
-        clf = CPTClassifier((base, tok), balance_guard=False, train=TrainSettings(steps=40, batch_size=4, lr=1e-3,
-                                                                                  seed=seed))
+        clf = CPTClassifier((base, tok), balance_guard=False, finalists=args.finalists,
+                            train=TrainSettings(steps=40, batch_size=4, lr=1e-3, seed=seed))
         clf.fit([ex.text for ex in shots], [ex.label for ex in shots])
         index = {label: i for i, label in enumerate(clf.classes_)}
         gold = [index[ex.label] for ex in dev]
@@ -69,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         reference = label_shares([index[ex.label] for ex in shots], len(clf.classes_))
         inputs = {"training rows (in the context: optimistic)": [ex.text for ex in shots],
                   "content-free": list(CONTENT_FREE_TEXTS)}
-        row = {"seed": seed, "template": clf.template_.format, "none": summary(raw.argmax(-1).tolist(), gold, 2)}
+        row = {"seed": seed, "template": clf.template_.format, "none": summary(raw.argmax(-1).tolist(), gold, 2),
+               "finalists": (clf.template_choice_ or {}).get("finalists", [])}
         for name, extra in (("guard", {}), ("guard+unlabeled", {"unlabeled": dev_texts})):
             check = check_balance(scorer, {**inputs, **extra}, reference)
             scores = raw if check.bias is None else remove_label_bias(raw, torch.tensor(check.bias))

@@ -14,7 +14,7 @@ from cptune.app.classifier import CPTClassifier
 from cptune.app.cli import main
 from cptune.balance import BalanceCheck, collapse_limit, collapsed_label, label_shares
 from cptune.scoring import batch_calibration, label_bias, remove_label_bias
-from tiny import tiny_model, tiny_tokenizer
+from tiny import biased_gpt2, tiny_model, tiny_tokenizer
 
 TEXTS = [t for t, _ in DEMOS + QUERIES]
 LABELS = [label for _, label in DEMOS + QUERIES]
@@ -87,15 +87,8 @@ def _classifier(model, **kwargs) -> CPTClassifier:
                          train=cptune.TrainSettings(steps=5, batch_size=2), **kwargs)
 
 
-def _biased_gpt2(word: str, nats: float = 30.0):
-    """The balanced tiny GPT-2 with its final LayerNorm's bias moved along the (tied) output row of
-    ``word``'s first token: that token's logit gains ``nats`` after every input, whatever the input."""
-    model = tiny_model("gpt2", seed=BALANCED_SEED)
-    token = tiny_tokenizer()(" " + word, add_special_tokens=False).input_ids[0]
-    row = model.lm_head.weight[token].detach()  # (d,)
-    with torch.no_grad():
-        model.transformer.ln_f.bias += nats * row / row.dot(row)
-    return model
+def _biased_gpt2(word: str):
+    return biased_gpt2(word, seed=BALANCED_SEED)
 
 
 def test_a_collapse_is_detected_corrected_reported_and_saved(tmp_path, caplog):

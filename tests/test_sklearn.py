@@ -27,7 +27,7 @@ def test_get_params_are_the_constructor_arguments_as_given(estimator, tiny_dir):
     assert params["labels"] == {0: "negative", 1: "positive"} and params["template"] == "auto"
     assert set(params) == {"model", "template", "labels", "train", "recipe", "context_size", "length_normalize",
                            "calibrate", "balance_guard", "batch_size", "verbose", "device", "dtype", "device_map",
-                           "selection_budget"}
+                           "selection_budget", "finalists"}
     assert is_classifier(estimator)
 
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
-from cptune.scoring import ContextScorer, label_bias, remove_label_bias
+from cptune.scoring import CONTENT_FREE_TEXTS, ContextScorer, label_bias, remove_label_bias
 
 COLLAPSE_FACTOR = 2.0
 """A label predicted more than this many times as often as it is labelled has taken over (with more
@@ -47,6 +48,33 @@ def collapsed_label(predicted: Sequence[int], reference_shares: Sequence[float])
     shares = label_shares(predicted, len(reference_shares))
     top = max(range(len(shares)), key=shares.__getitem__)
     return top if shares[top] > collapse_limit(reference_shares[top]) else None
+
+
+HELD_OUT = "held-out labelled rows"
+TRAINING_ROWS = "training rows (in the context: optimistic)"
+
+
+def balance_inputs(
+    examples: Sequence[tuple[str, Any]], context: Sequence[tuple[str, Any]], unlabeled: Sequence[str] = ()
+) -> tuple[dict[str, list[str]], list[tuple[str, Any]]]:
+    """The inputs a balance check scores, and the labelled rows among them.
+
+    Args:
+        examples: every labelled ``(text, label)`` row of the fit.
+        context: the rows of ``examples`` (the same objects) that are the context's demonstrations.
+        unlabeled: texts without labels the user gave.
+
+    Returns:
+        ``({kind: texts}, labelled)``: the labelled rows outside the context (:data:`HELD_OUT`) or, with
+        none, every row (:data:`TRAINING_ROWS`: optimistic, they are in the context), then the
+        content-free inputs and the unlabeled texts; ``labelled`` is the first group's ``(text, label)`` rows.
+    """
+    in_context = {id(row) for row in context}
+    held_out = [row for row in examples if id(row) not in in_context]
+    labelled = held_out if held_out else list(examples)
+    inputs = {HELD_OUT if held_out else TRAINING_ROWS: [text for text, _ in labelled],
+              "content-free": list(CONTENT_FREE_TEXTS), "unlabeled": list(unlabeled)}
+    return inputs, labelled
 
 
 @dataclass(frozen=True)

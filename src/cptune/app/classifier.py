@@ -16,7 +16,7 @@ import torch
 
 from cptune.app.card import write_classifier_card
 from cptune.app.trained_texts import CONTEXT_ONLY, KEPT, TRAINING_DATA, TrainedTexts
-from cptune.balance import check_balance, label_shares
+from cptune.balance import balance_inputs, check_balance, label_shares
 from cptune.cpt.files import CONFIG_NAME, read_config, read_json_object, save_adapter
 from cptune.cpt.hub import push_folder, resolve_folder
 from cptune.cpt.model import load_adapter
@@ -25,9 +25,9 @@ from cptune.data.types import label_sort_key
 from cptune.models import AUTO, DEFAULT_MODEL, load_model, placement, resolve_dtype
 from cptune.recipe import CPTRecipe, context_examples, fit_cpt
 from cptune.reporting import CptuneWarning, notice, quiet
-from cptune.scoring import CONTENT_FREE_TEXTS, ContextScorer, score_texts
+from cptune.scoring import ContextScorer, score_texts
 from cptune.selection import AUTO as AUTO_TEMPLATE
-from cptune.selection import DEFAULT_BUDGET, choose_template
+from cptune.selection import DEFAULT_BUDGET, choose_finalist, choose_template
 from cptune.text.template import Template, words_needed_error
 from cptune.training import TrainSettings
 
@@ -88,6 +88,11 @@ class CPTClassifier:
             is used); or a :class:`Template` or its format string, used as it is.
         selection_budget: forward passes ``"auto"`` may spend choosing (candidates past it are
             not scored).
+        finalists: with ``"auto"``, train the best ``finalists`` candidates (by the ICL score) for a
+            few CPT steps each and keep the one that is not collapsed with the lowest label NLL on
+            the rows outside the context, else on the training rows
+            (:func:`cptune.selection.choose_finalist`); recorded in :attr:`template_choice_`. ``0``
+            (default): the ICL score alone. Not the default: not yet measured to help.
         labels: ``{label: label word}``, a list of labels (each written as itself), or ``None``
             (the labels seen in :meth:`fit`, written as themselves). Labels are str, int, float or
             bool and keep their type: :attr:`classes_` and :meth:`predict` give them back as given.
@@ -117,7 +122,9 @@ class CPTClassifier:
             remove the label bias measured on those inputs (batch calibration) from every
             prediction, say so in one log line, and warn if a collapse remains. The result is
             :attr:`balance_` and :attr:`label_bias_` (``None``: nothing removed; then predictions
-            are exactly those without the guard).
+            are exactly those without the guard). The bias applies with the ``calibrate`` setting
+            it was measured with only (:meth:`applied_label_bias`); a PEFT adapter folder alone
+            does not hold it (it is in ``cptune_classifier.json``).
         batch_size: texts per forward when predicting.
         verbose: report as the command line does (:mod:`cptune.reporting`): one line for where the
             model runs, one for the template and words chosen and the context's size, and progress
@@ -161,6 +168,7 @@ class CPTClassifier:
         dtype: str = AUTO,
         device_map: str | dict | None = None,
         selection_budget: int = DEFAULT_BUDGET,
+        finalists: int = 0,
     ) -> None:
         self.model = model
         self.template = template
@@ -177,6 +185,7 @@ class CPTClassifier:
         self.dtype = dtype
         self.device_map = device_map
         self.selection_budget = selection_budget
+        self.finalists = finalists
         self._check_params()
 
     # -- the estimator contract -------------------------------------------------------------
@@ -231,6 +240,11 @@ class CPTClassifier:
         if not isinstance(self.selection_budget, int) or isinstance(self.selection_budget, bool) \
                 or self.selection_budget < 0:
             raise ValueError(f"selection_budget={self.selection_budget!r} must be a number of forward passes >= 0")
+        if not isinstance(self.finalists, int) or isinstance(self.finalists, bool) or self.finalists < 0:
+            raise ValueError(f"finalists={self.finalists!r} must be an integer >= 0 (0: the ICL choice alone)")
+        if self.finalists and not self._auto():
+            raise ValueError(f"finalists={self.finalists} chooses among template='auto' candidates; with a given "
+                             "template pass finalists=0")
         label_table(self.labels)
         self._recipe()
         size = self.context_size
@@ -366,6 +380,10 @@ class CPTClassifier:
         if self._auto():  # from the labelled examples alone
             choice = choose_template(base, tokenizer, self.examples_, table, seed=self._recipe().train.seed,
                                      budget=self.selection_budget)
+            if self.finalists:
+                choice = choose_finalist(base, tokenizer, self.examples_, choice, self._recipe(), self.finalists,
+                                         context_size=self.context_size, unlabeled=unlabeled,
+                                         length_normalize=self.length_normalize, calibrate=self.calibrate)
             notice("chose %s", choice.summary())
             table, self.template_, self.template_choice_ = choice.label_words, choice.template, choice.to_json()
         else:
@@ -385,11 +403,7 @@ class CPTClassifier:
 
     def _guard_balance(self, unlabeled: list[str]) -> None:
         """Measure the fitted context's label balance and remove a collapse (``balance_guard``)."""
-        in_context = {id(row) for row in self.context_examples_}
-        held_out = [row[0] for row in self.examples_ if id(row) not in in_context]
-        inputs = {"held-out labelled rows": held_out} if held_out else {
-            "training rows (in the context: optimistic)": [text for text, _ in self.examples_]}
-        inputs.update({"content-free": list(CONTENT_FREE_TEXTS), "unlabeled": unlabeled})
+        inputs, _ = balance_inputs(self.examples_, self.context_examples_, unlabeled)
         index = {label: i for i, label in enumerate(self.classes_)}
         reference = label_shares([index[label] for _, label in self.examples_], len(self.classes_))
         base, tokenizer = self._base()
@@ -398,7 +412,8 @@ class CPTClassifier:
         scorer = ContextScorer(base, tokenizer, self._template(), self._words(), context, batch_size=self.batch_size,
                                length_normalize=self.length_normalize, calibrate=self.calibrate)
         check = check_balance(scorer, inputs, reference)
-        self.balance_, self.label_bias_ = check.to_json(), check.bias
+        # the bias is measured on scores of this calibrate setting, and applies to those only (applied_label_bias)
+        self.balance_, self.label_bias_ = check.to_json() | {"calibrate": self.calibrate}, check.bias
         notice("%s", check.summary(self.classes_))
         if check.still_collapsed:
             warnings.warn(f"the classifier still gives one label to most inputs ({check.summary(self.classes_)}); "
@@ -409,7 +424,7 @@ class CPTClassifier:
 
     def decision_scores(self, texts: Sequence[str]) -> torch.Tensor:
         """``(n, C)`` label log-likelihoods after the learned context (calibrated log-probabilities
-        when :attr:`calibrate` is set or the balance guard removed a label bias, :attr:`label_bias_`)."""
+        when :attr:`calibrate` is set or the balance guard removed a label bias: :meth:`applied_label_bias`)."""
         model = self._fitted("decision_scores()")
         with quiet(not self.verbose):
             base, tokenizer = self._base()
@@ -417,7 +432,15 @@ class CPTClassifier:
                 context = model.context_embeddings()
             return score_texts(base, tokenizer, self._template(), self._words(), list(texts), context,
                                batch_size=self.batch_size, length_normalize=self.length_normalize,
-                               calibrate=self.calibrate, progress=True, label_bias=getattr(self, "label_bias_", None))
+                               calibrate=self.calibrate, progress=True, label_bias=self.applied_label_bias())
+
+    def applied_label_bias(self) -> list[float] | None:
+        """The balance guard's :attr:`label_bias_` as scoring applies it: only with the ``calibrate``
+        setting it was measured with (the fit's). Turning contextual calibration on or off after the
+        fit (``predict --calibrate`` / ``--no-calibrate``) replaces the guard's correction instead of
+        stacking a bias measured on other scores; ``None`` then, and when the guard removed nothing."""
+        bias, balance = getattr(self, "label_bias_", None), getattr(self, "balance_", None) or {}
+        return bias if bias is not None and balance.get("calibrate", False) == self.calibrate else None
 
     def predict_proba(self, X: Sequence[str]) -> np.ndarray:
         """``(n, C)`` class probabilities (softmax over the label scores), columns as :attr:`classes_`."""

@@ -131,7 +131,7 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> dict:
     train_seconds = time.perf_counter() - start
     with torch.no_grad():
         # the saved classifier's predictions: with the bias its balance guard removed, if it removed one
-        timed("CPT", clf.cpt_model_.context_embeddings(), clf.label_bias_)
+        timed("CPT", clf.cpt_model_.context_embeddings(), clf.applied_label_bias())
     rows[-1]["train_seconds"] = round(train_seconds, 1)
     out = Path(settings.output)
     clf.save(out / CLASSIFIER_SUBDIR)

@@ -202,7 +202,7 @@ class ServedClassifier:
             context = clf.cpt_model_.context_embeddings()  # (1, N, d)
         self.scorer = ContextScorer(base_model, tokenizer, template, words, context, batch_size=clf.batch_size,
                                     length_normalize=clf.length_normalize, calibrate=clf.calibrate,
-                                    label_bias=getattr(clf, "label_bias_", None))
+                                    label_bias=clf.applied_label_bias())
         self.info = {
             "model": model_name,
             "labels": [{"label": label, "word": clf.label_words_[label]} for label in self.classes],

@@ -67,6 +67,8 @@ def test_train_eval_predict(tiny_dir, tmp_path, capsys):
     assert main(["predict", str(out), *texts, "--calibrate"]) == 0
     calibrated = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     clf = CPTClassifier.load(out)
+    uncorrected = clf.label_bias_  # measured on uncalibrated scores: --calibrate replaces it (applied_label_bias)
+    clf.label_bias_ = None
     expected = contextual_calibration(clf.decision_scores(texts), clf.decision_scores(list(CONTENT_FREE_TEXTS))).exp()
     for row, probs in zip(calibrated, expected.tolist(), strict=True):
         assert [row["probabilities"][c] for c in clf.classes_] == pytest.approx(probs, abs=2e-6)
@@ -80,7 +82,14 @@ def test_train_eval_predict(tiny_dir, tmp_path, capsys):
     assert main(["predict", str(on), *texts]) == 0
     assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == calibrated
     assert main(["predict", str(on), *texts, "--no-calibrate"]) == 0
-    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == from_args
+    plain = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    if uncorrected is None:  # the same training as `out`: its predictions, then
+        assert plain == from_args
+    else:  # `out`'s without the bias its guard removed (`on`'s guard measured calibrated scores)
+        probs = clf.predict_proba(texts)  # clf: `out` without its label bias, not calibrating
+        for row, p in zip(plain, probs.tolist(), strict=True):
+            assert [row["probabilities"][c] for c in clf.classes_] == pytest.approx(p, abs=2e-6)
+        assert plain != from_args
 
 
 @pytest.mark.parametrize(

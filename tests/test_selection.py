@@ -8,11 +8,20 @@ import numpy as np
 import pytest
 import torch
 
-from cptune import CPTClassifier, TrainSettings
+from cptune import CPTClassifier, CPTRecipe, TrainSettings
+from cptune.balance import collapse_limit
 from cptune.scoring import score_texts
-from cptune.selection import TEMPLATE_CATALOGUE, choose_template, halves, held_out_log_probs, word_candidates
+from cptune.selection import (
+    TEMPLATE_CATALOGUE,
+    TemplateChoice,
+    choose_finalist,
+    choose_template,
+    halves,
+    held_out_log_probs,
+    word_candidates,
+)
 from cptune.text.context import build_context
-from tiny import tiny_model, tiny_tokenizer
+from tiny import biased_gpt2, tiny_model, tiny_tokenizer
 
 EXAMPLES = [("a gripping, funny and moving film", "pos"), ("dull, lifeless and far too long", "neg"),
             ("the best movie of the year", "pos"), ("a waste of time", "neg"), ("wonderful", "pos"),
@@ -177,3 +186,74 @@ def test_auto_is_the_default_of_the_classifier_the_train_command_and_the_demo(ti
     assert info["template_choice"]["format"] == info["template"]["format"] and info["template_choice"]["scores"]
     assert "cptune: chose template" in capsys.readouterr().err
     assert DemoSettings().template == "auto"
+
+
+# -- finalists: the best few candidates judged after a few CPT steps ---------------------------------
+
+FINALIST_TEMPLATE = TEMPLATE_CATALOGUE[0][1]
+LOWER, CAPITAL = {"pos": "positive", "neg": "negative"}, {"pos": "Positive", "neg": "Negative"}
+
+
+def _labelled():
+    from conftest import DEMOS, QUERIES
+
+    return DEMOS + QUERIES
+
+
+def _ranked_choice() -> TemplateChoice:
+    """A choice whose ICL ranking puts the lower-case words first (numbers made up for the test)."""
+    return TemplateChoice(FINALIST_TEMPLATE, dict(LOWER),
+                          candidates=[(-0.1, FINALIST_TEMPLATE, dict(LOWER)), (-0.2, FINALIST_TEMPLATE, dict(CAPITAL))])
+
+
+def test_a_finalist_that_cpt_collapses_loses_to_one_that_it_does_not():
+    model = biased_gpt2("positive", seed=1)  # " positive" gains 30 nats after every input; " Positive" does not
+    recipe = CPTRecipe(train=TrainSettings(steps=40, batch_size=2))
+    out = choose_finalist(model, tiny_tokenizer(), _labelled(), _ranked_choice(), recipe, finalists=2, steps=2)
+    assert out.label_words == CAPITAL and out.template == FINALIST_TEMPLATE
+    lower, capital = out.finalists
+    assert lower["words"] == LOWER and lower["collapsed"] and lower["top_share"] > collapse_limit(0.5)
+    assert lower["nll"] > capital["nll"]
+    assert all(f["steps"] == 2 for f in out.finalists)
+    assert lower["inputs"] == {"training rows (in the context: optimistic)": len(_labelled()), "content-free": 3,
+                               "unlabeled": 0}
+    assert "2 finalists after 2 CPT steps" in out.summary() and out.to_json()["finalists"] == out.finalists
+
+
+def test_finalists_are_judged_on_the_rows_outside_the_context():
+    model = biased_gpt2("positive", seed=1)
+    recipe = CPTRecipe(train=TrainSettings(steps=40, batch_size=2, seed=3))
+    out = choose_finalist(model, tiny_tokenizer(), _labelled(), _ranked_choice(), recipe, finalists=2, steps=1,
+                          context_size=4, unlabeled=["a bore", "great fun"])
+    assert out.label_words == CAPITAL
+    assert [f["inputs"] for f in out.finalists] == [{"held-out labelled rows": len(_labelled()) - 4,
+                                                     "content-free": 3, "unlabeled": 2}] * 2
+
+
+def test_fewer_than_two_finalists_keep_the_icl_choice():
+    model = biased_gpt2("positive", seed=1)
+    choice = _ranked_choice()
+    assert choose_finalist(model, tiny_tokenizer(), _labelled(), choice, CPTRecipe(), finalists=1) is choice
+    single = TemplateChoice(FINALIST_TEMPLATE, dict(LOWER), candidates=choice.candidates[:1])
+    assert choose_finalist(model, tiny_tokenizer(), _labelled(), single, CPTRecipe(), finalists=3) is single
+    with pytest.raises(ValueError, match="finalists=-1 must be an integer >= 0"):
+        choose_finalist(model, tiny_tokenizer(), _labelled(), choice, CPTRecipe(), finalists=-1)
+    with pytest.raises(ValueError, match="steps=0"):
+        choose_finalist(model, tiny_tokenizer(), _labelled(), choice, CPTRecipe(), finalists=2, steps=0)
+
+
+def test_the_classifier_runs_the_finalists_when_asked_and_saves_what_they_measured(tmp_path):
+    texts, labels = zip(*_labelled(), strict=True)
+    clf = CPTClassifier((biased_gpt2("positive", seed=1), tiny_tokenizer()), labels=LOWER, finalists=3,
+                        train=TrainSettings(steps=2, batch_size=2), verbose=False).fit(list(texts), list(labels))
+    records = clf.template_choice_["finalists"]
+    assert len(records) == 3
+    won = min(records, key=lambda f: (f["collapsed"], f["nll"]))
+    assert (clf.template_.format, {str(k): v for k, v in clf.label_words_.items()}) == (won["format"], won["words"])
+    clf.save(tmp_path / "clf")
+    loaded = CPTClassifier.load(tmp_path / "clf", model=clf.model)
+    assert loaded.template_choice_["finalists"] == records and loaded.template_ == clf.template_
+    with pytest.raises(ValueError, match="finalists=2 chooses among template='auto' candidates"):
+        CPTClassifier(template="input: {x} output: {y}", finalists=2)
+    with pytest.raises(ValueError, match="finalists=True must be an integer"):
+        CPTClassifier(finalists=True)

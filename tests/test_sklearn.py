@@ -26,7 +26,8 @@ def test_get_params_are_the_constructor_arguments_as_given(estimator, tiny_dir):
     assert params["model"] == str(tiny_dir) and params["train"] is FAST and params["context_size"] == 4
     assert params["labels"] == {0: "negative", 1: "positive"} and params["template"] == "auto"
     assert set(params) == {"model", "template", "labels", "train", "recipe", "context_size", "length_normalize",
-                           "calibrate", "batch_size", "verbose", "device", "dtype", "device_map", "selection_budget"}
+                           "calibrate", "balance_guard", "batch_size", "verbose", "device", "dtype", "device_map",
+                           "selection_budget", "finalists"}
     assert is_classifier(estimator)
 
 

@@ -104,3 +104,15 @@ def save_tiny_model(path, arch: str = "llama"):
     tiny_model(arch).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+def biased_gpt2(word: str, nats: float = 30.0, seed: int = 0):
+    """A tiny GPT-2 (``seed``) with its final LayerNorm's bias moved along the (tied) output row of
+    ``word``'s first token (after a space): that token's logit gains ``nats`` after every input,
+    whatever the input, so a classifier with ``word`` as a label word gives that label to everything."""
+    model = tiny_model("gpt2", seed=seed)
+    token = tiny_tokenizer()(" " + word, add_special_tokens=False).input_ids[0]
+    row = model.lm_head.weight[token].detach()  # (d,)
+    with torch.no_grad():
+        model.transformer.ln_f.bias += nats * row / row.dot(row)
+    return model

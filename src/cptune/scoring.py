@@ -11,6 +11,12 @@ score a few content-free inputs (:data:`CONTENT_FREE_TEXTS`) after the same cont
 label probabilities into ``p_cf``, and divide every query's label probabilities by ``p_cf``
 (:func:`contextual_calibration`). It removes the bias a context gives some labels (the majority or
 the last demonstration's label, or a label word the model simply prefers).
+
+Batch calibration (after Zhou et al., ICLR 2024) removes the same kind of bias estimated from a batch
+of real inputs instead: the mean label log-probability over the batch is the bias
+(:func:`label_bias`), subtracted from every row (:func:`remove_label_bias`). The classifier's
+balance guard (:mod:`cptune.balance`) applies it when the learned context gives one label to nearly
+every input; a :class:`ContextScorer` built with that ``label_bias`` applies it to every query.
 """
 
 from __future__ import annotations
@@ -126,6 +132,49 @@ def contextual_calibration(scores: torch.Tensor, content_free_scores: torch.Tens
     return torch.log_softmax(torch.log_softmax(scores.float(), dim=-1) - log_p_cf, dim=-1)
 
 
+def label_bias(batch_scores: torch.Tensor) -> torch.Tensor:
+    """The label bias of a batch: the mean label log-probability per label.
+
+    With ``log p_i = log_softmax(s_i)`` the label log-probabilities of row ``i`` of the ``(m, C)``
+    batch scores, ``b_c = (1/m) sum_i log p_i(c)``. This is the log-space form of Zhou et al.'s (2024)
+    estimate (their mean is over probabilities): with it the calibrated batch is exactly balanced in
+    the sense of :func:`remove_label_bias`.
+
+    Returns:
+        ``(C,)`` float32.
+
+    Raises:
+        ValueError: not an ``(m, C)`` tensor with ``m >= 1``.
+    """
+    if batch_scores.ndim != 2 or batch_scores.shape[0] == 0:
+        raise ValueError(f"batch_scores must be (m, C) with m >= 1; got {tuple(batch_scores.shape)}")
+    return torch.log_softmax(batch_scores.float(), dim=-1).mean(dim=0)
+
+
+def remove_label_bias(scores: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Batch-calibrated label log-probabilities: ``log_softmax(log_softmax(s) - b)`` per row.
+
+    Each row ``s`` of the ``(n, C)`` scores becomes label log-probabilities, the ``(C,)`` bias ``b``
+    (:func:`label_bias`) is subtracted and the row is renormalised. Adding a constant to a row of
+    ``scores`` changes nothing; on the batch that gave ``b``, every label's mean calibrated
+    log-probability is the same (the renormalisation subtracts one number per row, from every label).
+
+    Returns:
+        ``(n, C)`` log-probabilities; each row's exponentials sum to 1.
+
+    Raises:
+        ValueError: a bias that is not one number per label.
+    """
+    if scores.ndim != 2 or bias.shape != (scores.shape[1],):
+        raise ValueError(f"bias {tuple(bias.shape)} must hold one number per label of scores {tuple(scores.shape)}")
+    return torch.log_softmax(torch.log_softmax(scores.float(), dim=-1) - bias.to(scores.device).float(), dim=-1)
+
+
+def batch_calibration(scores: torch.Tensor, batch_scores: torch.Tensor) -> torch.Tensor:
+    """``(n, C)`` scores calibrated by the ``(m, C)`` batch's bias: ``remove_label_bias(scores, label_bias(batch))``."""
+    return remove_label_bias(scores, label_bias(batch_scores))
+
+
 def classification_metrics(predicted: Sequence[int], gold: Sequence[int], num_labels: int) -> dict:
     """Accuracy, macro-F1 and the confusion matrix (rows gold, columns predicted)."""
     confusion = torch.zeros(num_labels, num_labels, dtype=torch.long)
@@ -179,6 +228,7 @@ def score_texts(
     length_normalize: bool = False,
     calibrate: bool = False,
     progress: bool = False,
+    label_bias: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """``(len(texts), num_labels)`` label log-likelihoods after an optional context.
 
@@ -195,9 +245,10 @@ def score_texts(
         calibrate: apply :func:`contextual_calibration` with :data:`CONTENT_FREE_TEXTS` scored after
             the same context; the result is then calibrated log-probabilities over the labels.
         progress: a progress bar over the texts (see :func:`label_log_likelihoods`).
+        label_bias: ``(C,)`` bias removed after that (:func:`remove_label_bias`); ``None``: none.
     """
     scorer = ContextScorer(base_model, tokenizer, template, label_words, context_embeds, batch_size=batch_size,
-                           length_normalize=length_normalize, calibrate=calibrate)
+                           length_normalize=length_normalize, calibrate=calibrate, label_bias=label_bias)
     return scorer.scores(scorer.query_ids(texts), progress=progress)
 
 
@@ -239,6 +290,8 @@ class ContextScorer:
         compile: run the query forwards under ``torch.compile`` (:func:`cptune.cpt.engine.compiled`);
             the same scores up to float rounding. Off by default: it does not pay on the CPU
             (docs/scaling.md, "Compiling").
+        label_bias: ``(C,)`` bias removed from every score after any contextual calibration
+            (:func:`remove_label_bias`; a classifier's balance guard sets it); ``None``: none.
     """
 
     @torch.no_grad()
@@ -254,6 +307,7 @@ class ContextScorer:
         calibrate: bool = False,
         layout: str = "auto",
         compile: bool = False,
+        label_bias: Sequence[float] | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
@@ -265,6 +319,9 @@ class ContextScorer:
         self.context = encode_context(base_model, context_embeds)
         self.runner = compiled(base_model) if compile else base_model  # what runs the queries
         self.content_free_scores = None  # (len(CONTENT_FREE_TEXTS), C) when calibrating
+        self.label_bias = None if label_bias is None else torch.tensor(list(label_bias), dtype=torch.float32)  # (C,)
+        if self.label_bias is not None and self.label_bias.shape != (len(self.label_ids),):
+            raise ValueError(f"label_bias has {self.label_bias.numel()} numbers for {len(self.label_ids)} labels")
         if calibrate:
             self.content_free_scores = self._raw_scores(self.query_ids(CONTENT_FREE_TEXTS))
 
@@ -282,13 +339,16 @@ class ContextScorer:
 
     @torch.no_grad()
     def scores(self, query_ids: Sequence[Sequence[int]], progress: bool = False) -> torch.Tensor:
-        """``(len(query_ids), C)`` label scores (calibrated log-probabilities when calibrating), after
-        :meth:`check_lengths`; ``progress``: a bar over the queries (:func:`label_log_likelihoods`)."""
+        """``(len(query_ids), C)`` label scores (calibrated log-probabilities when calibrating or
+        removing a label bias), after :meth:`check_lengths`; ``progress``: a bar over the queries
+        (:func:`label_log_likelihoods`)."""
         self.check_lengths(query_ids)
         scores = self._raw_scores(query_ids, progress)
-        if self.content_free_scores is None:
-            return scores
-        return contextual_calibration(scores, self.content_free_scores)
+        if self.content_free_scores is not None:
+            scores = contextual_calibration(scores, self.content_free_scores)
+        if self.label_bias is not None:
+            scores = remove_label_bias(scores, self.label_bias)
+        return scores
 
     def _raw_scores(self, query_ids: Sequence[Sequence[int]], progress: bool = False) -> torch.Tensor:
         return label_log_likelihoods(self.runner, self.context, query_ids, self.label_ids,

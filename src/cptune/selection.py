@@ -22,14 +22,15 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from cptune import reporting
-from cptune.recipe import balanced_order
-from cptune.scoring import score_texts
+from cptune.balance import balance_inputs, collapsed_label, label_shares
+from cptune.recipe import CPTRecipe, balanced_order, context_examples, fit_cpt
+from cptune.scoring import ContextScorer, score_texts
 from cptune.text.context import build_context
 from cptune.text.template import Template
 
@@ -43,6 +44,10 @@ DEFAULT_BUDGET = 400
 """Forward passes the choice may spend (see the module docstring)."""
 
 QUERIES_PER_FORWARD = 8
+
+FINALIST_STEPS = 10
+"""CPT steps each finalist of :func:`choose_finalist` trains before it is judged (a quarter of the
+default 40: enough to show a context that CPT drives onto one label)."""
 
 TEMPLATE_CATALOGUE: tuple[tuple[str, Template], ...] = (
     ("general", Template("input: {x} output: {y}")),
@@ -72,6 +77,11 @@ class TemplateChoice:
         examples: labelled examples the choice looked at.
         forward_passes: forward passes spent.
         seconds: wall time spent.
+        finalists: what :func:`choose_finalist` measured of each finalist, in ICL order (empty
+            when it did not run): ``format``, ``words``, ``log_prob``, ``collapsed``, ``top_share``,
+            ``nll``, ``inputs``, ``seconds``.
+        candidates: the scored candidates as ``(log_prob, template, words)``, in catalogue order
+            (not saved: what :func:`choose_finalist` picks its finalists from).
     """
 
     template: Template
@@ -80,6 +90,8 @@ class TemplateChoice:
     examples: int = 0
     forward_passes: int = 0
     seconds: float = 0.0
+    finalists: list[dict] = field(default_factory=list)
+    candidates: list[tuple[float, Template, dict]] = field(default_factory=list, repr=False)
 
     def summary(self) -> str:
         """One line: the choice, its score, the runner-up and the cost."""
@@ -91,8 +103,15 @@ class TemplateChoice:
         if best is not None:
             text += f" (held-out log-prob {best['log_prob']:.3f}, accuracy {best['accuracy']:.2f}"
             text += f"; next {runner['format']!r} {runner['log_prob']:.3f})" if runner else ")"
-        return (f"{text}: {len(scored)} candidates on {self.examples} labelled examples, "
+        text = (f"{text}: {len(scored)} candidates on {self.examples} labelled examples, "
                 f"{self.forward_passes} forward passes, {self.seconds:.1f} s")
+        if self.finalists:
+            won = next(f for f in self.finalists if f["format"] == self.template.format
+                       and f["words"] == self.words_text())
+            text += (f"; of {len(self.finalists)} finalists after {won['steps']} CPT steps each, the one "
+                     f"{'collapsed' if won['collapsed'] else 'not collapsed'} with the lowest label NLL "
+                     f"{won['nll']:.3f} ({next(iter(won['inputs']))})")
+        return text
 
     def words_text(self) -> dict[str, str]:
         return {str(k): v for k, v in self.label_words.items()}
@@ -101,7 +120,8 @@ class TemplateChoice:
         """The record saved with a classifier and written into result rows."""
         return {"format": self.template.format, "example_separator": self.template.example_separator,
                 "words": self.words_text(), "scores": self.scores, "examples": self.examples,
-                "forward_passes": self.forward_passes, "seconds": round(self.seconds, 2)}
+                "forward_passes": self.forward_passes, "seconds": round(self.seconds, 2),
+                **({"finalists": self.finalists} if self.finalists else {})}
 
 
 def word_candidates(label_words: Mapping[Any, str]) -> list[dict[Any, str]]:
@@ -204,6 +224,7 @@ def choose_template(
     cost = _cost(len(half_a), len(half_b)) + _cost(len(half_b), len(half_a))
     spent = 0
     best: tuple[float, Template, dict] | None = None
+    ranked: list[tuple[float, Template, dict]] = []  # the scored candidates, in catalogue order
     scores: list[dict] = []
     candidates = [(kind, template, words) for kind, template in catalogue for words in word_candidates(label_words)]
     with reporting.progress(len(candidates), "choose template", unit="candidate") as bar:
@@ -224,10 +245,100 @@ def choose_template(
             spent += cost
             entry["log_prob"] = round(float(log_probs.gather(1, gold[:, None]).mean()), 4)
             entry["accuracy"] = round(float((log_probs.argmax(dim=1) == gold).float().mean()), 4)
+            ranked.append((entry["log_prob"], template, dict(words)))
             if best is None or entry["log_prob"] > best[0]:
-                best = (entry["log_prob"], template, words)
+                best = ranked[-1]
     if best is None:  # nothing fitted the budget: the generic template, unscored
         return TemplateChoice(first, dict(label_words), scores, len(half_a) + len(half_b), spent,
                               time.perf_counter() - start)
     return TemplateChoice(best[1], dict(best[2]), scores, len(half_a) + len(half_b), spent,
-                          time.perf_counter() - start)
+                          time.perf_counter() - start, candidates=ranked)
+
+
+def choose_finalist(
+    base_model,
+    tokenizer,
+    examples: Sequence[tuple[str, Any]],
+    choice: TemplateChoice,
+    recipe: CPTRecipe,
+    finalists: int,
+    context_size: int | None = None,
+    unlabeled: Sequence[str] = (),
+    steps: int = FINALIST_STEPS,
+    length_normalize: bool = False,
+    calibrate: bool = False,
+) -> TemplateChoice:
+    """Choose among the best ``finalists`` candidates of ``choice`` by what a few CPT steps do with them.
+
+    The ICL score of :func:`choose_template` does not see what CPT does to a candidate: a context
+    that ICL predicts well can be trained onto one label. Each finalist (the best ``finalists`` by
+    held-out ICL log-probability, ties in catalogue order) is trained for ``steps`` CPT steps with
+    ``recipe`` on the fit's context demonstrations (:func:`cptune.recipe.context_examples`), those
+    demonstrations its only training queries, so that the rows outside the context stay held out.
+    Then the inputs of the balance guard (:func:`cptune.balance.balance_inputs`: the rows outside
+    the context, else the training rows, which is optimistic; the content-free inputs; ``unlabeled``)
+    are scored after its learned context, and the finalist is judged by, in this order:
+
+    1. collapsed or not (:func:`cptune.balance.collapsed_label` of its predictions on those inputs
+       against each label's share of ``examples``): a collapsed finalist loses to any other;
+    2. the mean negative log-probability of the true label over the labelled rows among those inputs.
+
+    Ties keep the better ICL score. With ``finalists`` below 2 or fewer than two scored candidates,
+    ``choice`` is returned unchanged.
+
+    Args:
+        base_model, tokenizer: the frozen causal LM and its tokenizer.
+        examples: every labelled ``(text, label)`` row of the fit.
+        choice: :func:`choose_template`'s result on them.
+        recipe: the fit's recipe; its ``train.steps`` is replaced by ``steps``.
+        finalists: how many of the best candidates to train.
+        context_size: the fit's context size (``None``: every row is a demonstration).
+        unlabeled: texts without labels, scored with the others.
+        steps: CPT steps per finalist.
+        length_normalize, calibrate: scored as the classifier will score.
+
+    Returns:
+        ``choice`` with the winner's template and words, and :attr:`TemplateChoice.finalists`.
+
+    Raises:
+        ValueError: ``finalists`` or ``steps`` not an integer of at least 0 and 1.
+    """
+    if not isinstance(finalists, int) or isinstance(finalists, bool) or finalists < 0:
+        raise ValueError(f"finalists={finalists!r} must be an integer >= 0 (0: the ICL choice alone)")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps={steps!r} must be an integer >= 1")
+    ranked = sorted(choice.candidates, key=lambda c: -c[0])[:finalists]  # sorted() is stable: ties keep order
+    if finalists < 2 or len(ranked) < 2:
+        return choice
+    start = time.perf_counter()
+    examples = list(examples)
+    demonstrations = context_examples(examples, context_size, recipe.train.seed)
+    short = replace(recipe, train=replace(recipe.train, steps=steps))
+    records, best = [], None
+    with reporting.progress(len(ranked), "finalists", unit="finalist") as bar:
+        for log_prob, template, words in ranked:
+            began = time.perf_counter()
+            keyed = {str(label): word for label, word in words.items()}
+            with reporting.quiet():  # one line for the whole step, not a context line per finalist
+                model, _ = fit_cpt(base_model, tokenizer, demonstrations, template, keyed, short)
+            inputs, labelled = balance_inputs(examples, demonstrations, unlabeled)
+            labels = list(words)
+            with torch.no_grad():
+                scorer = ContextScorer(base_model, tokenizer, template, keyed, model.context_embeddings(),
+                                       length_normalize=length_normalize, calibrate=calibrate)
+            texts = [text for group in inputs.values() for text in group]
+            scores = torch.log_softmax(scorer.scores(scorer.query_ids(texts)).float().cpu(), dim=-1)  # (n, C)
+            gold = torch.tensor([labels.index(label) for _, label in labelled])  # the first len(labelled) texts
+            nll = float(-scores[: len(labelled)].gather(1, gold[:, None]).mean())
+            predicted = scores.argmax(dim=-1).tolist()
+            reference = label_shares([labels.index(label) for _, label in examples], len(labels))
+            collapsed = collapsed_label(predicted, reference) is not None
+            records.append({"format": template.format, "words": keyed, "log_prob": log_prob, "steps": steps,
+                            "collapsed": collapsed, "top_share": round(max(label_shares(predicted, len(labels))), 4),
+                            "nll": round(nll, 4), "inputs": {kind: len(group) for kind, group in inputs.items()},
+                            "seconds": round(time.perf_counter() - began, 1)})
+            if best is None or (collapsed, nll) < best[0]:
+                best = ((collapsed, nll), template, words)
+            bar.update(1)
+    return replace(choice, template=best[1], label_words=dict(best[2]), finalists=records,
+                   seconds=choice.seconds + time.perf_counter() - start)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import math
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 
 from cptune.app.card import write_classifier_card
 from cptune.app.trained_texts import CONTEXT_ONLY, KEPT, TRAINING_DATA, TrainedTexts
+from cptune.balance import balance_inputs, check_balance, label_shares
 from cptune.cpt.files import CONFIG_NAME, read_config, read_json_object, save_adapter
 from cptune.cpt.hub import push_folder, resolve_folder
 from cptune.cpt.model import load_adapter
@@ -22,10 +24,10 @@ from cptune.cpt.saving import check_manifest
 from cptune.data.types import label_sort_key
 from cptune.models import AUTO, DEFAULT_MODEL, load_model, placement, resolve_dtype
 from cptune.recipe import CPTRecipe, context_examples, fit_cpt
-from cptune.reporting import notice, quiet
-from cptune.scoring import score_texts
+from cptune.reporting import CptuneWarning, notice, quiet
+from cptune.scoring import ContextScorer, score_texts
 from cptune.selection import AUTO as AUTO_TEMPLATE
-from cptune.selection import DEFAULT_BUDGET, choose_template
+from cptune.selection import DEFAULT_BUDGET, choose_finalist, choose_template
 from cptune.text.template import Template, words_needed_error
 from cptune.training import TrainSettings
 
@@ -55,7 +57,8 @@ class CPTClassifier:
     arguments as given (:meth:`get_params`, :meth:`set_params`, ``sklearn.clone``), :meth:`fit`
     sets the fitted attributes, which end in ``_`` (:attr:`classes_`, :attr:`label_words_`,
     :attr:`cpt_model_`, :attr:`examples_`, :attr:`context_examples_`, :attr:`trained_texts_`,
-    :attr:`training_size_`, :attr:`holds_training_data_`, :attr:`train_result_`, :attr:`placement_`), and
+    :attr:`training_size_`, :attr:`holds_training_data_`, :attr:`train_result_`, :attr:`placement_`,
+    :attr:`balance_`, :attr:`label_bias_`), and
     :meth:`score` is accuracy, so ``cross_val_score`` and ``GridSearchCV`` work. Texts are the
     samples: ``X`` is a list (or array, Series) of strings.
 
@@ -85,6 +88,11 @@ class CPTClassifier:
             is used); or a :class:`Template` or its format string, used as it is.
         selection_budget: forward passes ``"auto"`` may spend choosing (candidates past it are
             not scored).
+        finalists: with ``"auto"``, train the best ``finalists`` candidates (by the ICL score) for a
+            few CPT steps each and keep the one that is not collapsed with the lowest label NLL on
+            the rows outside the context, else on the training rows
+            (:func:`cptune.selection.choose_finalist`); recorded in :attr:`template_choice_`. ``0``
+            (default): the ICL score alone. Not the default: not yet measured to help.
         labels: ``{label: label word}``, a list of labels (each written as itself), or ``None``
             (the labels seen in :meth:`fit`, written as themselves). Labels are str, int, float or
             bool and keep their type: :attr:`classes_` and :meth:`predict` give them back as given.
@@ -105,6 +113,18 @@ class CPTClassifier:
         calibrate: contextual calibration (Zhao et al. 2021) of the label probabilities: divide them
             by those of content-free inputs after the same learned context
             (:func:`cptune.scoring.contextual_calibration`).
+        balance_guard: after training, measure the label balance of the predictions
+            (:func:`cptune.balance.check_balance`) on the labelled rows outside the context (when
+            there are none, the training rows scored as queries: optimistic, they are in the
+            context), the content-free inputs and ``fit(..., unlabeled=)`` texts; when the
+            most-predicted label's share exceeds :func:`cptune.balance.collapse_limit` of its share
+            of the labelled rows (75% for two balanced classes, twice the balanced share with more),
+            remove the label bias measured on those inputs (batch calibration) from every
+            prediction, say so in one log line, and warn if a collapse remains. The result is
+            :attr:`balance_` and :attr:`label_bias_` (``None``: nothing removed; then predictions
+            are exactly those without the guard). The bias applies with the ``calibrate`` setting
+            it was measured with only (:meth:`applied_label_bias`); a PEFT adapter folder alone
+            does not hold it (it is in ``cptune_classifier.json``).
         batch_size: texts per forward when predicting.
         verbose: report as the command line does (:mod:`cptune.reporting`): one line for where the
             model runs, one for the template and words chosen and the context's size, and progress
@@ -141,12 +161,14 @@ class CPTClassifier:
         context_size: int | None = None,
         length_normalize: bool = False,
         calibrate: bool = False,
+        balance_guard: bool = True,
         batch_size: int = 8,
         verbose: bool = True,
         device: str = AUTO,
         dtype: str = AUTO,
         device_map: str | dict | None = None,
         selection_budget: int = DEFAULT_BUDGET,
+        finalists: int = 0,
     ) -> None:
         self.model = model
         self.template = template
@@ -156,12 +178,14 @@ class CPTClassifier:
         self.context_size = context_size
         self.length_normalize = length_normalize
         self.calibrate = calibrate
+        self.balance_guard = balance_guard
         self.batch_size = batch_size
         self.verbose = verbose
         self.device = device
         self.dtype = dtype
         self.device_map = device_map
         self.selection_budget = selection_budget
+        self.finalists = finalists
         self._check_params()
 
     # -- the estimator contract -------------------------------------------------------------
@@ -216,12 +240,17 @@ class CPTClassifier:
         if not isinstance(self.selection_budget, int) or isinstance(self.selection_budget, bool) \
                 or self.selection_budget < 0:
             raise ValueError(f"selection_budget={self.selection_budget!r} must be a number of forward passes >= 0")
+        if not isinstance(self.finalists, int) or isinstance(self.finalists, bool) or self.finalists < 0:
+            raise ValueError(f"finalists={self.finalists!r} must be an integer >= 0 (0: the ICL choice alone)")
+        if self.finalists and not self._auto():
+            raise ValueError(f"finalists={self.finalists} chooses among template='auto' candidates; with a given "
+                             "template pass finalists=0")
         label_table(self.labels)
         self._recipe()
         size = self.context_size
         if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
             raise ValueError(f"context_size={size!r} must be a positive integer or None (every example)")
-        for name in ("calibrate", "verbose"):
+        for name in ("calibrate", "balance_guard", "verbose"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -284,6 +313,7 @@ class CPTClassifier:
         checkpoint_every: int | None = None,
         resume: bool = False,
         callback: Callable[[int, float], None] | None = None,
+        unlabeled: Sequence[str] | None = None,
     ) -> CPTClassifier:
         """Train on labelled examples: the context's demonstrations and the training queries.
 
@@ -295,6 +325,8 @@ class CPTClassifier:
             y: one label per text (str, int, float or bool; types are kept).
             checkpoint_dir, checkpoint_every, resume: passed to :func:`cptune.train`.
             callback: called with ``(step, loss)`` after every step.
+            unlabeled: texts without labels (e.g. those to be labelled), scored by the balance guard
+                (``balance_guard``) with the labelled ones; never trained on.
 
         Every example is a training query after the context (as in the paper). With
         ``context_size`` None every example is also a demonstration; with ``k`` the context holds
@@ -317,6 +349,10 @@ class CPTClassifier:
         bad = next((t for t in texts if not isinstance(t, str)), None)
         if bad is not None:
             raise ValueError(f"texts must be strings; got {bad!r} ({type(bad).__name__})")
+        unlabeled = [] if unlabeled is None else list(unlabeled)
+        bad = next((t for t in unlabeled if not isinstance(t, str)), None)
+        if bad is not None:
+            raise ValueError(f"unlabeled texts must be strings; got {bad!r} ({type(bad).__name__})")
         table = label_table(self.labels)
         if table is None:
             table = label_table(sorted(set(labels), key=label_sort_key))
@@ -331,9 +367,10 @@ class CPTClassifier:
             raise ValueError(f"context_size={self.context_size} but fit got {len(texts)} labelled examples; "
                              f"give at least {self.context_size} or a smaller context_size")
         with quiet(not self.verbose):
-            return self._fit(texts, labels, table, checkpoint_dir, checkpoint_every, resume, callback)
+            return self._fit(texts, labels, table, checkpoint_dir, checkpoint_every, resume, callback, unlabeled)
 
-    def _fit(self, texts, labels, table, checkpoint_dir, checkpoint_every, resume, callback) -> CPTClassifier:
+    def _fit(self, texts, labels, table, checkpoint_dir, checkpoint_every, resume, callback,
+             unlabeled) -> CPTClassifier:
         base, tokenizer = self._base()
         self.examples_ = list(zip(texts, labels, strict=True))
         self.context_examples_ = context_examples(self.examples_, self.context_size, self._recipe().train.seed)
@@ -343,6 +380,10 @@ class CPTClassifier:
         if self._auto():  # from the labelled examples alone
             choice = choose_template(base, tokenizer, self.examples_, table, seed=self._recipe().train.seed,
                                      budget=self.selection_budget)
+            if self.finalists:
+                choice = choose_finalist(base, tokenizer, self.examples_, choice, self._recipe(), self.finalists,
+                                         context_size=self.context_size, unlabeled=unlabeled,
+                                         length_normalize=self.length_normalize, calibrate=self.calibrate)
             notice("chose %s", choice.summary())
             table, self.template_, self.template_choice_ = choice.label_words, choice.template, choice.to_json()
         else:
@@ -355,13 +396,35 @@ class CPTClassifier:
             model_name=self.model_name_, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
             resume=resume, progress=True, callback=callback, context_size=self.context_size,  # shown unless quiet
         )
+        self.label_bias_, self.balance_ = None, None
+        if self.balance_guard:
+            self._guard_balance(unlabeled)
         return self
+
+    def _guard_balance(self, unlabeled: list[str]) -> None:
+        """Measure the fitted context's label balance and remove a collapse (``balance_guard``)."""
+        inputs, _ = balance_inputs(self.examples_, self.context_examples_, unlabeled)
+        index = {label: i for i, label in enumerate(self.classes_)}
+        reference = label_shares([index[label] for _, label in self.examples_], len(self.classes_))
+        base, tokenizer = self._base()
+        with torch.no_grad():
+            context = self.cpt_model_.context_embeddings()  # (1, N, d)
+        scorer = ContextScorer(base, tokenizer, self._template(), self._words(), context, batch_size=self.batch_size,
+                               length_normalize=self.length_normalize, calibrate=self.calibrate)
+        check = check_balance(scorer, inputs, reference)
+        # the bias is measured on scores of this calibrate setting, and applies to those only (applied_label_bias)
+        self.balance_, self.label_bias_ = check.to_json() | {"calibrate": self.calibrate}, check.bias
+        notice("%s", check.summary(self.classes_))
+        if check.still_collapsed:
+            warnings.warn(f"the classifier still gives one label to most inputs ({check.summary(self.classes_)}); "
+                          "pass unlabeled texts (fit(unlabeled=) or --unlabeled), more labelled rows or another "
+                          "template", CptuneWarning, stacklevel=2)
 
     # -- inference --------------------------------------------------------------------------
 
     def decision_scores(self, texts: Sequence[str]) -> torch.Tensor:
         """``(n, C)`` label log-likelihoods after the learned context (calibrated log-probabilities
-        when :attr:`calibrate` is set)."""
+        when :attr:`calibrate` is set or the balance guard removed a label bias: :meth:`applied_label_bias`)."""
         model = self._fitted("decision_scores()")
         with quiet(not self.verbose):
             base, tokenizer = self._base()
@@ -369,7 +432,15 @@ class CPTClassifier:
                 context = model.context_embeddings()
             return score_texts(base, tokenizer, self._template(), self._words(), list(texts), context,
                                batch_size=self.batch_size, length_normalize=self.length_normalize,
-                               calibrate=self.calibrate, progress=True)
+                               calibrate=self.calibrate, progress=True, label_bias=self.applied_label_bias())
+
+    def applied_label_bias(self) -> list[float] | None:
+        """The balance guard's :attr:`label_bias_` as scoring applies it: only with the ``calibrate``
+        setting it was measured with (the fit's). Turning contextual calibration on or off after the
+        fit (``predict --calibrate`` / ``--no-calibrate``) replaces the guard's correction instead of
+        stacking a bias measured on other scores; ``None`` then, and when the guard removed nothing."""
+        bias, balance = getattr(self, "label_bias_", None), getattr(self, "balance_", None) or {}
+        return bias if bias is not None and balance.get("calibrate", False) == self.calibrate else None
 
     def predict_proba(self, X: Sequence[str]) -> np.ndarray:
         """``(n, C)`` class probabilities (softmax over the label scores), columns as :attr:`classes_`."""
@@ -425,6 +496,9 @@ class CPTClassifier:
             "cpt": recipe.adapter_fields(),
             "length_normalize": self.length_normalize,
             "calibrate": self.calibrate,
+            "balance_guard": self.balance_guard,
+            "label_bias": getattr(self, "label_bias_", None),
+            "balance": getattr(self, "balance_", None),
             "context_size": self.context_size,
             "trained_on": getattr(self, "placement_", None),
             "training_data": held["training_data"],
@@ -538,12 +612,14 @@ class CPTClassifier:
             recipe=CPTRecipe(**info["cpt"], train=TrainSettings(**info["train"])),
             length_normalize=info.get("length_normalize", False),
             calibrate=info.get("calibrate", False),
+            balance_guard=info.get("balance_guard", True),
             **{"context_size": info.get("context_size"), **kwargs},
         )
         clf._load_adapter(directory, [tuple(pair) for pair in info.get("examples", [])])
         clf._load_training_data(info, directory / CLASSIFIER_FILE)
         clf.template_choice_ = info.get("template_choice")  # how "auto" chose the saved template, if it did
         clf.evaluation_ = info.get("evaluation")
+        clf.label_bias_, clf.balance_ = info.get("label_bias"), info.get("balance")  # None in older saves
         return clf
 
     @classmethod
@@ -590,6 +666,7 @@ class CPTClassifier:
         self.model_name_ = self._model_name()
         self.train_result_ = None
         self.evaluation_ = None
+        self.label_bias_, self.balance_ = None, None  # an adapter alone: no balance check was made
         self.cpt_model_ = load_adapter(base, directory)
 
     def _load_training_data(self, info: dict, path: Path) -> None:

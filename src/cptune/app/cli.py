@@ -211,6 +211,10 @@ def _add_train(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUTPUT/checkpoint")
     p.add_argument("--calibrate", action="store_true",
                    help="save the classifier with contextual calibration on (Zhao et al. 2021; default: off)")
+    p.add_argument("--unlabeled", default=None, metavar="FILE",
+                   help="a text file, one text per line (e.g. the texts to label), that the balance check after "
+                        "training also scores: a label given to nearly every text has its bias removed "
+                        "(never trained on; default: labelled rows and content-free inputs only)")
     p.add_argument("--output", required=True, help="folder to write the classifier (a PEFT-loadable adapter)")
     p.add_argument("--keep-training-data", action="store_true",
                    help="save every training row (text and label) in the classifier, to reproduce the run "

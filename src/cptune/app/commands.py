@@ -155,6 +155,7 @@ def run_train(args) -> int:
     if args.resume and not checkpoint.is_dir():
         raise UserError(f"--resume: no checkpoint in {checkpoint}; run without --resume to start")
     check_model_name(args.model)
+    unlabeled = _unlabeled_texts(args.unlabeled) if args.unlabeled else None  # a bad file fails before training
     dataset = _load(args, default_split="train")
     words = label_words_for(dataset.labels, words)  # every class of the data, also those a sample may miss
     examples = dataset.examples
@@ -176,7 +177,7 @@ def run_train(args) -> int:
     clf = CPTClassifier(args.model, template=fmt, labels=words, recipe=recipe, context_size=args.context_size,
                         calibrate=args.calibrate, selection_budget=args.selection_budget, **_model_options(args))
     clf.fit([ex.text for ex in examples], [ex.label for ex in examples], checkpoint_dir=checkpoint,
-            checkpoint_every=args.checkpoint_every, resume=args.resume)
+            checkpoint_every=args.checkpoint_every, resume=args.resume, unlabeled=unlabeled)
     if is_main_process():  # under data parallelism every process trained the same delta; one writes
         clf.save(output, keep_training_data=args.keep_training_data)
         remove_saved_files(checkpoint)  # the classifier holds the final state; only our own files go
@@ -184,6 +185,19 @@ def run_train(args) -> int:
         print(f"trained {plural(len(losses), 'step')} on {plural(len(examples), 'labelled example')} (final loss "
               f"{losses[-1]:.4f}); classifier saved to {output} {held_words(clf.data_held(args.keep_training_data))}")
     return 0
+
+
+def _unlabeled_texts(name: str) -> list[str]:
+    """``--unlabeled``'s texts: a text file, one text per line (as ``predict --file`` reads it), blanks skipped."""
+    path = Path(name)
+    if not path.is_file():
+        raise UserError(f"--unlabeled {path} does not exist")
+    if path.suffix.lower() in FILE_FORMATS:
+        raise UserError(f"--unlabeled {path} is a {path.suffix} data file; give a text file with one text per line")
+    texts = [normalize_text(line.rstrip("\n")) for line in _text_lines(path, "--unlabeled") if line.strip()]
+    if not texts:
+        raise UserError(f"--unlabeled {path} holds no text (one text per line)")
+    return texts
 
 
 def held_words(held: dict) -> str:
@@ -322,12 +336,12 @@ def _chunks(lines: Iterable[str], size: int) -> Iterator[list[str]]:
         yield chunk
 
 
-def _text_lines(path: Path) -> Iterator[str]:
+def _text_lines(path: Path, option: str = "--file") -> Iterator[str]:
     try:
         with path.open(encoding="utf-8") as f:
             yield from f
     except UnicodeDecodeError:
-        raise UserError(f"--file {path} is not UTF-8 text") from None
+        raise UserError(f"{option} {path} is not UTF-8 text") from None
 
 
 def run_predict(args) -> int:

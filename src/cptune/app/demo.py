@@ -110,9 +110,9 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> dict:
     texts = [ex.text for ex in test]
     rows = []
 
-    def timed(name, context_embeds):
+    def timed(name, context_embeds, label_bias=None):
         start = time.perf_counter()
-        scores = score_texts(base, tokenizer, template, label_words, texts, context_embeds)
+        scores = score_texts(base, tokenizer, template, label_words, texts, context_embeds, label_bias=label_bias)
         rows.append(_accuracy_row(name, scores, gold, labels, time.perf_counter() - start))
         if progress:
             print(f"{name}: accuracy {rows[-1]['accuracy']:.3f}", flush=True)
@@ -130,7 +130,8 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> dict:
     clf.fit([ex.text for ex in shots], [ex.label for ex in shots])
     train_seconds = time.perf_counter() - start
     with torch.no_grad():
-        timed("CPT", clf.cpt_model_.context_embeddings())
+        # the saved classifier's predictions: with the bias its balance guard removed, if it removed one
+        timed("CPT", clf.cpt_model_.context_embeddings(), clf.applied_label_bias())
     rows[-1]["train_seconds"] = round(train_seconds, 1)
     out = Path(settings.output)
     clf.save(out / CLASSIFIER_SUBDIR)
@@ -141,6 +142,7 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> dict:
         "label_words": label_words,
         "context_tokens": len(context),
         "final_train_loss": clf.train_result_.losses[-1],
+        "balance": clf.balance_,  # the balance guard's check (cptune.balance); its bias is in the CPT row
         "results": rows,
         "data": dataset.provenance,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},

@@ -210,7 +210,8 @@ class ServedClassifier:
         with torch.no_grad():
             context = clf.cpt_model_.context_embeddings()  # (1, N, d)
         self.scorer = ContextScorer(base_model, tokenizer, template, words, context, batch_size=clf.batch_size,
-                                    length_normalize=clf.length_normalize, calibrate=clf.calibrate)
+                                    length_normalize=clf.length_normalize, calibrate=clf.calibrate,
+                                    label_bias=clf.applied_label_bias())
         self.info = {
             "model": model_name,
             "labels": [{"label": label, "word": clf.label_words_[label]} for label in self.classes],

@@ -84,6 +84,10 @@ def test_usage_mistakes_are_refused_without_importing_torch(tmp_path):
         (["predict", str(tmp_path / "nope"), "some text"], "does not exist"),
         (["eval", str(tmp_path / "nope"), "--data", str(good)], "does not exist"),
         (["eval", str(saved), "--data", str(tmp_path / "missing.csv")], "does not exist"),
+        (["eval", str(saved), "--data", str(good), "--output", str(existing)], "exists; pass --overwrite"),
+        (["eval", str(saved), "--data", str(good), "--output", str(tmp_path / "no-dir" / "m.json")],
+         "is not an existing folder"),
+        (["eval", str(saved), "--data", str(good), "--output", str(saved)], "is a folder; give a file name"),
     ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     done = subprocess.run([sys.executable, "-c", CHECK, json.dumps([argv for argv, _ in cases])],
@@ -140,6 +144,19 @@ def test_predict_file_refuses_an_existing_output_unless_overwrite(trained, tmp_p
     # item 5: the count says what it counts
     assert f"cptune: 2 rows annotated into {out}, 2 rows without text left blank" in capsys.readouterr().err
     assert len(out.read_text().splitlines()) == 5
+
+
+def test_eval_output_refuses_an_existing_file_unless_overwrite(trained, tmp_path, capsys):
+    data = _csv(tmp_path / "test.csv", [(f"an {w} story", "pos" if k % 2 == 0 else "neg") for k, w in enumerate(WORDS)])
+    out = tmp_path / "metrics.json"
+    out.write_text("someone's file\n")
+    args = ["eval", str(trained), "--data", str(data), "--output", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"cptune: error: --output {out} exists; pass --overwrite")
+    assert out.read_text() == "someone's file\n"
+    assert main([*args, "--overwrite"]) == 0
+    assert json.loads(out.read_text())["test_size"] == len(WORDS)
 
 
 # -- item 5: cptune's voice -----------------------------------------------------------------------

@@ -2,14 +2,23 @@ import json
 
 import peft
 import pytest
+from packaging.version import Version
 
 from cptune import CPTConfig
+from cptune.cpt.config import PEFT_FORMAT_VERSION
+
+PEFT_CPT_FILLS_VERSION = Version("0.20")
+"""From 0.20 peft.CPTConfig runs PeftConfig's __post_init__, which fills peft_version; 0.18-0.19 leave it None."""
 
 
 def test_defaults_and_json_match_peft():
     ours = CPTConfig().to_dict()
     theirs = json.loads(json.dumps(peft.CPTConfig(task_type="CAUSAL_LM").to_dict(), default=str))
     theirs["peft_type"] = "CPT"
+    # peft_version names the writer's release: cptune records the PEFT format it follows, PEFT its installed release
+    assert ours.pop("peft_version") == PEFT_FORMAT_VERSION
+    installed = Version(peft.__version__)
+    assert theirs.pop("peft_version") == (peft.__version__ if installed >= PEFT_CPT_FILLS_VERSION else None)
     assert ours == theirs
 
 

@@ -207,7 +207,7 @@ def train(
 
     model.train()
     if settings.gradient_checkpointing:
-        model.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        _set_activation_checkpointing(model.base_model, True)
     else:
         model.base_model.eval()
     was_compiled = model.compiled
@@ -243,10 +243,28 @@ def train(
                 callback(done, result.losses[-1])
     checkpoint(total)
     if settings.gradient_checkpointing:
-        model.base_model.activation_checkpointing_disable()
+        _set_activation_checkpointing(model.base_model, False)
     model.compile_(was_compiled)
     model.eval()
     return result
+
+
+def _set_activation_checkpointing(base_model, enable: bool) -> None:
+    """Turn ``base_model``'s activation checkpointing on or off, under the name its transformers has.
+
+    transformers 5.23 renamed ``gradient_checkpointing_enable``/``_disable`` to ``activation_checkpointing_*``
+    (the old names warn ``FutureWarning`` from then on and go in v6); 5.21 and 5.22 have only the old ones.
+    """
+    renamed = hasattr(base_model, "activation_checkpointing_enable")
+    kwargs = {"use_reentrant": False}  # torch's recommended variant of torch.utils.checkpoint
+    if enable and renamed:
+        base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif enable:
+        base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    elif renamed:
+        base_model.activation_checkpointing_disable()
+    else:
+        base_model.gradient_checkpointing_disable()
 
 
 def _data_parallel_step(model, queries, local_rows: torch.Tensor, device) -> torch.Tensor:

@@ -235,6 +235,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of --test-size's sample (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON instead of tables")
     p.add_argument("--output", default=None, help="also write the metrics as JSON to this file")
+    add_overwrite_arg(p, "a file")
 
 
 def _add_predict(sub) -> None:

@@ -142,6 +142,18 @@ def check_train_output(output: str, overwrite: bool) -> None:
                     "classifier there (the other files stay)")
 
 
+def check_output_file(output: str, overwrite: bool) -> None:
+    """Refuse an ``--output`` file that exists, unless ``--overwrite``, and one that cannot be written
+    (a folder, or in a folder that does not exist): ``eval`` and ``predict --file`` check it before any work."""
+    path = Path(output)
+    if path.is_dir():
+        raise UserError(f"--output {output} is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise UserError(f"--output {output}: {path.parent} is not an existing folder; create it first")
+    if path.exists() and not overwrite:
+        raise UserError(f"--output {output} exists; pass --overwrite to replace it, or choose another file")
+
+
 def run_train(args) -> int:
     # Everything the user typed is checked before torch loads (seconds), then the model (more seconds).
     from cptune.text.template import Template
@@ -307,6 +319,8 @@ def run_eval(args) -> int:
     _check_classifier_name(args.classifier)
     if args.data is None:
         raise UserError("eval needs the test data: --data (or --test-data) FILE, built-in name or hub id")
+    if args.output:
+        check_output_file(args.output, args.overwrite)  # before the scoring, not after it
     check_model_name(args.model)
     dataset = _load(args, default_split="test")  # a bad --data fails before torch and the model load
     clf = _load_classifier(args)
@@ -363,8 +377,7 @@ def run_predict(args) -> int:
     if annotate:
         from cptune.app.annotate import check_annotation
 
-        if Path(args.output).is_file() and not args.overwrite:
-            raise UserError(f"--output {args.output} exists; pass --overwrite to replace it, or choose another file")
+        check_output_file(args.output, args.overwrite)
         if not path.is_dir():
             check_annotation(path, args.output, text_column=args.text_column)  # suffixes, paths, the CSV header
     _check_classifier_name(args.classifier)

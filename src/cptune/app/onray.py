@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ PROBABILITIES_COLUMN = "__cptune_probabilities"  # per row: (C,) float64 probabi
 ERROR_COLUMN = "__cptune_error"  # per row: null, or "Kind<TAB>message" of the error that failed its batch
 ERROR_SEPARATOR = "\t"
 LINE_COLUMN, WHERE_COLUMN = "__cptune_line", "__cptune_where"  # JSONL: a line's text, "file line N"
+METADATA_PREFETCH_ENV = "RAY_DATA_METADATA_PREFETCH_ON_THREAD"
 DEFAULT_BATCH_ROWS = 64  # rows per actor call, as annotate_file's default batch_size
 
 
@@ -53,6 +55,11 @@ def require_ray():
     Raises:
         ModuleNotFoundError: ray is not installed; the message names ``pip install 'cptune[ray]'``.
     """
+    # Ray Data 2.60 fetches block metadata on a background thread by default; on this project's loaded 2-core
+    # machine a run then waited for ever with both actors idle (the executor waiting on a finished task, seen in
+    # tests/test_ray.py's JSONL cases). The inline fetch is Ray's documented fallback; read when ray.data is
+    # first imported, so a user's own setting stays.
+    os.environ.setdefault(METADATA_PREFETCH_ENV, "0")
     try:
         import ray
         import ray.data  # noqa: F401 - the data extra (pyarrow, pandas) is part of cptune[ray]

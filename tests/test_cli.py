@@ -22,7 +22,8 @@ def test_help_runs():
         (["--eps-input", "-1"], "opt_projection_epsilon=-1.0"),
         (["--dataset", "imdb"], "unknown dataset 'imdb'"),
         (["--data", "imdb"], "unknown dataset 'imdb'"),
-        (["--shots", "0"], "shots=0 must be >= 1"),
+        (["--shots", "0"], "argument --shots: 0 is not an integer >= 1"),
+        (["--test-size", "-2"], "argument --test-size: -2 is not an integer >= 1"),
         (["--model", "/does/not/exist"], "/does/not/exist"),
     ],
 )

@@ -88,6 +88,9 @@ def test_usage_mistakes_are_refused_without_importing_torch(tmp_path):
         (["eval", str(saved), "--data", str(good), "--output", str(tmp_path / "no-dir" / "m.json")],
          "is not an existing folder"),
         (["eval", str(saved), "--data", str(good), "--output", str(saved)], "is a folder; give a file name"),
+        (["train", "--data", str(good), "--output", out, "--device", "tpu"], "argument --device: unknown device 'tpu'"),
+        (["train", "--data", str(good), "--output", out, "--dtype", "float8"], "argument --dtype: unsupported dtype"),
+        (["predict", str(saved), "some text", "--device", "cuda:x"], "unknown device 'cuda:x'"),
     ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     done = subprocess.run([sys.executable, "-c", CHECK, json.dumps([argv for argv, _ in cases])],
@@ -100,6 +103,17 @@ def test_usage_mistakes_are_refused_without_importing_torch(tmp_path):
         assert code == EXIT_USAGE and not heavy, (argv, code, heavy, line)
         assert line.startswith("cptune: error: ") and message in line, (argv, line)
     assert existing.read_text() == "keep me\n" and not (tmp_path / "new").exists()
+
+
+def test_the_cli_accepts_the_dtypes_and_devices_the_model_loader_takes():
+    from cptune import models
+    from cptune.app.cli import DTYPE_NAMES, device_name, dtype_name
+
+    assert DTYPE_NAMES == models.DTYPE_NAMES  # the parser's list cannot drift from the loader's
+    for name in ("auto", "float32", "BFloat16", "torch.float16", "float64"):
+        assert dtype_name(name) == name
+    for name in ("auto", "cpu", "CUDA", "cuda:1", "mps"):
+        assert device_name(name) == name
 
 
 def test_a_missing_extra_is_a_usage_error():

@@ -42,6 +42,7 @@ _STALE_TMP_SECONDS = 3600.0
 _DTYPES = {
     str(d).removeprefix("torch."): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 }
+DTYPE_NAMES = tuple(_DTYPES)  # what --dtype takes besides "auto" (cptune.app.cli checks it before torch loads)
 
 
 def default_cache_dir() -> Path:

@@ -16,6 +16,7 @@ import argparse
 import importlib
 import math
 import os
+import re
 import sys
 import traceback
 from dataclasses import fields
@@ -77,6 +78,24 @@ positive_float = _number(float, "a finite number > 0", lambda v: math.isfinite(v
 non_negative_float = _number(float, "a finite number >= 0", lambda v: math.isfinite(v) and v >= 0)
 fraction = _number(float, "a number in (0, 1]", lambda v: 0 < v <= 1)
 
+DEVICE_NAMES = "auto, cpu, cuda, cuda:N, mps"
+DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64")  # cptune.models' dtypes (a test keeps them equal)
+
+
+def device_name(text: str) -> str:
+    """``--device``: refused while parsing when it is no device name at all (one torch cannot have); whether this
+    machine has it is checked when the model loads."""
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", text.strip().lower()):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; accepted: {DEVICE_NAMES}")
+    return text
+
+
+def dtype_name(text: str) -> str:
+    """``--dtype``: ``auto`` or one of :data:`DTYPE_NAMES` (``torch.`` in front allowed, as cptune.models takes it)."""
+    if text.strip().lower().removeprefix("torch.") not in ("auto", *DTYPE_NAMES):
+        raise argparse.ArgumentTypeError(f"unsupported dtype {text!r}; accepted: auto, {', '.join(DTYPE_NAMES)}")
+    return text
+
 
 def add_ray_arg(p, what: str) -> None:
     """``--ray [ADDRESS]``: run on a Ray cluster (the ray extra); the address is optional."""
@@ -100,9 +119,9 @@ def add_model_args(p, model_default: str | None = DEFAULT_MODEL) -> None:
     else:
         p.add_argument("--model", default=model_default,
                        help="embedded default name, local folder, .gguf file or hub id (default: %(default)s)")
-    p.add_argument("--device", default="auto",
+    p.add_argument("--device", default="auto", type=device_name,
                    help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps (default: %(default)s)")
-    p.add_argument("--dtype", default="auto",
+    p.add_argument("--dtype", default="auto", type=dtype_name,
                    help="auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16, float16 or "
                         "float64 (default: %(default)s); the context and its corrections stay float32")
     p.add_argument("--device-map", default=None,
@@ -164,13 +183,17 @@ _DEMO_HELP = {
 }
 
 
+DEMO_COUNTS = ("shots", "test_size")  # demo options that count something: refused below 1 by their flag's name
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="zero-shot vs ICL vs CPT on a built-in dataset (the main job)",
                        description=DemoSettings.__doc__)
     for f in fields(DemoSettings):  # the declared defaults: building DemoSettings() would check (and import) more
         default = f.default
-        names = ["--data", "--dataset"] if f.name == "dataset" else [f"--{f.name.replace('_', '-')}"]  # --data as
-        p.add_argument(*names, dest=f.name, type=str if default is None else type(default),  # on every command
+        names = ["--data", "--dataset"] if f.name == "dataset" else [f"--{f.name.replace('_', '-')}"]
+        kind = positive_int if f.name in DEMO_COUNTS else str if default is None else type(default)  # --data as
+        p.add_argument(*names, dest=f.name, type=kind,  # on every command
                        default=default, help=f"{_DEMO_HELP[f.name]} (default: %(default)s)")
 
 

@@ -115,7 +115,7 @@ def test_debug_prints_the_traceback_plain_run_does_not(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["demo", "--shots", "abc"], "argument --shots: invalid int value: 'abc'"),
+    (["demo", "--shots", "abc"], "argument --shots: 'abc' is not an integer >= 1"),
     (["train"], "the following arguments are required: --data, --output"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
 ])

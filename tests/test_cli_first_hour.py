@@ -5,6 +5,7 @@ names as given, singular and plural)."""
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -68,6 +69,10 @@ def test_usage_mistakes_are_refused_without_importing_torch(tmp_path):
     cases = [
         (["train", "--data", str(tmp_path / "missing.csv"), "--output", out], "does not exist"),
         (["train", "--data", str(no_text), "--output", out], "text column 'text' not found"),
+        (["train", "--data", str(no_text), "--text-column", "review", "--label-column", "stars", "--output", out],
+         "label column 'stars' not found in"),
+        (["eval", str(saved), "--data", str(no_text)],
+         "columns present: 'review', 'label' (choose it with --text-column)"),
         (["train", "--data", str(good), "--output", str(saved)], "already holds a classifier; pass --overwrite"),
         (["train", "--data", str(good), "--output", str(foreign)], "files cptune did not write (notes.txt)"),
         (["train", "--data", str(good), "--output", out, "--steps", "0"], "argument --steps: 0 is not"),
@@ -118,6 +123,7 @@ def test_usage_mistakes_are_refused_without_importing_torch(tmp_path):
     for i, ((argv, message), (code, heavy), line) in enumerate(zip(cases, results, lines, strict=True)):
         assert code == EXIT_USAGE and heavy == ([] if i < first_asking else ["huggingface_hub"]), (argv, heavy, line)
         assert line.startswith("cptune: error: ") and message in line, (argv, line)
+        assert not re.search(r"\b[a-z]+_[a-z_]+=", line), line  # flags only, no Python argument (text_column=)
     assert existing.read_text() == "keep me\n" and not (tmp_path / "new").exists()
 
 

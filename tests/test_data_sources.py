@@ -447,3 +447,15 @@ def test_check_source_reads_nothing_it_accepts(tmp_path):
     broken.write_bytes(b"\x00\x01")  # load_dataset would refuse it; the check leaves files to the load
     for name in ("rotten_tomatoes", "glue/sst2", "owner/name", str(broken), str(tmp_path)):
         assert check_source(name) is None
+
+
+def test_a_missing_column_names_the_python_argument_and_a_shell_may_name_its_flag(tmp_path):
+    from cptune.data import MissingColumnError
+
+    path = tmp_path / "d.csv"
+    path.write_text("review,label\nx,1\ny,0\n")
+    with pytest.raises(MissingColumnError) as err:
+        load_dataset(str(path))
+    assert str(err.value).endswith("columns present: 'review', 'label' (choose it with text_column=)")
+    assert err.value.message("--text-column").endswith("(choose it with --text-column)")
+    assert "text_column=" not in err.value.message("--text-column")

@@ -6,6 +6,7 @@ command that runs a model imports what it needs when it starts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import sys
@@ -21,6 +22,7 @@ from cptune.data import (
     DATASET_DEFAULTS,
     FILE_FORMATS,
     Dataset,
+    MissingColumnError,
     check_source,
     load_dataset,
     normalize_text,
@@ -113,9 +115,19 @@ def _format(data: str, template: str | None, label_words: str | None) -> tuple[s
     return (template.replace("\\n", "\n") if template else fmt), (given if given is not None else words)
 
 
+@contextlib.contextmanager
+def flag_names():
+    """A missing column reported with the command line's flag (``--text-column``), not the Python argument."""
+    try:
+        yield
+    except MissingColumnError as err:
+        raise UserError(err.message(f"--{err.role}-column")) from None
+
+
 def _load(args, default_split: str) -> Dataset:
-    return load_dataset(args.data, split=args.split, config=args.config, text_column=args.text_column,
-                        label_column=args.label_column, default_split=default_split)
+    with flag_names():
+        return load_dataset(args.data, split=args.split, config=args.config, text_column=args.text_column,
+                            label_column=args.label_column, default_split=default_split)
 
 
 # -- train -------------------------------------------------------------------------------------
@@ -396,7 +408,8 @@ def run_predict(args) -> int:
 
         check_output_file(args.output, args.overwrite)
         if not path.is_dir():
-            check_annotation(path, args.output, text_column=args.text_column)  # suffixes, paths, the CSV header
+            with flag_names():
+                check_annotation(path, args.output, text_column=args.text_column)  # suffixes, paths, CSV header
     _check_classifier_name(args.classifier)
     check_model_name(args.model)
     if on_ray:
@@ -405,7 +418,8 @@ def run_predict(args) -> int:
     if annotate:
         from cptune.app.annotate import annotate_file
 
-        annotate_file(clf, path, args.output, text_column=args.text_column, batch_size=args.batch_size)
+        with flag_names():  # a JSONL row without the column is found while annotating
+            annotate_file(clf, path, args.output, text_column=args.text_column, batch_size=args.batch_size)
         return 0  # annotate_file said how many rows it annotated and how many it left blank
     lines = args.texts if args.texts else (_text_lines(path) if path is not None else sys.stdin)
     printed = 0
@@ -433,8 +447,9 @@ def _predict_on_ray(args, path: Path) -> int:
     quiet_transformers()
     loader = SavedClassifier(str(args.classifier), model=args.model, device=args.device, dtype=args.dtype,
                              batch_size=args.batch_size, calibrate=args.calibrate)
-    annotate_file_ray(loader, path, args.output, text_column=args.text_column, workers=args.ray_workers,
-                      threads=args.ray_threads, gpus=args.ray_gpus, address=args.ray or None)
+    with flag_names():
+        annotate_file_ray(loader, path, args.output, text_column=args.text_column, workers=args.ray_workers,
+                          threads=args.ray_threads, gpus=args.ray_gpus, address=args.ray or None)
     return 0
 
 

@@ -76,6 +76,8 @@ def test_usage_mistakes_are_refused_without_importing_torch(tmp_path):
         (["train", "--data", str(good), "--output", str(saved)], "already holds a classifier; pass --overwrite"),
         (["train", "--data", str(good), "--output", str(foreign)], "files cptune did not write (notes.txt)"),
         (["train", "--data", str(good), "--output", out, "--steps", "0"], "argument --steps: 0 is not"),
+        (["train", "--data", str(good), "--output", out, "--shots", "100"],
+         f"--shots 100 is more than the 12 labelled rows of {good}; give at most 12"),
         (["train", "--data", str(good), "--output", out, "--lr", "nan"], "argument --lr: nan is not"),
         (["train", "--data", str(good), "--output", out, "--label-words", "pos=good"], "no word for label"),
         (["train", "--data", str(good), "--output", out, "--template", "no placeholder"], "exactly one {x}"),

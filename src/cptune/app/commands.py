@@ -192,6 +192,9 @@ def run_train(args) -> int:
     words = label_words_for(dataset.labels, words)  # every class of the data, also those a sample may miss
     examples = dataset.examples
     if args.shots is not None:
+        if args.shots > len(examples):  # else sample_splits' per-class count ("500 were asked") for --shots 1000
+            raise UserError(f"--shots {args.shots} is more than the {plural(len(examples), 'labelled row')} of "
+                            f"{args.data}; give at most {len(examples)}, or leave --shots out to use every row")
         examples, _, _ = sample_splits(dataset, args.shots, 0, args.seed)
     if args.context_size is not None and args.context_size > len(examples):
         raise UserError(f"--context-size={args.context_size} is more than the {len(examples)} labelled examples used")

@@ -107,6 +107,10 @@ def test_usage_mistakes_are_refused_without_importing_torch(tmp_path):
         # eval's common mistakes answer without huggingface_hub either (0.7 s)
         (["eval", str(tmp_path / "nope"), "--data", str(good), "--batch-size", "4"], "does not exist"),
         (["eval", str(saved), "--data", str(good), "--test-size", "0"], "argument --test-size: 0 is not"),
+        (["eval", str(saved), "--data", str(good), "--test-size", "100"],
+         f"--test-size 100 is more than the 12 rows of {good}"),
+        (["eval", str(good), "--data", str(good)], f"classifier folder {good} is a file, not a folder"),
+        (["predict", str(good), "some text"], f"classifier folder {good} is a file, not a folder"),
         (["train", "--data", str(good), "--output", out, "--model", "no such model!"], "not a local folder"),  # shape
     ]
     asking_the_hub_cache = [  # last: one process runs every case, and these import huggingface_hub

@@ -260,6 +260,8 @@ def _check_classifier_name(name: str) -> None:
     huggingface_hub is not imported here)."""
     from cptune.cpt.hub import is_hub_id
 
+    if Path(name).is_file():
+        raise UserError(f"classifier folder {name} is a file, not a folder; give the folder `cptune train` wrote")
     if not Path(name).exists() and not is_hub_id(name):
         raise UserError(f"classifier folder {name} does not exist (nor is it a hub repo id, owner/name)")
 
@@ -355,6 +357,9 @@ def run_eval(args) -> int:
         check_output_file(args.output, args.overwrite)  # before the scoring, not after it
     check_model_name(args.model)
     dataset = _load(args, default_split="test")  # a bad --data fails before torch and the model load
+    if args.test_size is not None and args.test_size > len(dataset.examples):  # (evaluate() also counts the rows
+        raise UserError(f"--test-size {args.test_size} is more than the {plural(len(dataset.examples), 'row')} "
+                        f"of {args.data}")  # left out as training texts, which needs the classifier)
     clf = _load_classifier(args)
     metrics = evaluate(clf, dataset, args.test_size, args.seed, name=args.data)
     if metrics["left_out_trained"]:

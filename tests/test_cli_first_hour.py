@@ -80,6 +80,8 @@ def test_usage_mistakes_are_refused_without_importing_torch(tmp_path):
          f"--shots 100 is more than the 12 labelled rows of {good}; give at most 12"),
         (["train", "--data", str(good), "--output", out, "--lr", "nan"], "argument --lr: nan is not"),
         (["train", "--data", str(good), "--output", out, "--label-words", "pos=good"], "no word for label"),
+        (["train", "--data", str(good), "--output", out, "--label-words", "pos=good,neg=good"],
+         "label words must differ; 'good' is used for more than one label"),
         (["train", "--data", str(good), "--output", out, "--template", "no placeholder"], "exactly one {x}"),
         (["train", "--data", str(good), "--output", out, "--model", "./no-such-folder"], "not an existing folder"),
         (["predict", str(tmp_path / "nope"), "--file", str(good), "--output", str(existing)],

@@ -89,7 +89,7 @@ def label_words_for(labels: Iterable[Any], given: Mapping[str, str] | None) -> d
             words given for labels that are not words (``0``/``1``, ``LABEL_0``): the message says how to
             give them.
     """
-    from cptune.text.template import words_needed_error
+    from cptune.text.template import check_distinct_words, words_needed_error
 
     labels = list(labels)
     if given is None:
@@ -105,7 +105,9 @@ def label_words_for(labels: Iterable[Any], given: Mapping[str, str] | None) -> d
     unknown = sorted(set(by_text) - {str(label) for label in labels})
     if unknown:
         raise UserError(f"--label-words names label {unknown[0]!r}, which the data does not have; its labels: {names}")
-    return {label: by_text[str(label)] for label in labels}
+    words = {label: by_text[str(label)] for label in labels}
+    check_distinct_words(words)  # before the model loads (their tokens are compared after)
+    return words
 
 
 def _format(data: str, template: str | None, label_words: str | None) -> tuple[str, dict[str, str] | None]:

@@ -269,3 +269,20 @@ def test_a_context_too_long_with_template_auto_names_the_flag_too(tiny_dir, tmp_
     assert main(args) == EXIT_USAGE
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "more than the model's 64" in err and "(--context-size)" in err and "context_size=" not in err, err
+
+
+def test_predict_from_a_terminal_says_it_reads_standard_input(trained, capsys, monkeypatch):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stdin", Terminal("a fun film\n"))
+    assert main(["predict", str(trained)]) == 0
+    captured = capsys.readouterr()
+    assert "cptune: reading texts from standard input, one per line; end with Ctrl-D" in captured.err
+    assert json.loads(captured.out)["text"] == "a fun film"
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a fun film\n"))  # a pipe: nothing to say
+    assert main(["predict", str(trained)]) == 0
+    assert "standard input" not in capsys.readouterr().err

@@ -432,6 +432,8 @@ def run_predict(args) -> int:
             annotate_file(clf, path, args.output, text_column=args.text_column, batch_size=args.batch_size)
         return 0  # annotate_file said how many rows it annotated and how many it left blank
     lines = args.texts if args.texts else (_text_lines(path) if path is not None else sys.stdin)
+    if lines is sys.stdin and sys.stdin.isatty():  # `cptune predict FOLDER` typed alone would wait in silence
+        notice("reading texts from standard input, one per line; end with Ctrl-D (or give texts as arguments)")
     printed = 0
     for texts in _chunks(lines, PREDICT_CHUNK):
         probs = clf.predict_proba([normalize_text(t) for t in texts])  # as training data and annotated files are

@@ -118,6 +118,11 @@ def test_debug_prints_the_traceback_plain_run_does_not(tmp_path):
     (["demo", "--shots", "abc"], "argument --shots: 'abc' is not an integer >= 1"),
     (["train"], "the following arguments are required: --data, --output"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
+    # an unknown option names itself, though a required argument (the command, --data) is missing too
+    (["--frobnicate"], "unrecognized arguments: --frobnicate (see `cptune --help`)"),
+    (["train", "--frobnicate=1", "--dat", "x"], "unrecognized arguments: --frobnicate (see `cptune train --help`)"),
+    (["eval", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["train", "--seed", "-1", "--dat", "x"], "the following arguments are required: --output"),  # -1 is a value
 ])
 def test_argument_mistakes_are_one_line_exit_2(args, message):
     run = _cli(*args)

@@ -5,6 +5,7 @@ names as given, singular and plural)."""
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -48,7 +49,7 @@ from cptune.app.cli import main
 results = []
 for argv in json.loads(sys.argv[1]):
     code = main(argv)
-    results.append([code, "torch" in sys.modules or "transformers" in sys.modules])
+    results.append([code, sorted(m for m in ("torch", "transformers", "huggingface_hub") if m in sys.modules)])
 print(json.dumps(results))
 """
 
@@ -68,15 +69,21 @@ def test_usage_mistakes_are_refused_without_importing_torch(tmp_path):
     cases = [
         (["train", "--data", str(tmp_path / "missing.csv"), "--output", out], "does not exist"),
         (["train", "--data", str(no_text), "--output", out], "text column 'text' not found"),
+        (["train", "--data", str(no_text), "--text-column", "review", "--label-column", "stars", "--output", out],
+         "label column 'stars' not found in"),
+        (["eval", str(saved), "--data", str(no_text)],
+         "columns present: 'review', 'label' (choose it with --text-column)"),
         (["train", "--data", str(good), "--output", str(saved)], "already holds a classifier; pass --overwrite"),
         (["train", "--data", str(good), "--output", str(foreign)], "files cptune did not write (notes.txt)"),
         (["train", "--data", str(good), "--output", out, "--steps", "0"], "argument --steps: 0 is not"),
+        (["train", "--data", str(good), "--output", out, "--shots", "100"],
+         f"--shots 100 is more than the 12 labelled rows of {good}; give at most 12"),
         (["train", "--data", str(good), "--output", out, "--lr", "nan"], "argument --lr: nan is not"),
         (["train", "--data", str(good), "--output", out, "--label-words", "pos=good"], "no word for label"),
+        (["train", "--data", str(good), "--output", out, "--label-words", "pos=good,neg=good"],
+         "label words must differ; 'good' is used for more than one label"),
         (["train", "--data", str(good), "--output", out, "--template", "no placeholder"], "exactly one {x}"),
         (["train", "--data", str(good), "--output", out, "--model", "./no-such-folder"], "not an existing folder"),
-        (["train", "--data", str(good), "--output", out, "--model", "no such model!"], "not a local folder"),
-        (["train", "--data", str(good), "--output", out, "--model", "no-such-model"], "not in the Hugging Face cache"),
         (["predict", str(tmp_path / "nope"), "--file", str(good), "--output", str(existing)],
          "exists; pass --overwrite"),
         (["predict", str(tmp_path / "nope"), "--file", str(good), "--text-column", "review", "--output",
@@ -91,7 +98,29 @@ def test_usage_mistakes_are_refused_without_importing_torch(tmp_path):
         (["train", "--data", str(good), "--output", out, "--device", "tpu"], "argument --device: unknown device 'tpu'"),
         (["train", "--data", str(good), "--output", out, "--dtype", "float8"], "argument --dtype: unsupported dtype"),
         (["predict", str(saved), "some text", "--device", "cuda:x"], "unknown device 'cuda:x'"),
+        # compare checks its grid before cptune.app.compare imports torch
+        (["compare", "--data", "nope", "--output", out], "unknown dataset 'nope'"),
+        (["compare", "--dataset", str(tmp_path / "missing.csv"), "--output", out], "does not exist"),
+        (["compare", "--methods", "icl", "magic", "--output", out], "argument --methods: unknown method 'magic'"),
+        (["compare", "--shots", "4", "0", "--output", out], "argument --shots: 0 is not an integer >= 1"),
+        (["compare", "--test-size", "0", "--output", out], "argument --test-size: 0 is not"),
+        (["compare", "--template", "no placeholder", "--output", out], "exactly one {x}"),
+        (["compare", "--label-words", "neg", "--output", out], "is not label=word"),
+        # eval's common mistakes answer without huggingface_hub either (0.7 s)
+        (["eval", str(tmp_path / "nope"), "--data", str(good), "--batch-size", "4"], "does not exist"),
+        (["eval", str(saved), "--data", str(good), "--test-size", "0"], "argument --test-size: 0 is not"),
+        (["eval", str(saved), "--data", str(good), "--test-size", "100"],
+         f"--test-size 100 is more than the 12 rows of {good}"),
+        (["eval", str(good), "--data", str(good)], f"classifier folder {good} is a file, not a folder"),
+        (["predict", str(good), "some text"], f"classifier folder {good} is a file, not a folder"),
+        (["train", "--data", str(good), "--output", out, "--model", "no such model!"], "not a local folder"),  # shape
     ]
+    asking_the_hub_cache = [  # last: one process runs every case, and these import huggingface_hub
+        (["train", "--data", str(good), "--output", out, "--model", "no-such-model"], "not in the Hugging Face cache"),
+        (["compare", "--model", "no-such-model", "--output", out], "not in the Hugging Face cache"),
+    ]
+    first_asking = len(cases)
+    cases += asking_the_hub_cache
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     done = subprocess.run([sys.executable, "-c", CHECK, json.dumps([argv for argv, _ in cases])],
                           capture_output=True, text=True, env=env, timeout=300)
@@ -99,9 +128,10 @@ def test_usage_mistakes_are_refused_without_importing_torch(tmp_path):
     results = json.loads(done.stdout)
     lines = done.stderr.strip().splitlines()
     assert len(lines) == len(cases), done.stderr  # one line each
-    for (argv, message), (code, heavy), line in zip(cases, results, lines, strict=True):
-        assert code == EXIT_USAGE and not heavy, (argv, code, heavy, line)
+    for i, ((argv, message), (code, heavy), line) in enumerate(zip(cases, results, lines, strict=True)):
+        assert code == EXIT_USAGE and heavy == ([] if i < first_asking else ["huggingface_hub"]), (argv, heavy, line)
         assert line.startswith("cptune: error: ") and message in line, (argv, line)
+        assert not re.search(r"\b[a-z]+_[a-z_]+=", line), line  # flags only, no Python argument (text_column=)
     assert existing.read_text() == "keep me\n" and not (tmp_path / "new").exists()
 
 
@@ -203,3 +233,56 @@ def test_eval_shows_a_scoring_progress_bar(trained, tmp_path, capsys, monkeypatc
     assert main(["eval", str(trained), "--data", str(data), "--batch-size", "4"]) == 0
     err = capsys.readouterr().err
     assert "score: 100%" in err and "18/18" in err, err
+
+
+# -- item 4: a context too long for the model, found with the tokenizer and named by the CLI's flag ----------
+
+def _short_model(tiny_dir, folder, positions: int, weights: bool):
+    """The tiny model with ``positions`` positions; without its weights file when ``weights`` is False (a load
+    of the weights then fails, so a check that answers was made before it)."""
+    import shutil
+
+    shutil.copytree(tiny_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": positions}))
+    if not weights:
+        for path in folder.glob("*.safetensors"):
+            path.unlink()
+    return folder
+
+
+def test_a_context_too_long_is_found_before_the_weights_load_and_names_the_flag(tiny_dir, tmp_path, capsys):
+    model = _short_model(tiny_dir, tmp_path / "short", positions=64, weights=False)
+    data = _csv(tmp_path / "train.csv", ROWS)
+    args = ["train", "--model", str(model), "--data", str(data), *FAST, "--output", str(tmp_path / "c")]
+    assert main(args) == EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cptune: error: the context of 12 demonstrations is ") and "more than the model's 64" in err
+    assert err.endswith("use a smaller context size (--context-size) or shorter texts"), err
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_context_too_long_with_template_auto_names_the_flag_too(tiny_dir, tmp_path, capsys):
+    model = _short_model(tiny_dir, tmp_path / "short", positions=64, weights=True)
+    data = _csv(tmp_path / "train.csv", ROWS)
+    args = ["train", "--model", str(model), "--data", str(data), "--steps", "1", "--output", str(tmp_path / "c")]
+    assert main(args) == EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "more than the model's 64" in err and "(--context-size)" in err and "context_size=" not in err, err
+
+
+def test_predict_from_a_terminal_says_it_reads_standard_input(trained, capsys, monkeypatch):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stdin", Terminal("a fun film\n"))
+    assert main(["predict", str(trained)]) == 0
+    captured = capsys.readouterr()
+    assert "cptune: reading texts from standard input, one per line; end with Ctrl-D" in captured.err
+    assert json.loads(captured.out)["text"] == "a fun film"
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a fun film\n"))  # a pipe: nothing to say
+    assert main(["predict", str(trained)]) == 0
+    assert "standard input" not in capsys.readouterr().err

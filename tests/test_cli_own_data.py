@@ -105,7 +105,7 @@ def test_eval_samples_only_when_asked(trained, tmp_path, capsys):
     assert main(["eval", str(trained), "--test-data", str(data), "--test-size", "7", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["test_size"] == 7
     assert main(["eval", str(trained), "--data", str(data), "--test-size", "41"]) == 2
-    assert "--test-size=41 must be from 1 to the 40 rows" in capsys.readouterr().err
+    assert f"--test-size 41 is more than the 40 rows of {data}" in capsys.readouterr().err  # before the model loads
 
 
 def test_integer_labels_end_to_end(tiny_dir, tmp_path, capsys):
@@ -215,11 +215,11 @@ def test_the_command_line_answers_without_torch(argv):
 def test_the_parser_defaults_agree_with_the_library():
     from cptune.app import cli
     from cptune.app.demo import DemoSettings
-    from cptune.methods import METHODS
+    from cptune.methods import ENCODER_METHODS, METHODS
     from cptune.models import DEFAULT_MODEL
 
     assert cli.DEFAULT_MODEL == DEFAULT_MODEL == DemoSettings.model
-    assert cli.METHOD_NAMES == METHODS
+    assert cli.METHOD_NAMES == METHODS and cli.ENCODER_METHOD_NAMES == ENCODER_METHODS
 
 
 def test_train_radius_relative_is_recorded(tiny_dir, tmp_path, capsys):

@@ -81,8 +81,9 @@ def test_append_after_damage_starts_a_new_line(tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [(["--methods", "gpt4"], "unknown method 'gpt4'"), (["--only", "shots"], "key=value"),
-     (["--only", "seed=9"], "selects no cell"), (["--shots", "0"], "shots=0"), (["--dataset", "imdb"], "imdb"),
-     (["--test-size", "0"], "--test-size=0"), (["--set", "cpt_lr"], "NAME=VALUE"),
+     (["--only", "seed=9"], "selects no cell"), (["--shots", "0"], "argument --shots: 0 is not an integer >= 1"),
+     (["--dataset", "imdb"], "imdb"), (["--test-size", "0"], "argument --test-size: 0 is not an integer >= 1"),
+     (["--set", "cpt_lr"], "NAME=VALUE"),
      (["--set", "lr=1"], "NAME=VALUE with NAME one of: steps"), (["--set", "seed=3"], "give --seeds 3"),
      (["--set", "cpt_lr=fast"], "'fast' is not a valid float"),
      (["--set", "cpt_lr=-1"], "cpt_lr=-1.0 must be a finite number > 0"),

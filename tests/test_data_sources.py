@@ -425,3 +425,37 @@ def test_data_package_imports_nothing_heavy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("name, error", [("nope", ValueError), ("data/missing.csv", FileNotFoundError),
+                                         ("./missing", FileNotFoundError)])
+def test_check_source_refuses_what_load_dataset_refuses_with_its_message(name, error, tmp_path, monkeypatch):
+    from cptune.data import check_source
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(error) as checked:
+        check_source(name)
+    with pytest.raises(error) as loaded:
+        load_dataset(name)
+    assert str(checked.value) == str(loaded.value)
+
+
+def test_check_source_reads_nothing_it_accepts(tmp_path):
+    from cptune.data import check_source
+
+    broken = tmp_path / "broken.csv"
+    broken.write_bytes(b"\x00\x01")  # load_dataset would refuse it; the check leaves files to the load
+    for name in ("rotten_tomatoes", "glue/sst2", "owner/name", str(broken), str(tmp_path)):
+        assert check_source(name) is None
+
+
+def test_a_missing_column_names_the_python_argument_and_a_shell_may_name_its_flag(tmp_path):
+    from cptune.data import MissingColumnError
+
+    path = tmp_path / "d.csv"
+    path.write_text("review,label\nx,1\ny,0\n")
+    with pytest.raises(MissingColumnError) as err:
+        load_dataset(str(path))
+    assert str(err.value).endswith("columns present: 'review', 'label' (choose it with text_column=)")
+    assert err.value.message("--text-column").endswith("(choose it with --text-column)")
+    assert "text_column=" not in err.value.message("--text-column")

@@ -1,6 +1,8 @@
 """The Python API reports as the command line does, through logging and tqdm, and can be silenced;
 cptune's warnings are one line in its own voice."""
 
+import logging
+import re
 import subprocess
 import sys
 import warnings
@@ -54,6 +56,18 @@ def test_quiet_and_nested_bars():
         assert reporting.showing()
     with reporting.progress(3, "outer") as outer, reporting.progress(3, "inner") as inner:
         assert not outer.disable and inner.disable  # only the outermost bar is drawn
+
+
+def test_a_notice_while_a_bar_is_drawn_is_written_above_it_not_into_its_line(capsys):
+    reporting.install(handler=True)  # as the command line does
+    with reporting.progress(3, "choose template") as bar:
+        bar.update(1)
+        # the layout notice comes from a lower layer's logger the first time a model runs, inside the bar
+        logging.getLogger("cptune.cpt.engine").info("queries for LlamaForCausalLM: packed")
+        bar.update(2)
+    err = capsys.readouterr().err
+    assert "choose template" in err and "3/3" in err, err
+    assert "cptune: queries for LlamaForCausalLM: packed" in re.split(r"[\r\n]", err), repr(err)  # a line of its own
 
 
 def test_cptune_warnings_are_one_line_without_the_source():

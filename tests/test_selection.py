@@ -257,3 +257,18 @@ def test_the_classifier_runs_the_finalists_when_asked_and_saves_what_they_measur
         CPTClassifier(template="input: {x} output: {y}", finalists=2)
     with pytest.raises(ValueError, match="finalists=True must be an integer"):
         CPTClassifier(finalists=True)
+
+
+def test_the_summary_tells_a_runner_up_of_the_same_format_by_its_words():
+    from cptune.selection import TemplateChoice
+    from cptune.text.template import Template
+
+    fmt = "Review: {x}\nSentiment: {y}"
+    scores = [{"format": fmt, "words": {"0": "negative", "1": "positive"}, "log_prob": -0.193, "accuracy": 0.94},
+              {"format": fmt, "words": {"0": "Negative", "1": "Positive"}, "log_prob": -0.350, "accuracy": 0.9},
+              {"format": "input: {x} output: {y}", "words": {"0": "negative", "1": "positive"}, "log_prob": -0.5,
+               "accuracy": 0.8}]
+    choice = TemplateChoice(Template(fmt), {0: "negative", 1: "positive"}, scores, examples=16)
+    assert f"; next {fmt!r} with words {{'0': 'Negative', '1': 'Positive'}} -0.350)" in choice.summary()
+    other = TemplateChoice(Template(fmt), {0: "negative", 1: "positive"}, [scores[0], scores[2]], examples=16)
+    assert "; next 'input: {x} output: {y}' -0.500)" in other.summary()  # another format: its name says it

@@ -42,10 +42,12 @@ def test_set_params_checks_values_and_keeps_the_old_ones_on_error(estimator):
 
 
 def test_unfitted_use_raises_sklearns_not_fitted_error(estimator, tmp_path):
-    for call in (lambda: estimator.predict(["x"]), lambda: estimator.predict_proba(["x"]),
-                 lambda: estimator.save(tmp_path / "c")):
-        with pytest.raises(NotFittedError, match="not fitted"):
+    for call, name in ((lambda: estimator.predict(["x"]), "predict()"),
+                       (lambda: estimator.predict_proba(["x"]), "predict_proba()"),
+                       (lambda: estimator.save(tmp_path / "c"), "save()")):
+        with pytest.raises(NotFittedError, match="not fitted") as err:
             call()
+        assert str(err.value).endswith(f"before {name}"), err.value  # the method called, not an inner one
     assert not hasattr(estimator, "classes_")
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from cptune.cpt.hub import check_model_id, offline_variable
 from cptune.cpt.saving import current_umask, write_json_atomic
@@ -290,6 +290,68 @@ def _transformers_quiet():
             hf_logging.enable_progress_bar()
 
 
+def _model_source(name: str, trust_remote_code: bool) -> tuple[str | Path, dict]:
+    """What ``from_pretrained`` reads for ``name`` (see :func:`load_model`'s order) and its keyword arguments."""
+    path = Path(name).expanduser()
+    kwargs: dict = {"trust_remote_code": trust_remote_code}
+    if name == DEFAULT_MODEL:
+        return convert_embedded_model(), {}
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"model folder {name!r} has no config.json; expected a save_pretrained folder"
+            )
+        return path, kwargs
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return convert_gguf(path), kwargs
+    if path.suffix.lower() == ".gguf" or name.startswith((".", "/", "~")) or path.is_file():
+        raise FileNotFoundError(f"model path {name!r} is not an existing folder or .gguf file")
+    cached = check_model_id(name)  # a mistyped name fails here, in seconds and one line
+    if cached or offline_variable() is not None:  # offline read now, not at import;
+        # a model in the cache loads from it without asking the hub (no retries when there is no network)
+        kwargs["local_files_only"] = True
+    return name, kwargs
+
+
+@contextlib.contextmanager
+def _hub_errors(name: str, source: str | Path):
+    """A hub model that cannot be loaded (transformers' OSError) as one ValueError naming it."""
+    try:
+        yield
+    except OSError as err:
+        if source != name:  # a local folder or file: its own error says what is wrong
+            raise
+        raise ValueError(
+            f"model {name!r} is neither {DEFAULT_MODEL!r}, a local folder or .gguf file, "
+            f"nor loadable from the Hugging Face hub ({type(err).__name__})"
+        ) from err
+
+
+def _tokenizer(source: str | Path, kwargs: dict) -> PreTrainedTokenizerBase:
+    with _transformers_quiet():
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_tokenizer(
+    name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, trust_remote_code: bool = False
+) -> tuple[PreTrainedTokenizerBase, transformers.PretrainedConfig]:
+    """The tokenizer and config of the model :func:`load_model` would load, without its weights: a command
+    checks with them, in a second, what would otherwise fail only after the (slower) load.
+
+    Raises:
+        The errors :func:`load_model` raises for a name it cannot resolve.
+    """
+    name = os.fspath(name_or_path)
+    source, kwargs = _model_source(name, trust_remote_code)
+    with _hub_errors(name, source):
+        with _transformers_quiet():
+            config = AutoConfig.from_pretrained(source, **kwargs)
+        return _tokenizer(source, kwargs), config
+
+
 def load_model(
     name_or_path: str | os.PathLike[str] = DEFAULT_MODEL,
     dtype: torch.dtype | str = AUTO,
@@ -334,44 +396,14 @@ def load_model(
     target = None if device_map is not None else resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target if target is not None else AUTO)
     name = os.fspath(name_or_path)
-    path = Path(name).expanduser()
-    kwargs: dict = {"trust_remote_code": trust_remote_code}
-    if name == DEFAULT_MODEL:
-        source, kwargs = convert_embedded_model(), {}
-    elif path.is_dir():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"model folder {name!r} has no config.json; expected a save_pretrained folder"
-            )
-        source = path
-    elif path.is_file() and path.suffix.lower() == ".gguf":
-        source = convert_gguf(path)
-    elif path.suffix.lower() == ".gguf" or name.startswith((".", "/", "~")) or path.is_file():
-        raise FileNotFoundError(f"model path {name!r} is not an existing folder or .gguf file")
-    else:
-        source = None
+    source, kwargs = _model_source(name, trust_remote_code)
     model_kwargs: dict = {} if device_map is None else {"device_map": device_map}
-    cached = source is None and check_model_id(name)  # a mistyped name fails here, in seconds and one line
-    if source is None and (cached or offline_variable() is not None):  # offline read now, not at import;
-        # a model in the cache loads from it without asking the hub (no retries when there is no network)
-        # transformers 5.23 probes the hub for adapter_config.json unless told separately.
-        kwargs["local_files_only"] = True
+    if kwargs.get("local_files_only"):  # transformers 5.23 probes the hub for adapter_config.json unless told
         model_kwargs["adapter_kwargs"] = {"local_files_only": True}
-    try:
+    with _hub_errors(name, source):
         with _transformers_quiet():  # its weight-loading bar and notices are not cptune's voice
-            model = AutoModelForCausalLM.from_pretrained(
-                source or name, dtype=torch_dtype, **kwargs, **model_kwargs
-            )
-            tokenizer = AutoTokenizer.from_pretrained(source or name, **kwargs)
-    except OSError as err:
-        if source is not None:
-            raise
-        raise ValueError(
-            f"model {name!r} is neither {DEFAULT_MODEL!r}, a local folder or .gguf file, "
-            f"nor loadable from the Hugging Face hub ({type(err).__name__})"
-        ) from err
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs, **model_kwargs)
+        tokenizer = _tokenizer(source, kwargs)
     if target is not None and target.type != "cpu":
         model = model.to(target)
     model.eval()

@@ -169,21 +169,57 @@ def context_examples(examples: Sequence[Any], size: int | None, seed: int) -> li
     return balanced_order(examples, seed)[:size]
 
 
-def check_context_fits(base_model, context: Context, queries: Mapping[str, Any], shots: int) -> None:
-    """Refuse a context that, followed by the longest training query, needs more positions than the model has.
+class ContextTooLongError(ValueError):
+    """A context that, followed by the longest training query, needs more positions than the model has; its
+    message names the Python argument, :meth:`message` another option (the command line's flag)."""
+
+    def __init__(self, shots: int, context_tokens: int, longest_query: int, limit: int):
+        self.shots, self.context_tokens, self.longest_query, self.limit = shots, context_tokens, longest_query, limit
+        super().__init__(self.message("context_size="))
+
+    def message(self, option: str) -> str:
+        """The one-line error, naming ``option`` (``"context_size="`` or ``"--context-size"``) as the way out."""
+        needed = self.context_tokens + self.longest_query
+        return (f"the context of {plural(self.shots, 'demonstration')} is {self.context_tokens} tokens; with the "
+                f"longest training query ({self.longest_query} tokens) it needs {needed} positions, more than the "
+                f"model's {self.limit}; use a smaller context size ({option}) or shorter texts")
+
+
+def check_context_fits(model_config, context: Context, queries: Mapping[str, Any], shots: int) -> None:
+    """Refuse a context that, followed by the longest training query, needs more positions than the model
+    (its config: :func:`cptune.cpt.engine.max_positions`) has.
 
     Raises:
-        ValueError: naming the context's tokens, the longest query's and the model's limit.
+        ContextTooLongError: naming the context's tokens, the longest query's and the model's limit.
     """
-    limit = max_positions(base_model.config)
+    limit = max_positions(model_config)
     longest = int(queries["attention_mask"].sum(dim=1).max())
-    needed = len(context) + longest
-    if limit is not None and needed > limit:
-        raise ValueError(
-            f"the context of {shots} demonstrations is {len(context)} tokens; with the longest training query "
-            f"({longest} tokens) it needs {needed} positions, more than the model's {limit}; use a smaller "
-            f"context size (context_size= or --context-size) or shorter texts"
-        )
+    if limit is not None and len(context) + longest > limit:
+        raise ContextTooLongError(shots, len(context), longest, limit)
+
+
+def context_and_queries(
+    model_config,
+    tokenizer,
+    examples: Sequence[tuple[str, Any]],
+    template: Template,
+    label_words: Mapping[str, str],
+    context_size: int | None,
+    seed: int,
+) -> tuple[list, Context, dict]:
+    """The demonstrations (:func:`context_examples`), their context and every example as a training query,
+    checked to fit the model's positions; a tokenizer and the model's config suffice (no weights), so a
+    command can check before it loads the model.
+
+    Raises:
+        ValueError: a bad ``context_size``.
+        ContextTooLongError: see :func:`check_context_fits`.
+    """
+    demonstrations = context_examples(examples, context_size, seed)
+    context = build_context(demonstrations, template, tokenizer, label_words)
+    queries = render_queries(examples, template, tokenizer, label_words)
+    check_context_fits(model_config, context, queries, len(demonstrations))
+    return demonstrations, context, queries
 
 
 def fit_cpt(
@@ -213,12 +249,10 @@ def fit_cpt(
 
     Raises:
         ValueError: a bad ``context_size``, or a context that does not fit the model's positions
-            (:func:`check_context_fits`).
+            (:class:`ContextTooLongError`, :func:`check_context_fits`).
     """
-    demonstrations = context_examples(examples, context_size, recipe.train.seed)
-    context = build_context(demonstrations, template, tokenizer, label_words)
-    queries = render_queries(examples, template, tokenizer, label_words)
-    check_context_fits(base_model, context, queries, len(demonstrations))
+    demonstrations, context, queries = context_and_queries(base_model.config, tokenizer, examples, template,
+                                                           label_words, context_size, recipe.train.seed)
     notice("context: %s, %d tokens; %s", plural(len(demonstrations), "demonstration"), len(context),
            plural(len(examples), "training query", "training queries"))
     model = cpt_model_for(base_model, context, recipe, model_name)

@@ -5,7 +5,8 @@ One mechanism for the Python API and the command line alike:
 - notices (where the model runs, the template chosen, the context's size) are ``logging`` records of
   the ``cptune`` logger (:func:`notice`), written to standard error as ``cptune: ...``;
 - progress bars (template selection, training, scoring, annotating) are ``tqdm`` bars (:func:`progress`),
-  which a notebook renders as widgets; only the outermost one is drawn;
+  which a notebook renders as widgets; only the outermost one is drawn, and a notice that comes while it is
+  drawn is written above it (``tqdm.write``), not into its line;
 - warnings about the user's data are ``warnings.warn(..., CptuneWarning)``, shown as one line
   ``cptune: warning: ...`` without the source line.
 
@@ -102,7 +103,9 @@ def plural(count: int, noun: str, nouns: str | None = None) -> str:
 
 
 class _StderrHandler(logging.StreamHandler):
-    """Writes to ``sys.stderr`` as it is when a record comes (tests and notebooks swap it)."""
+    """Writes to ``sys.stderr`` as it is when a record comes (tests and notebooks swap it); while a cptune bar
+    is drawn, through ``tqdm.write``, which takes the bar off its line, writes the record and draws the bar
+    again below it (a record written plainly would land after the bar's text, on its line)."""
 
     @property
     def stream(self):
@@ -111,6 +114,17 @@ class _StderrHandler(logging.StreamHandler):
     @stream.setter
     def stream(self, value) -> None:  # StreamHandler.__init__ sets it; the property decides
         pass
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not _BAR_OPEN.get():
+            super().emit(record)
+            return
+        from tqdm.auto import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - as logging's own handlers: report through handleError, never raise
+            self.handleError(record)
 
 
 def _has_own_handler() -> bool:

@@ -102,7 +102,11 @@ class TemplateChoice:
         text = f"template {self.template.format!r} with words {self.words_text()}"
         if best is not None:
             text += f" (held-out log-prob {best['log_prob']:.3f}, accuracy {best['accuracy']:.2f}"
-            text += f"; next {runner['format']!r} {runner['log_prob']:.3f})" if runner else ")"
+            if runner is None:
+                text += ")"
+            else:  # the same format with other words (their case) is told apart by its words
+                words = f" with words {runner['words']}" if runner["format"] == self.template.format else ""
+                text += f"; next {runner['format']!r}{words} {runner['log_prob']:.3f})"
         text = (f"{text}: {len(scored)} candidates on {self.examples} labelled examples, "
                 f"{self.forward_passes} forward passes, {self.seconds:.1f} s")
         if self.finalists:

@@ -25,14 +25,13 @@ import numpy as np
 
 from cptune.cpt.saving import AtomicOutput
 from cptune.data.tables import Batch, Survey, Table, arrow, describe, open_table, open_table_writer, text_of
-from cptune.data.types import FILE_FORMATS, formats
+from cptune.data.types import FILE_FORMATS, MissingColumnError, formats
 from cptune.reporting import notice, plural
 from cptune.reporting import progress as progress_bar
 
 LABEL_COLUMN = "predicted_label"
 """The predicted label's column (before ``prefix``); not ``label``, so a gold ``label`` column stays."""
 
-CHOOSE_COLUMN = "choose it with --text-column; text_column= in Python"
 PROBABILITY_PREFIX = "p_"
 """Start of each class probability column's name: ``p_<label>`` (before ``prefix``)."""
 
@@ -202,9 +201,7 @@ def _check_columns(path: Path, columns: list[str], text_column: str) -> None:
     if repeated is not None:
         raise ValueError(f"{path} names the column {repeated!r} twice; give each column its own name")
     if text_column not in columns:
-        present = ", ".join(repr(c) for c in columns) or "none"
-        raise ValueError(f"text column {text_column!r} not found in {path}; columns present: {present} "
-                         f"({CHOOSE_COLUMN})")
+        raise MissingColumnError("text", text_column, f"in {path}", columns)
 
 
 def _first_repeat(names: Iterable[str]) -> str | None:
@@ -237,9 +234,7 @@ def _texts(table: Table, batch: Batch, text_column: str) -> list[str | None]:
     if table.format == ".jsonl":
         for number, row in zip(batch.numbers, batch.rows, strict=True):
             if text_column not in row:
-                fields = ", ".join(repr(k) for k in row) or "none"
-                raise ValueError(f"text column {text_column!r} not found on {table.where(number)}; fields present: "
-                                 f"{fields} ({CHOOSE_COLUMN})")
+                raise MissingColumnError("text", text_column, f"on {table.where(number)}", list(row), "fields")
     cells = batch.column(text_column)
     return [text_of(cell, text_column, table.where(number)) for number, cell in zip(batch.numbers, cells, strict=True)]
 

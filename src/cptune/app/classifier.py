@@ -444,10 +444,12 @@ class CPTClassifier:
 
     def predict_proba(self, X: Sequence[str]) -> np.ndarray:
         """``(n, C)`` class probabilities (softmax over the label scores), columns as :attr:`classes_`."""
+        self._fitted("predict_proba()")  # the error names the method the user called
         return torch.softmax(self.decision_scores(X), dim=-1).cpu().numpy()
 
     def predict(self, X: Sequence[str]) -> list:
         """The most likely label of each text."""
+        self._fitted("predict()")
         scores = self.decision_scores(X)
         return [self.classes_[i] for i in scores.argmax(dim=-1).tolist()]
 

@@ -29,6 +29,7 @@ EXIT_USAGE = 2
 DEBUG_ENV = "CPTUNE_DEBUG"
 DEFAULT_MODEL = "smollm2-135m"  # cptune.models.DEFAULT_MODEL, not imported here (it loads torch); tests compare
 METHOD_NAMES = ("zero-shot", "icl", "cpt", "pt", "ipt", "lora")  # cptune.methods.METHODS, likewise
+ENCODER_METHOD_NAMES = ("setfit", "embedding-lr")  # cptune.methods.ENCODER_METHODS, likewise
 
 
 class UserError(Exception):
@@ -49,10 +50,37 @@ def exit_status(err: BaseException) -> int:
     return EXIT_USAGE if isinstance(err, USER_ERRORS) else EXIT_RUNTIME
 
 
+_NUMBER = re.compile(r"-\d|-\.\d")  # "-1", "-.5": a negative value, not an option (none of ours looks like one)
+_REQUIRED = "the following arguments are required"  # the start of argparse's message for missing arguments
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, with its mistakes reported as one line like cptune's own."""
+    """argparse, with its mistakes reported as one line like cptune's own; an unknown option is named even when
+    a required argument is missing too (argparse checks the required ones first and would hide it)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        self.given = list(sys.argv[1:] if args is None else args)  # this parser's part (a command's own options)
+        return super().parse_known_args(args, namespace)
+
+    def unknown_options(self) -> list[str]:
+        """The given options this parser does not know (``--name=value`` by its name; a unique abbreviation of a
+        known ``--option`` counts as known, as argparse takes it), up to a ``--``."""
+        known = self._option_string_actions  # argparse's table of this parser's option strings
+        unknown = []
+        for token in getattr(self, "given", []):
+            if token == "--":
+                break
+            name = token.split("=", 1)[0]
+            if not token.startswith("-") or token == "-" or _NUMBER.match(token) or name in known:
+                continue
+            if not (self.allow_abbrev and name.startswith("--") and any(o.startswith(name) for o in known)):
+                unknown.append(name)
+        return unknown
 
     def error(self, message: str):
+        unknown = self.unknown_options() if message.startswith(_REQUIRED) else []
+        if unknown:  # `cptune --frobnicate`: the mistake is the option, not the missing command
+            message = f"unrecognized arguments: {' '.join(unknown)}"
         self.exit(EXIT_USAGE, f"cptune: error: {message} (see `{self.prog} --help`)\n")
 
 
@@ -87,6 +115,14 @@ def device_name(text: str) -> str:
     machine has it is checked when the model loads."""
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", text.strip().lower()):
         raise argparse.ArgumentTypeError(f"unknown device {text!r}; accepted: {DEVICE_NAMES}")
+    return text
+
+
+def method_name(text: str) -> str:
+    """``--methods``: one of cptune's methods, refused while parsing (before torch) otherwise."""
+    if text not in (*METHOD_NAMES, *ENCODER_METHOD_NAMES):
+        raise argparse.ArgumentTypeError(f"unknown method {text!r}; accepted: "
+                                         f"{', '.join((*METHOD_NAMES, *ENCODER_METHOD_NAMES))}")
     return text
 
 
@@ -292,18 +328,18 @@ def _add_compare(sub) -> None:
                                        "resumable; a Markdown table and plots")
     p.add_argument("--data", "--dataset", dest="data", nargs="+", default=["rotten_tomatoes"],
                    help="built-in datasets, files or hub ids (default: %(default)s)")
-    p.add_argument("--shots", nargs="+", type=int, default=[2, 4, 8],
+    p.add_argument("--shots", nargs="+", type=positive_int, default=[2, 4, 8],
                    help="demonstrations in the context (default: %(default)s)")
-    p.add_argument("--train-size", type=int, default=None,
+    p.add_argument("--train-size", type=positive_int, default=None,
                    help="train every method on N labelled examples, the context's shots among them "
                         "(default: the shots alone, the paper's true few-shot setting)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="seeds (default: %(default)s)")
-    p.add_argument("--methods", nargs="+", default=list(METHOD_NAMES),
+    p.add_argument("--methods", nargs="+", type=method_name, default=list(METHOD_NAMES),
                    help="methods (default: the six causal-LM methods; also setfit and embedding-lr, the sentence-"
                         "encoder baselines of the setfit extra)")
     add_model_args(p)
-    p.add_argument("--test-size", type=int, default=200, help="balanced test examples (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps of trained methods (default: 40)")
+    p.add_argument("--test-size", type=positive_int, default=200, help="balanced test examples (default: %(default)s)")
+    p.add_argument("--steps", type=positive_int, default=None, help="optimizer steps of trained methods (default: 40)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="a method setting, e.g. cpt_lr=1e-4 or decay=1 (repeatable; names: cptune.MethodSettings)")
     p.add_argument("--template", default=None, help="{x} and {y} format, \\n for newline; or auto: chosen per cell "

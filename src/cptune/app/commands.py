@@ -6,6 +6,7 @@ command that runs a model imports what it needs when it starts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import sys
@@ -17,7 +18,16 @@ from typing import Any
 from cptune.app import demo
 from cptune.app.cli import DEFAULT_MODEL, UserError
 from cptune.app.trained_texts import KEPT
-from cptune.data import DATASET_DEFAULTS, FILE_FORMATS, Dataset, load_dataset, normalize_text, sample_splits
+from cptune.data import (
+    DATASET_DEFAULTS,
+    FILE_FORMATS,
+    Dataset,
+    MissingColumnError,
+    check_source,
+    load_dataset,
+    normalize_text,
+    sample_splits,
+)
 from cptune.reporting import notice, plural
 
 CHECKPOINT_SUBDIR = "checkpoint"
@@ -79,7 +89,7 @@ def label_words_for(labels: Iterable[Any], given: Mapping[str, str] | None) -> d
             words given for labels that are not words (``0``/``1``, ``LABEL_0``): the message says how to
             give them.
     """
-    from cptune.text.template import words_needed_error
+    from cptune.text.template import check_distinct_words, words_needed_error
 
     labels = list(labels)
     if given is None:
@@ -95,7 +105,9 @@ def label_words_for(labels: Iterable[Any], given: Mapping[str, str] | None) -> d
     unknown = sorted(set(by_text) - {str(label) for label in labels})
     if unknown:
         raise UserError(f"--label-words names label {unknown[0]!r}, which the data does not have; its labels: {names}")
-    return {label: by_text[str(label)] for label in labels}
+    words = {label: by_text[str(label)] for label in labels}
+    check_distinct_words(words)  # before the model loads (their tokens are compared after)
+    return words
 
 
 def _format(data: str, template: str | None, label_words: str | None) -> tuple[str, dict[str, str] | None]:
@@ -105,9 +117,19 @@ def _format(data: str, template: str | None, label_words: str | None) -> tuple[s
     return (template.replace("\\n", "\n") if template else fmt), (given if given is not None else words)
 
 
+@contextlib.contextmanager
+def flag_names():
+    """A missing column reported with the command line's flag (``--text-column``), not the Python argument."""
+    try:
+        yield
+    except MissingColumnError as err:
+        raise UserError(err.message(f"--{err.role}-column")) from None
+
+
 def _load(args, default_split: str) -> Dataset:
-    return load_dataset(args.data, split=args.split, config=args.config, text_column=args.text_column,
-                        label_column=args.label_column, default_split=default_split)
+    with flag_names():
+        return load_dataset(args.data, split=args.split, config=args.config, text_column=args.text_column,
+                            label_column=args.label_column, default_split=default_split)
 
 
 # -- train -------------------------------------------------------------------------------------
@@ -172,6 +194,9 @@ def run_train(args) -> int:
     words = label_words_for(dataset.labels, words)  # every class of the data, also those a sample may miss
     examples = dataset.examples
     if args.shots is not None:
+        if args.shots > len(examples):  # else sample_splits' per-class count ("500 were asked") for --shots 1000
+            raise UserError(f"--shots {args.shots} is more than the {plural(len(examples), 'labelled row')} of "
+                            f"{args.data}; give at most {len(examples)}, or leave --shots out to use every row")
         examples, _, _ = sample_splits(dataset, args.shots, 0, args.seed)
     if args.context_size is not None and args.context_size > len(examples):
         raise UserError(f"--context-size={args.context_size} is more than the {len(examples)} labelled examples used")
@@ -180,16 +205,24 @@ def run_train(args) -> int:
     from cptune.app.classifier import CPTClassifier
     from cptune.cpt.saving import remove_saved_files
     from cptune.distributed import is_main_process
-    from cptune.recipe import CPTRecipe
+    from cptune.models import load_tokenizer
+    from cptune.recipe import ContextTooLongError, CPTRecipe, context_and_queries
     from cptune.training import TrainSettings
 
     recipe = CPTRecipe(eps_input=args.eps_input, eps_format=args.eps_format, decay=args.decay,
                        train=TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed),
                        radius=args.radius)
-    clf = CPTClassifier(args.model, template=fmt, labels=words, recipe=recipe, context_size=args.context_size,
-                        calibrate=args.calibrate, selection_budget=args.selection_budget, **_model_options(args))
-    clf.fit([ex.text for ex in examples], [ex.label for ex in examples], checkpoint_dir=checkpoint,
-            checkpoint_every=args.checkpoint_every, resume=args.resume, unlabeled=unlabeled)
+    try:
+        if fmt != "auto":  # the tokenizer and config tell whether the context fits: before the weights load
+            tokenizer, config = load_tokenizer(args.model)
+            context_and_queries(config, tokenizer, [(ex.text, ex.label) for ex in examples], Template(fmt), words,
+                                args.context_size, args.seed)
+        clf = CPTClassifier(args.model, template=fmt, labels=words, recipe=recipe, context_size=args.context_size,
+                            calibrate=args.calibrate, selection_budget=args.selection_budget, **_model_options(args))
+        clf.fit([ex.text for ex in examples], [ex.label for ex in examples], checkpoint_dir=checkpoint,
+                checkpoint_every=args.checkpoint_every, resume=args.resume, unlabeled=unlabeled)
+    except ContextTooLongError as err:  # the command line names its flag, not CPTClassifier's argument
+        raise UserError(err.message("--context-size")) from None
     if is_main_process():  # under data parallelism every process trained the same delta; one writes
         clf.save(output, keep_training_data=args.keep_training_data)
         remove_saved_files(checkpoint)  # the classifier holds the final state; only our own files go
@@ -225,9 +258,12 @@ def held_words(held: dict) -> str:
 # -- eval --------------------------------------------------------------------------------------
 
 def _check_classifier_name(name: str) -> None:
-    """A local folder, or a hub repo id (``owner/name``) that CPTClassifier.load downloads."""
+    """A local folder, or a hub repo id (``owner/name``) that CPTClassifier.load downloads (checked by its shape:
+    huggingface_hub is not imported here)."""
     from cptune.cpt.hub import is_hub_id
 
+    if Path(name).is_file():
+        raise UserError(f"classifier folder {name} is a file, not a folder; give the folder `cptune train` wrote")
     if not Path(name).exists() and not is_hub_id(name):
         raise UserError(f"classifier folder {name} does not exist (nor is it a hub repo id, owner/name)")
 
@@ -323,6 +359,9 @@ def run_eval(args) -> int:
         check_output_file(args.output, args.overwrite)  # before the scoring, not after it
     check_model_name(args.model)
     dataset = _load(args, default_split="test")  # a bad --data fails before torch and the model load
+    if args.test_size is not None and args.test_size > len(dataset.examples):  # (evaluate() also counts the rows
+        raise UserError(f"--test-size {args.test_size} is more than the {plural(len(dataset.examples), 'row')} "
+                        f"of {args.data}")  # left out as training texts, which needs the classifier)
     clf = _load_classifier(args)
     metrics = evaluate(clf, dataset, args.test_size, args.seed, name=args.data)
     if metrics["left_out_trained"]:
@@ -379,7 +418,8 @@ def run_predict(args) -> int:
 
         check_output_file(args.output, args.overwrite)
         if not path.is_dir():
-            check_annotation(path, args.output, text_column=args.text_column)  # suffixes, paths, the CSV header
+            with flag_names():
+                check_annotation(path, args.output, text_column=args.text_column)  # suffixes, paths, CSV header
     _check_classifier_name(args.classifier)
     check_model_name(args.model)
     if on_ray:
@@ -388,9 +428,12 @@ def run_predict(args) -> int:
     if annotate:
         from cptune.app.annotate import annotate_file
 
-        annotate_file(clf, path, args.output, text_column=args.text_column, batch_size=args.batch_size)
+        with flag_names():  # a JSONL row without the column is found while annotating
+            annotate_file(clf, path, args.output, text_column=args.text_column, batch_size=args.batch_size)
         return 0  # annotate_file said how many rows it annotated and how many it left blank
     lines = args.texts if args.texts else (_text_lines(path) if path is not None else sys.stdin)
+    if lines is sys.stdin and sys.stdin.isatty():  # `cptune predict FOLDER` typed alone would wait in silence
+        notice("reading texts from standard input, one per line; end with Ctrl-D (or give texts as arguments)")
     printed = 0
     for texts in _chunks(lines, PREDICT_CHUNK):
         probs = clf.predict_proba([normalize_text(t) for t in texts])  # as training data and annotated files are
@@ -416,8 +459,9 @@ def _predict_on_ray(args, path: Path) -> int:
     quiet_transformers()
     loader = SavedClassifier(str(args.classifier), model=args.model, device=args.device, dtype=args.dtype,
                              batch_size=args.batch_size, calibrate=args.calibrate)
-    annotate_file_ray(loader, path, args.output, text_column=args.text_column, workers=args.ray_workers,
-                      threads=args.ray_threads, gpus=args.ray_gpus, address=args.ray or None)
+    with flag_names():
+        annotate_file_ray(loader, path, args.output, text_column=args.text_column, workers=args.ray_workers,
+                          threads=args.ray_threads, gpus=args.ray_gpus, address=args.ray or None)
     return 0
 
 
@@ -464,18 +508,27 @@ def method_settings(settings, items: list[str]):
 
 
 def run_compare(args) -> int:
+    # The parser checked the methods and counts; the data names, template and label words are checked here,
+    # before cptune.app.compare imports torch (seconds).
+    from cptune.text.template import Template
+
+    template = args.template.replace("\\n", "\n") if args.template else None
+    label_words = parse_label_words(args.label_words)
+    if not args.report_only:
+        for name in args.data:
+            check_source(name)
+        check_model_name(args.model)
+        if template is not None and template != "auto":
+            Template(template)
     quiet_transformers()
     from cptune.app.compare import RESULTS_NAME, make_grid, read_results, run_grid
     from cptune.app.report import summary_table, write_report
     from cptune.distributed import is_main_process
     from cptune.methods import MethodSettings
-    from cptune.text.template import Template
 
     settings = method_settings(MethodSettings(), args.set)
     if args.steps is not None:
         settings = settings.replace(steps=args.steps)
-    if args.test_size < 1:
-        raise UserError(f"--test-size={args.test_size} must be >= 1")
     output = Path(args.output)
     versus = None
     if args.versus is not None:
@@ -489,11 +542,8 @@ def run_compare(args) -> int:
             raise UserError(f"no results in {output / RESULTS_NAME}")
     else:
         cells = make_grid(args.data, args.shots, args.seeds, args.methods, args.only)
-        template = args.template.replace("\\n", "\n") if args.template else None
-        if template is not None and template != "auto":
-            Template(template)  # check it before loading anything
         options = {"model": args.model, "test_size": args.test_size, "settings": settings, "template": template,
-                   "label_words": parse_label_words(args.label_words), "train_size": args.train_size,
+                   "label_words": label_words, "train_size": args.train_size,
                    "model_options": _model_options(args)}
         if args.ray is None:
             rows = run_grid(cells, output, **options)

@@ -23,8 +23,9 @@ here) and push that folder. The card is not listed in ``cptune_manifest.json``: 
 only refuses files it lists that differ, and files cptune is about to read that it does not list, so
 a README.md (or the ``.gitattributes`` the hub adds) beside a save loads as before.
 
-This module imports only the standard library, ``huggingface_hub`` and the manifest's name from :mod:`cptune.cpt.saving`
-(CPTConfig for type hints).
+This module imports only the standard library and the manifest's name from :mod:`cptune.cpt.saving` (CPTConfig
+for type hints); ``huggingface_hub`` (0.7 s) is imported by the functions that reach the hub or its cache, so a
+command can check a name's shape (:func:`is_hub_id`) and refuse a missing folder at once.
 """
 
 from __future__ import annotations
@@ -39,28 +40,11 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from huggingface_hub import (
-    CommitOperationAdd,
-    CommitOperationDelete,
-    HfApi,
-    ModelCardData,
-    snapshot_download,
-    try_to_load_from_cache,
-)
-from huggingface_hub.errors import (
-    EntryNotFoundError,
-    GatedRepoError,
-    HFValidationError,
-    IncompleteSnapshotError,
-    LocalEntryNotFoundError,
-    OfflineModeIsEnabled,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
-
 from cptune.cpt.saving import MANIFEST_NAME
 
 if TYPE_CHECKING:
+    from huggingface_hub import HfApi
+
     from cptune.cpt.config import CPTConfig
 
 CARD_NAME = "README.md"
@@ -158,6 +142,17 @@ def download(
         FileNotFoundError: the repo or revision is not on the hub, or, offline, not in the cache.
         ConnectionError: the hub could not be reached and the repo is not in the cache.
     """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HFValidationError,
+        IncompleteSnapshotError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
     offline = offline_variable()
     cache = Path(cache_dir) if cache_dir is not None else hub_cache_dir()
     shown = revision or DEFAULT_REVISION
@@ -212,6 +207,9 @@ def check_model_id(name: str, cache_dir: str | os.PathLike | None = None,
     """
     if not isinstance(name, str) or not _MODEL_ID.fullmatch(name) or "--" in name or ".." in name:
         raise ValueError(f"model {name!r} is not a local folder, a .gguf file or a hub model id (owner/name)")
+    from huggingface_hub import HfApi, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
+
     cache = Path(cache_dir) if cache_dir is not None else hub_cache_dir()
     if isinstance(try_to_load_from_cache(name, "config.json", cache_dir=cache), str):
         return True
@@ -264,6 +262,8 @@ def push_folder(
     offline = offline_variable()
     if offline is not None:
         raise ValueError(f"cannot push to the Hugging Face hub while {offline} is set; unset it to push {repo_id}")
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+
     api = HfApi(token=token, library_name=LIBRARY_NAME, library_version=cptune_version())
     url = api.create_repo(repo_id, private=private, exist_ok=True)
     repo_id = getattr(url, "repo_id", None) or repo_id  # "name" alone becomes "owner/name"
@@ -301,6 +301,8 @@ def stale_files(there: Iterable[str], manifest: Iterable[str] | None, pushing: I
 
 def _manifest_names(api: HfApi, repo_id: str, commit: str) -> list[str] | None:
     """The file names the repo's manifest (at ``commit``) lists; ``None`` when it is damaged (nothing is deleted)."""
+    from huggingface_hub.errors import EntryNotFoundError
+
     with tempfile.TemporaryDirectory(prefix="cptune-manifest-") as tmp:
         try:
             path = api.hf_hub_download(repo_id, MANIFEST_NAME, revision=commit, local_dir=tmp)
@@ -325,6 +327,8 @@ def card_front_matter(base_model: str | None, pipeline_tag: str | None = None) -
     ``base_model`` is written only when it is a hub repo id (``owner/name``) and not a local path here: the
     hub takes only repo ids there, and a local folder or cptune's embedded ``smollm2-135m`` is none.
     """
+    from huggingface_hub import ModelCardData
+
     hub_base = base_model if base_model and is_hub_id(base_model) and not Path(base_model).exists() else None
     data = ModelCardData(library_name=LIBRARY_NAME, base_model=hub_base, pipeline_tag=pipeline_tag,
                          tags=list(CARD_TAGS))

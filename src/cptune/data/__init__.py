@@ -68,6 +68,7 @@ from cptune.data.types import (
     Dataset,
     Example,
     Label,
+    MissingColumnError,
     examples_sha256,
     formats,
     label_sort_key,
@@ -86,7 +87,9 @@ __all__ = [
     "Dataset",
     "Example",
     "Label",
+    "MissingColumnError",
     "Records",
+    "check_source",
     "examples_sha256",
     "from_dataframe",
     "from_datasets",
@@ -219,17 +222,43 @@ def _load_named(
         _refuse(f"built-in dataset {key!r}", split=split, config=config, text_column=text_column,
                 label_column=label_column)  # fmt: skip
         return builtin.LOADERS[key]()
-    looks_like_path = path.suffix.lower() in FILE_FORMATS or key.startswith((".", "/", "~")) or "\\" in key
-    if key in HUB_DATASETS or (not looks_like_path and _HUB_ID.fullmatch(key)):
+    if _missing_kind(key) == "hub":
         return load_hub(key, split=split, config=config, text_column=text_column, label_column=label_column,
                         default_split=default_split)  # fmt: skip
+    return load_file(path, text_column or "text", label_column or "label")  # raises FileNotFoundError
+
+
+def _missing_kind(key: str) -> str:
+    """What a name that is no local path and no built-in stands for: ``"hub"`` (a named hub dataset or a hub id
+    ``owner/name``) or ``"file"`` (a name with a data file's extension or shaped like a path: a missing file).
+
+    Raises:
+        ValueError: a bare name that is neither (hub ids need their owner).
+    """
+    looks_like_path = Path(key).suffix.lower() in FILE_FORMATS or key.startswith((".", "/", "~")) or "\\" in key
+    if key in HUB_DATASETS or (not looks_like_path and _HUB_ID.fullmatch(key)):
+        return "hub"
     if looks_like_path or "/" in key:
-        return load_file(path, text_column or "text", label_column or "label")  # raises FileNotFoundError
+        return "file"
     raise ValueError(
         f"unknown dataset {key!r}; accepted: a built-in ({', '.join(BUILTIN_NAMES)}), a named hub dataset "
         f"({', '.join(HUB_DATASETS)}) or any hub id owner/name (need `pip install datasets`, and network or "
         f"the datasets cache), a path to a {formats()} file, or a folder (save_to_disk or a dataset repository)"
     )
+
+
+def check_source(source: str | os.PathLike) -> None:
+    """Refuse, without reading anything, a name :func:`load_dataset` cannot resolve: a bare unknown name or a
+    missing file. What is there (a file's columns, a hub dataset) is checked when it loads.
+
+    Raises:
+        FileNotFoundError: a path-like name that does not exist (load_dataset's error).
+        ValueError: an unknown name (load_dataset's error).
+    """
+    key = os.fspath(source)
+    if Path(key).exists() or key in BUILTIN_NAMES or _missing_kind(key) == "hub":
+        return
+    load_file(key)  # the path does not exist: load_file raises its FileNotFoundError before reading anything
 
 
 # ---------------------------------------------------------------------------------------------------------

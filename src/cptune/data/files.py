@@ -30,6 +30,7 @@ from cptune.data.types import (
     Dataset,
     Example,
     Label,
+    MissingColumnError,
     examples_sha256,
     formats,
     label_sort_key,
@@ -184,13 +185,9 @@ def records_to_dataset(
     Raises:
         ValueError: On a missing column, an unusable value, no usable example or a single class.
     """
-    present = ", ".join(repr(c) for c in columns) or "none"
     for role, column in (("text", text_column), ("label", label_column)):
         if column not in columns:
-            raise ValueError(
-                f"{role} column {column!r} not found in {source!r}; columns present: {present} "
-                f"(choose with {role}_column= or --{role}-column)"
-            )
+            raise MissingColumnError(role, column, f"in {source!r}", columns)
     names = list(label_names) if label_names is not None else None
     examples: list[Example] = []
     rows = blank = unlabelled = 0

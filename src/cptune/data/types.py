@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 MAX_CHARS = 400
@@ -210,3 +210,20 @@ def one_line(err: BaseException, limit: int = 200) -> str:
 def formats() -> str:
     """The accepted data-file extensions in words: ``.csv, .tsv, .jsonl or .parquet``."""
     return ", ".join(FILE_FORMATS[:-1]) + " or " + FILE_FORMATS[-1]
+
+
+class MissingColumnError(ValueError):
+    """A text or label column that a data file (or one of its rows) does not have. The message says how to
+    choose another: by the Python argument (``text_column=``); :meth:`message` names a command line's flag."""
+
+    def __init__(self, role: str, column: str, where: str, present: Sequence[str], kind: str = "columns"):
+        """``role``: ``"text"`` or ``"label"``; ``where``: ``"in 'data.csv'"``, ``"on line 3 of data.jsonl"``;
+        ``present``: the names there; ``kind``: what they are (``"columns"``, ``"fields"``)."""
+        self.role, self.column, self.where, self.present, self.kind = role, column, where, list(present), kind
+        super().__init__(self.message(f"{role}_column="))
+
+    def message(self, option: str) -> str:
+        """The one-line error, naming ``option`` (``"text_column="``, ``"--text-column"``) as the way to choose."""
+        present = ", ".join(repr(c) for c in self.present) or "none"
+        return (f"{self.role} column {self.column!r} not found {self.where}; {self.kind} present: {present} "
+                f"(choose it with {option})")

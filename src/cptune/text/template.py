@@ -16,6 +16,7 @@ from __future__ import annotations
 import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from cptune.cpt.roles import TokenRole
 
@@ -127,6 +128,18 @@ def words_needed_error(labels: Sequence, option: str) -> ValueError | None:
     )
 
 
+def check_distinct_words(label_words: Mapping[Any, str]) -> None:
+    """Refuse one word given to two labels (the tokens of distinct words are compared by :func:`label_token_ids`).
+
+    Raises:
+        ValueError: naming the repeated word.
+    """
+    words = list(label_words.values())
+    dupes = sorted({w for w in words if words.count(w) > 1})
+    if dupes:
+        raise ValueError(f"label words must differ; {dupes[0]!r} is used for more than one label")
+
+
 def label_token_ids(template: Template, tokenizer, label_words: Mapping[str, str]) -> dict[str, list[int]]:
     """Token ids of each label word exactly as it appears after the output template.
 
@@ -134,10 +147,7 @@ def label_token_ids(template: Template, tokenizer, label_words: Mapping[str, str
         ValueError: for duplicate words, a word that tokenizes to nothing, or two labels whose
             token sequences are identical.
     """
-    words = list(label_words.values())
-    dupes = sorted({w for w in words if words.count(w) > 1})
-    if dupes:
-        raise ValueError(f"label words must differ; {dupes[0]!r} is used for more than one label")
+    check_distinct_words(label_words)
     _, between, _ = template.parts()
     _, space = _split_trailing_space(between)
     out: dict[str, list[int]] = {}

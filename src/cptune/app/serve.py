@@ -362,13 +362,15 @@ class Scheduler:
 
     A batch holds at most ``max_texts`` texts and ``max_tokens`` query tokens. It is filled from the
     requests in turn: the requests in the previous batch go behind every other (in their order), those
-    that arrived meanwhile included, and each request gives its next texts while they fit. A text longer than
-    ``max_tokens`` is cut: each batch takes its next piece, as many tokens as the batch has room for (the
-    first piece of a batch: ``max_tokens``), and the request gives nothing more to that batch (the next
-    piece runs after this one). At most ``max_in_pieces`` texts are in pieces at a time; a request whose
-    next text would be one more waits. So a request that arrives while a long one is scored, or while a
-    long text is, is in the very next batch (unless the requests ahead of it in turn fill that batch),
-    rather than behind the long request's remaining chunks or the long text's remaining pieces.
+    that arrived meanwhile included, and each request gives its next texts while they fit. A text longer
+    than ``max_tokens`` is cut in pieces: a batch takes its next piece, as many tokens as the batch has room
+    for, and nothing more from its request (the next piece runs after this one). Texts that fit a call go
+    first: while a piece waits, the whole texts in turn fill the batch up to all but one text and
+    :data:`PIECE_SHARE` of the tokens, then the requests in turn give pieces (and whole texts) in the room
+    left. At most ``max_in_pieces`` texts are in pieces at a time; a request whose next text would be one
+    more waits. So a request that arrives while a long one is scored, or while a long text is, is in the
+    very next batch (unless the requests ahead of it in turn fill that batch), rather than behind the long
+    request's remaining chunks or the long text's remaining pieces.
 
     Args:
         max_texts: texts per batch (a piece counts as a text).

@@ -6,6 +6,7 @@ Every loop is bounded in count and time; nothing leaves 127.0.0.1."""
 
 import asyncio
 import base64
+import gc
 import http.client
 import json
 import math
@@ -18,8 +19,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,6 +35,7 @@ import cptune
 from cptune import CPTClassifier, TrainSettings
 from cptune.app import serve
 from cptune.app.cli import main
+from cptune.app.serve import Chunk
 from cptune.scoring import ContextScorer, score_texts
 from tiny import tiny_model, tiny_tokenizer
 
@@ -76,32 +80,77 @@ def test_context_scorer_equals_score_texts(calibrate, length_normalize):
 
 def test_scheduler_interleaves_chunks_of_a_long_request_with_later_requests():
     """Pure and deterministic: which texts each model call scores. A request that arrives while a long one
-    is being scored is in the very next batch, not behind the long one's other chunks."""
+    is being scored is in the very next batch, ahead of the long one, not behind its other chunks."""
     sched = serve.Scheduler(max_texts=4, max_tokens=100)
     sched.add("long", [10] * 10)
-    assert sched.next_batch() == [("long", 0, 4)]  # one chunk, at most 4 texts
+    assert sched.next_batch() == [Chunk("long", 0, 4)]  # one chunk, at most 4 texts
     sched.add("short", [10])  # arrives while that chunk runs
-    assert sched.next_batch() == [("short", 0, 1), ("long", 4, 7)]  # first in turn; the long one fills the rest
+    assert sched.next_batch() == [Chunk("short", 0, 1), Chunk("long", 4, 7)]  # first in turn; "long" fills the rest
     sched.add("next", [10, 10])
-    assert sched.next_batch() == [("long", 7, 10), ("next", 0, 1)]  # "short" is done; "next" fills the batch
-    assert sched.next_batch() == [("next", 1, 2)] and sched.next_batch() == [] and len(sched) == 0
+    assert sched.next_batch() == [Chunk("next", 0, 2), Chunk("long", 7, 9)]  # "long" was in the last batch: behind
+    assert sched.next_batch() == [Chunk("long", 9, 10)] and sched.next_batch() == [] and len(sched) == 0
 
 
-def test_scheduler_batches_by_tokens_and_scores_a_text_over_the_budget_alone():
+def test_scheduler_batches_by_tokens_and_cuts_a_text_over_the_budget_in_pieces():
     sched = serve.Scheduler(max_texts=32, max_tokens=100)
     sched.add("a", [60, 60, 30])
-    sched.add("huge", [500])
+    sched.add("huge", [250])
     sched.add("b", [5, 5])
-    assert sched.next_batch() == [("a", 0, 1), ("b", 0, 2)]  # 60 + 60 > 100; "huge" does not fit; "b" does
-    assert sched.next_batch() == [("huge", 0, 1)]  # its turn: over the budget, so alone
-    assert sched.next_batch() == [("a", 1, 3)]  # 60 + 30
-    assert sched.next_batch() == []
+    # Whole texts first (60 + 60 > 100: "a" gives one), then the piece of "huge" in the room left
+    assert sched.next_batch() == [Chunk("a", 0, 1), Chunk("huge", 0, 1, (0, 30)), Chunk("b", 0, 2)]
+    assert sched.next_batch() == [Chunk("a", 1, 3), Chunk("huge", 0, 1, (30, 40))]
+    assert sched.next_batch() == [Chunk("huge", 0, 1, (40, 140))]  # alone: a whole call's piece
+    assert sched.next_batch() == [Chunk("huge", 0, 1, (140, 240))]
+    assert sched.next_batch() == [Chunk("huge", 0, 1, (240, 250))] and sched.next_batch() == [] and not sched
     sched.add("x", [1] * 3)
     sched.add("y", [1] * 3)
     sched.drop("x")  # answered with an error, or given up by its client
-    assert sched.keys() == ["y"] and sched.next_batch() == [("y", 0, 3)]
+    assert sched.keys() == ["y"] and sched.next_batch() == [Chunk("y", 0, 3)]
     with pytest.raises(ValueError, match="at least one text"):
         sched.add("empty", [])
+
+
+def test_scheduler_gives_a_short_request_the_next_call_beside_a_text_in_pieces():
+    """A one-text request waits for at most the call being scored: the next call holds it and the long
+    text's next piece in the room left; the long text's pieces follow one another in order."""
+    sched = serve.Scheduler(max_texts=8, max_tokens=100)
+    sched.add("long", [10, 330, 10])
+    assert sched.next_batch() == [Chunk("long", 0, 1), Chunk("long", 1, 2, (0, 90))]  # then nothing more from it
+    sched.add("short", [7])
+    assert sched.next_batch() == [Chunk("short", 0, 1), Chunk("long", 1, 2, (90, 183))]
+    sched.add("short2", [7])
+    sched.add("short3", [95])
+    # 7 + 95 is more than the 75 whole texts may take while a piece waits: "short3" goes in the next call
+    assert sched.next_batch() == [Chunk("short2", 0, 1), Chunk("long", 1, 2, (183, 276))]
+    assert sched.next_batch() == [Chunk("short3", 0, 1), Chunk("long", 1, 2, (276, 281))]
+    # the last piece, then the request's next text in the same call: it does not depend on the pieces
+    assert sched.next_batch() == [Chunk("long", 1, 2, (281, 330)), Chunk("long", 2, 3)]
+    assert sched.next_batch() == [] and not sched
+
+
+def test_scheduler_cuts_at_most_max_in_pieces_texts_at_a_time_and_puts_whole_texts_first():
+    sched = serve.Scheduler(max_texts=8, max_tokens=100, max_in_pieces=2)
+    for key in "abc":
+        sched.add(key, [250, 5])
+    assert sched.next_batch() == [Chunk("a", 0, 1, (0, 100))]
+    assert sched.next_batch() == [Chunk("b", 0, 1, (0, 100))]
+    # "c" is first in turn, but its long text would be a third in pieces: it waits, and so does its short one
+    assert sched.next_batch() == [Chunk("a", 0, 1, (100, 200))]
+    sched.add("d", [5])  # behind "b" in turn, but a whole text: in the next call, beside the piece
+    assert sched.next_batch() == [Chunk("b", 0, 1, (100, 195)), Chunk("d", 0, 1)]
+    sched.drop("a")  # given up with a text in pieces: no longer counted
+    assert sched.next_batch() == [Chunk("c", 0, 1, (0, 100))]
+    assert sched.keys() == ["c", "b"]
+
+
+def test_scheduler_of_one_text_a_call_takes_pieces_and_texts_in_turn():
+    sched = serve.Scheduler(max_texts=1, max_tokens=100)
+    sched.add("long", [250])
+    sched.add("s1", [5])
+    sched.add("s2", [5])
+    batches = [sched.next_batch() for _ in range(6)]
+    assert batches == [[Chunk("long", 0, 1, (0, 100))], [Chunk("s1", 0, 1)], [Chunk("s2", 0, 1)],
+                       [Chunk("long", 0, 1, (100, 200))], [Chunk("long", 0, 1, (200, 250))], []]
 
 
 def test_batcher_chunks_requests_bounds_the_queue_and_drains_on_close():
@@ -149,10 +198,112 @@ def test_batcher_chunks_requests_bounds_the_queue_and_drains_on_close():
 
     results, batcher = asyncio.run(scenario())
     assert results[0] == [10] * 3 and results[3] == [40] * 20 and results[5] == [60, 60]
-    # Requests in turn, each giving its next texts while they fit; the 20-text one in chunks (7, 8, 4, 1)
-    # that alternate with the others: the requests behind it go first in the fourth call, not after it.
-    assert calls == [[3, 3, 2], [1, 7], [8], [1, 2, 1, 4], [1]], calls
+    # Requests in turn, each giving its next texts while they fit, those of the last call behind the others;
+    # the 20-text one in chunks (8, 3, 8, 1) that alternate with the others: the requests behind it go first
+    # in the third call, not after it.
+    assert calls == [[3, 3, 2], [8], [1, 2, 1, 1, 3], [8], [1]], calls
     assert batcher.batches == 5 and batcher.in_flight == 0 and batcher.queued_texts == 0 and batcher.received == 8
+
+
+def test_batcher_scores_a_long_text_in_pieces_beside_short_requests():
+    """A fake model that keeps a running sum between pieces: a long text's answer is the sum of all its tokens,
+    each run once and in order; short requests are answered while it is in pieces; a failing piece answers its
+    request with the error; a request given up mid-text has no more pieces scored and its state is let go."""
+    calls, kept_states = [], []
+    gates = {120: threading.Event(), 400: threading.Event()}
+
+    class Kept:  # what the fake model keeps between pieces
+        def __init__(self, total, done):
+            self.total, self.done = total, done
+
+    def prepare(requests):  # "L120": tokens 1..120; "X80": 79 ones then a token the model fails on
+        return [[list(range(1, int(t[1:]) + 1)) if t[0] == "L" else [1] * (int(t[1:]) - 1) + [-1] if t[0] == "X"
+                 else [len(t)] for t in texts] for texts in requests]
+
+    def score(chunks):
+        calls.append([(len(c.ids), c.start, c.end) if isinstance(c, serve.Piece) else len(c) for c in chunks])
+        for size, gate in gates.items():  # the first call with a piece of that text waits for the test
+            if any(isinstance(c, serve.Piece) and len(c.ids) == size and c.start == 0 for c in chunks):
+                gate.wait(timeout=60)
+        results = []
+        for chunk in chunks:
+            if not isinstance(chunk, serve.Piece):
+                results.append([ids[0] for ids in chunk])
+                continue
+            kept = chunk.state or Kept(0, 0)
+            tokens = chunk.ids[chunk.start : chunk.end]
+            if kept.done != chunk.start or -1 in tokens:
+                results.append(ValueError(f"piece {chunk.start}:{chunk.end} after {kept.done} tokens"))
+            elif chunk.end == len(chunk.ids):
+                results.append([kept.total + sum(tokens)])
+            else:
+                chunk.state = Kept(kept.total + sum(tokens), chunk.end)
+                kept_states.append((len(chunk.ids), weakref.ref(chunk.state)))
+                results.append([])
+        return results
+
+    async def until(condition):
+        while not condition():
+            await asyncio.sleep(0.005)
+
+    async def scenario():
+        batcher = serve.Batcher(prepare, score, serve.Limits(max_batch=8, max_batch_tokens=50, max_wait_ms=0))
+        batcher.start()
+        async with asyncio.timeout(60):  # ends a test that would hang; nothing is timed
+            long = asyncio.create_task(batcher.submit(["L120", "abc", "L60"]))
+            await until(lambda: calls)
+            short = asyncio.create_task(batcher.submit(["ab"]))  # while the first piece is scored
+            await asyncio.sleep(0)
+            gates[120].set()
+            short = await short
+            assert not long.done()
+            given_up = asyncio.create_task(batcher.submit(["L400"]))
+            await until(lambda: any(c[0] == 400 for call in calls for c in call if isinstance(c, tuple)))
+            given_up.cancel()  # as its time limit does, while its first piece is scored
+            await asyncio.sleep(0)
+            scored = len(calls)
+            gates[400].set()
+            with pytest.raises(ValueError, match="piece 50:80 after 50 tokens"):
+                await batcher.submit(["X80"])
+            gc.collect()
+            assert [ref() for size, ref in kept_states if size in (400, 80)] == [None, None]  # while serving on
+            result = await long
+            await batcher.close()
+        return short, result, scored, batcher
+
+    short, long, scored, batcher = asyncio.run(scenario())
+    assert short == [2] and long == [120 * 121 // 2, 3, 60 * 61 // 2]
+    pieces = [c for call in calls for c in call if isinstance(c, tuple)]
+    assert [c for c in pieces if c[0] == 120] == [(120, 0, 50), (120, 50, 99), (120, 99, 120)]
+    # "ab" in the call after it came; the long request's next texts in the call of its last piece, the
+    # next long one's first piece too (it starts afresh, not after the text that ended)
+    assert calls[:4] == [[(120, 0, 50)], [1, (120, 50, 99)], [(120, 99, 120), 1, (60, 0, 28)], [(60, 28, 60)]]
+    assert [c for call in calls for c in call if isinstance(c, tuple) and c[0] == 400] == [(400, 0, 50)]
+    assert scored == 5
+    assert all(ref() is None for _, ref in kept_states)  # no cache kept once the requests are answered or dropped
+    assert batcher.batches == len(calls) and batcher.in_flight == 0 and batcher.queued_texts == 0
+
+
+def test_a_long_text_in_pieces_through_the_batcher_equals_predict_proba(classifier, expected):
+    """The real scorer: texts longer than --max-batch-tokens (scored in pieces, two at a time, beside whole
+    texts) get predict_proba's probabilities."""
+    served = serve.load_served(str(classifier))
+    requests = [["a gripping and moving story " * 6, "great"], ["a fun film"], ["so dull " * 12, "the plot is thin"]]
+    budget = 16
+    assert max(len(ids) for ids in served.scorer.query_ids([t for r in requests for t in r])) > 3 * budget
+
+    async def scenario():
+        batcher = serve.Batcher(served.prepare, served.score, serve.Limits(max_batch=3, max_batch_tokens=budget))
+        batcher.start()
+        answers = await asyncio.gather(*(batcher.submit(texts) for texts in requests))
+        await batcher.close()
+        return answers, batcher.batches
+
+    answers, batches = asyncio.run(scenario())
+    for rows, texts in zip(answers, requests, strict=True):
+        check_predictions({"predictions": rows}, texts, expected)
+    total = sum(len(ids) for ids in served.scorer.query_ids([t for r in requests for t in r]))
+    assert batches >= math.ceil(total / budget)  # every call within the budget
 
 
 @pytest.mark.parametrize("option, message", [
@@ -467,27 +618,40 @@ def test_the_key_comes_from_the_option_or_the_environment_and_exposure_warns(tmp
 
 # -- head-of-line blocking ---------------------------------------------------------------------------
 
-def test_a_short_request_is_answered_between_the_chunks_of_a_long_one(keyed, expected):
-    """--max-batch 4 --max-batch-tokens 256: a request of 16 long texts is scored a text at a time; a
-    one-text request sent once its scoring has begun is answered while it is still in flight (ordering,
-    not time: without chunks it would be answered after the long one)."""
+def letters(count, shift=0):
+    """Letters the tiny tokenizer has no merges for: about one token a character."""
+    return "".join(chr(ord("a") + (shift + 7 * j) % 26) for j in range(count))
+
+
+def short_beside(port, long):
+    """Send ``long`` (one request), then, once two model calls of it are done, a one-text request: the
+    answers, and whether the long request was still in flight when the short one was answered."""
     auth = {"X-API-Key": KEY}
-    # Letters the tiny tokenizer has no merges for: ~1 token a character, so each text is a model call alone
-    long = ["".join(chr(ord("a") + (i + 7 * j) % 26) for j in range(300)) for i in range(16)]
-    before = request(keyed.port, "GET", "/health")[1]["batches"]
+    before = request(port, "GET", "/health")[1]["batches"]
     with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(request, keyed.port, "POST", "/predict", {"texts": long}, headers=auth)
-        wait_for_health(keyed.port, lambda h: h["batches"] >= before + 2 and h["in_flight"] == 1)
-        status, answer = request(keyed.port, "POST", "/predict", {"texts": ["a fun film"]}, headers=auth)
-        assert status == 200
-        done_first = not pending.done()
-        health = request(keyed.port, "GET", "/health")[1]
-        status, long_answer = pending.result(timeout=REQUEST_S)
-    assert done_first and health["in_flight"] == 1, health  # the long request was still being scored
+        pending = pool.submit(request, port, "POST", "/predict", {"texts": long}, headers=auth)
+        wait_for_health(port, lambda h: h["batches"] >= before + 2 and h["in_flight"] == 1)
+        short = request(port, "POST", "/predict", {"texts": ["a fun film"]}, headers=auth)
+        still_in_flight = not pending.done() and request(port, "GET", "/health")[1]["in_flight"] == 1
+        answer = pending.result(timeout=REQUEST_S)
+    return short, answer, still_in_flight, request(port, "GET", "/health")[1]["batches"] - before
+
+
+@pytest.mark.parametrize("texts, characters", [(16, 300), (1, 1400)], ids=["16-texts", "one-text"])
+def test_a_short_request_is_answered_between_the_pieces_of_a_long_one(keyed, classifier, expected, texts, characters):
+    """--max-batch 4 --max-batch-tokens 256: every long text (about 300 or 1,400 tokens) is cut in pieces of
+    at most 256 tokens, each call full; a one-text request sent once the long request's scoring has begun is
+    answered while it is still in flight (ordering, not time: without pieces it would wait for a whole text,
+    or, with one text, be answered after the long one), and every answer is predict_proba's."""
+    long = [letters(characters, i) for i in range(texts)]
+    (status, answer), (long_status, long_answer), still_in_flight, calls = short_beside(keyed.port, long)
+    assert status == 200 and long_status == 200 and still_in_flight
     check_predictions(answer, ["a fun film"], expected)
-    assert status == 200
     check_predictions(long_answer, long, expected)
-    assert request(keyed.port, "GET", "/health")[1]["batches"] - before == 17  # a call per long text, one short
+    scorer = serve.load_served(str(classifier)).scorer
+    tokens = [len(ids) for ids in scorer.query_ids([*long, "a fun film"])]
+    assert min(tokens[:-1]) > 256  # every long text in pieces
+    assert calls == math.ceil(sum(tokens) / 256)  # the short text rode in a call with a piece; every call full
 
 
 # -- hostile input -----------------------------------------------------------------------------------

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from cptune import reporting
-from cptune.cpt.engine import Prefix, compiled, encode_prefix, max_positions, run_queries
+from cptune.cpt.engine import Prefix, compiled, encode_prefix, extend_prefix, max_positions, run_queries
 from cptune.text.context import default_bos
 from cptune.text.template import label_token_ids, render_example
 
@@ -267,6 +268,22 @@ def _check_lengths(base_model, context_len: int, queries: Sequence[Sequence[int]
         )
 
 
+@dataclass(frozen=True)
+class PartialQuery:
+    """A query being scored a slice at a time (:meth:`ContextScorer.prefill`, :meth:`ContextScorer.finish`).
+
+    Attributes:
+        ids: the whole query's token ids.
+        done: how many of them have run (``0 <= done < len(ids)``).
+        prefix: the context followed by ``ids[:done]`` (the context itself, or ``None`` for no context,
+            while ``done == 0``); its own cache, never the context's.
+    """
+
+    ids: tuple[int, ...]
+    done: int
+    prefix: Prefix | None
+
+
 class ContextScorer:
     """:func:`score_texts` with everything that does not depend on the texts done once.
 
@@ -343,14 +360,58 @@ class ContextScorer:
         removing a label bias), after :meth:`check_lengths`; ``progress``: a bar over the queries
         (:func:`label_log_likelihoods`)."""
         self.check_lengths(query_ids)
-        scores = self._raw_scores(query_ids, progress)
+        return self._calibrated(self._raw_scores(query_ids, progress))
+
+    def begin(self, query_ids: Sequence[int]) -> PartialQuery:
+        """A query to score in slices (a long one, so that other queries can run between its slices):
+        nothing run yet. Then :meth:`prefill` any number of times and :meth:`finish` once.
+
+        Raises:
+            ValueError: an empty query, or one longer than the model's positions allow (:meth:`check_lengths`).
+        """
+        if not query_ids:
+            raise ValueError("a query to score in slices needs at least one token")
+        self.check_lengths([query_ids])
+        return PartialQuery(tuple(query_ids), 0, self.context)
+
+    @torch.no_grad()
+    def prefill(self, part: PartialQuery, end: int) -> PartialQuery:
+        """Run the query's tokens ``part.done .. end - 1`` after ``part.prefix``; ``part`` is left as it was.
+
+        Only tokens before the last one can be prefilled: the last one's logits give the label scores
+        (:meth:`finish`).
+
+        Raises:
+            ValueError: ``end`` not in ``part.done + 1 .. len(part.ids) - 1``.
+        """
+        if not part.done < end < len(part.ids):
+            raise ValueError(f"end={end} must be from {part.done + 1} to {len(part.ids) - 1} (the query has "
+                             f"{len(part.ids)} tokens, {part.done} run)")
+        table = self.base_model.get_input_embeddings()
+        embeds = table(torch.tensor([part.ids[part.done : end]], device=table.weight.device))  # (1, S, d)
+        return PartialQuery(part.ids, end, extend_prefix(self.base_model, part.prefix, embeds))
+
+    @torch.no_grad()
+    def finish(self, part: PartialQuery) -> torch.Tensor:
+        """``(1, C)`` label scores of the query, from its tokens not run yet after ``part.prefix``: the
+        scores :meth:`scores` gives the whole query (up to float rounding), the labels' tokens,
+        calibration and label bias included."""
+        if part.done == 0:
+            return self.scores([part.ids])
+        return self._calibrated(self._raw_scores([part.ids[part.done :]], prefix=part.prefix))
+
+    def _calibrated(self, scores: torch.Tensor) -> torch.Tensor:
+        """Raw label scores after contextual calibration and the label bias, where they are set."""
         if self.content_free_scores is not None:
             scores = contextual_calibration(scores, self.content_free_scores)
         if self.label_bias is not None:
             scores = remove_label_bias(scores, self.label_bias)
         return scores
 
-    def _raw_scores(self, query_ids: Sequence[Sequence[int]], progress: bool = False) -> torch.Tensor:
-        return label_log_likelihoods(self.runner, self.context, query_ids, self.label_ids,
-                                     batch_size=self.batch_size, length_normalize=self.length_normalize,
-                                     layout=self.layout, progress=progress)
+    def _raw_scores(self, query_ids: Sequence[Sequence[int]], progress: bool = False,
+                    prefix: Prefix | None = None) -> torch.Tensor:
+        """Label log-likelihoods after the context, or after ``prefix`` (a query's earlier tokens after it)."""
+        return label_log_likelihoods(self.runner, self.context if prefix is None else prefix, query_ids,
+                                     self.label_ids, batch_size=self.batch_size,
+                                     length_normalize=self.length_normalize, layout=self.layout,
+                                     progress=progress)

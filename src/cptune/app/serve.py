@@ -5,7 +5,9 @@ start-up (:class:`cptune.scoring.ContextScorer`; with calibration, the content-f
 request pays only for its own tokens. Concurrent requests are batched by one worker task: it tokenizes
 the requests that arrived and scores up to ``max_batch`` texts and ``max_batch_tokens`` query tokens in
 one call in a thread (the event loop keeps accepting and answering), taking chunks of the requests in
-turn (:class:`Scheduler`), so a long request does not hold up the others. The texts received and not
+turn (:class:`Scheduler`), and a text longer than ``max_batch_tokens`` a piece at a time (its tokens run
+after the context's cache and its earlier pieces': :meth:`cptune.scoring.ContextScorer.prefill`), so
+neither a long request nor a long text holds up the others. The texts received and not
 yet answered are bounded (``max_queue``; and no more than half of ``timeout_s`` of work at the
 worker's recent speed: beyond either, 503 with ``Retry-After`` at once) and so is each request's time
 (``timeout_s``: then 503); ``--api-key`` makes every endpoint but ``/health`` and the page
@@ -39,7 +41,7 @@ import socket
 import sys
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from cptune import __version__
 
@@ -85,7 +87,7 @@ class Limits:
         max_texts: texts in one request (more: 413).
         max_chars: characters in one text (more: 413).
         max_batch_tokens: query tokens scored together in one call of the model (the context is shared
-            and not counted); a single text longer than this is scored in a call of its own.
+            and not counted); a single text longer than this is scored in pieces over several calls.
         max_queue: texts received and not yet answered; a request that would go beyond is answered 503
             at once (with ``Retry-After``). At least ``max_texts``, so that every valid request can fit.
         timeout_s: seconds from a request's arrival to its answer; later: 503 (with ``Retry-After``).
@@ -187,6 +189,24 @@ def _shape(value: Any) -> str:
 
 # -- the model side: built once, called from the worker thread ----------------------------------
 
+@dataclass(eq=False)
+class Piece:
+    """Tokens ``start .. end - 1`` of one query too long for a model call, run after its earlier pieces.
+
+    Attributes:
+        ids: the whole query's token ids.
+        start: the first token of this piece (0 for the first piece).
+        end: past its last token; the last piece ends at ``len(ids)`` and gives the query's answer row.
+        state: what the scoring side keeps between pieces (:meth:`ServedClassifier.score`: the
+            context's cache grown by the tokens before ``start``); ``None`` before the first piece.
+    """
+
+    ids: Sequence[int]
+    start: int
+    end: int
+    state: Any = None
+
+
 class ServedClassifier:
     """A loaded classifier's scoring with everything per-classifier done once (the context's cache,
     the label ids, the content-free scores), answering batches of requests.
@@ -251,22 +271,44 @@ class ServedClassifier:
             prepared.append(ids)
         return prepared
 
-    def score(self, chunks: Sequence[Sequence[Sequence[int]]]) -> list[list[dict] | RequestError]:
+    def score(self, chunks: Sequence[Sequence[Sequence[int]] | Piece]) -> list[list[dict] | RequestError]:
         """Answer rows for each chunk of prepared queries (from :meth:`prepare`), or its error; all the
-        chunks in one scoring call. If that call fails, each chunk is scored alone, so one failing chunk
-        does not fail the others."""
-        flat = [ids for chunk in chunks for ids in chunk]
+        chunks in one call. A :class:`Piece` of a long query runs after its earlier pieces and answers
+        ``[]`` (its cache kept in ``piece.state`` for the next piece), or, the last piece, the query's row.
+        If the call fails, each chunk is scored alone, so one failing chunk does not fail the others (and
+        a piece's state changes only when it was scored)."""
         try:
-            rows = self.predictions(self.scorer.scores(flat))
+            results, states = self._score_together(chunks)
         except Exception as err:  # noqa: BLE001 - find which chunk fails, answer the others
             if len(chunks) == 1:
                 return [self._failure(err)]
             return [self.score([chunk])[0] for chunk in chunks]
-        results, start = [], 0
-        for chunk in chunks:
-            results.append(rows[start : start + len(chunk)])
-            start += len(chunk)
+        for chunk, state in zip(chunks, states, strict=True):
+            if isinstance(chunk, Piece):
+                chunk.state = state
         return results
+
+    def _score_together(self, chunks) -> tuple[list[list[dict]], list]:
+        """Each chunk's rows and each piece's next state (``None`` for whole texts and last pieces): the
+        whole texts in one scoring call, each piece after its own cache."""
+        whole = [ids for chunk in chunks if not isinstance(chunk, Piece) for ids in chunk]
+        rows = iter(self.predictions(self.scorer.scores(whole)) if whole else [])
+        results, states = [], []
+        for chunk in chunks:
+            if not isinstance(chunk, Piece):
+                results.append([next(rows) for _ in chunk])
+                states.append(None)
+                continue
+            part = chunk.state if chunk.state is not None else self.scorer.begin(chunk.ids)
+            if part.done != chunk.start:
+                raise ValueError(f"a piece from token {chunk.start} after {part.done} tokens were run")
+            if chunk.end == len(chunk.ids):
+                results.append(self.predictions(self.scorer.finish(part)))
+                states.append(None)
+            else:
+                results.append([])
+                states.append(self.scorer.prefill(part, chunk.end))
+        return results, states
 
     def answer(self, requests: Sequence[Sequence[str]]) -> list[list[dict] | RequestError]:
         """Answer rows for each request, or its error: :meth:`prepare`, then one :meth:`score` call for the
@@ -285,31 +327,61 @@ class ServedClassifier:
 
 # -- batching ------------------------------------------------------------------------------------
 
+MAX_TEXTS_IN_PIECES = 2
+"""Texts scored in pieces at once (:class:`Scheduler`). Each holds a cache of the context and its tokens
+so far between calls, so this bounds that memory; two let two long requests progress side by side
+(a third long text waits for one of them to end; short texts never wait for it)."""
+
+
+PIECE_SHARE = 0.25
+"""The part of a call's token budget (and one of its texts) kept for a text in pieces while whole texts
+wait (:class:`Scheduler`): texts that fit a call go first, so a short request waits for one call at most,
+and long texts still progress under any load of short ones."""
+
+
+class Chunk(NamedTuple):
+    """What one request gives a model call: its texts ``start .. end - 1`` whole, or, for a text longer
+    than a call's token budget, its tokens ``tokens[0] .. tokens[1] - 1`` (``end == start + 1``); the
+    piece that ends at the text's last token gives its answer row."""
+
+    key: Hashable
+    start: int
+    end: int
+    tokens: tuple[int, int] | None = None
+
+
 @dataclass
 class _Progress:
     lengths: list[int]  # tokens of each text of one request
-    done: int = 0  # texts handed to a batch so far
+    done: int = 0  # texts handed to a batch whole (their last piece included)
+    cut: int = 0  # tokens of text `done` handed to a batch in pieces so far (0: none)
 
 
 class Scheduler:
     """Which texts the next model call scores: requests split into chunks that interleave (pure; no I/O).
 
-    A batch holds at most ``max_texts`` texts and ``max_tokens`` query tokens (a single text longer than
-    ``max_tokens`` is a batch of its own). It is filled from the requests in turn: the request that
-    started the previous batch goes behind every other, those that arrived meanwhile included, and each
-    request gives its next texts while they fit. So a long request is scored a chunk at a time, and a
-    request that arrives while it runs is in the very next batch (unless the requests ahead of it in turn
-    fill that batch), rather than behind the long request's remaining chunks.
+    A batch holds at most ``max_texts`` texts and ``max_tokens`` query tokens. It is filled from the
+    requests in turn: the requests in the previous batch go behind every other (in their order), those
+    that arrived meanwhile included, and each request gives its next texts while they fit. A text longer
+    than ``max_tokens`` is cut in pieces: a batch takes its next piece, as many tokens as the batch has room
+    for, and nothing more from its request (the next piece runs after this one). Texts that fit a call go
+    first: while a piece waits, the whole texts in turn fill the batch up to all but one text and
+    :data:`PIECE_SHARE` of the tokens, then the requests in turn give pieces (and whole texts) in the room
+    left. At most ``max_in_pieces`` texts are in pieces at a time; a request whose next text would be one
+    more waits. So a request that arrives while a long one is scored, or while a long text is, is in the
+    very next batch (unless the requests ahead of it in turn fill that batch), rather than behind the long
+    request's remaining chunks or the long text's remaining pieces.
 
     Args:
-        max_texts: texts per batch.
+        max_texts: texts per batch (a piece counts as a text).
         max_tokens: query tokens per batch.
+        max_in_pieces: texts cut in pieces and not finished at any time.
     """
 
-    def __init__(self, max_texts: int, max_tokens: int) -> None:
-        self.max_texts, self.max_tokens = max_texts, max_tokens
+    def __init__(self, max_texts: int, max_tokens: int, max_in_pieces: int = MAX_TEXTS_IN_PIECES) -> None:
+        self.max_texts, self.max_tokens, self.max_in_pieces = max_texts, max_tokens, max_in_pieces
         self._active: dict[Hashable, _Progress] = {}  # in turn order (dicts keep insertion order)
-        self._last_start: Hashable | None = None
+        self._last_keys: list[Hashable] = []  # the requests in the previous batch, in its order
 
     def __len__(self) -> int:
         return len(self._active)
@@ -325,31 +397,86 @@ class Scheduler:
         self._active[key] = _Progress(list(lengths))
 
     def drop(self, key: Hashable) -> None:
-        """Forget a request (answered with an error, or given up by its client)."""
+        """Forget a request (answered with an error, or given up by its client), its text in pieces too."""
         self._active.pop(key, None)
 
-    def next_batch(self) -> list[tuple[Hashable, int, int]]:
-        """The next batch as ``(request, start, end)`` slices of the requests' texts, in turn order; each
-        request's slices follow one another across batches. Empty when nothing is left."""
-        if self._last_start in self._active:  # its turn is over
-            self._active[self._last_start] = self._active.pop(self._last_start)
-        batch, texts, tokens = [], 0, 0
-        for key, progress in self._active.items():
-            start = progress.done
-            while progress.done < len(progress.lengths) and texts < self.max_texts:
-                length = progress.lengths[progress.done]
-                if texts and tokens + length > self.max_tokens:
-                    break  # this request's next text waits; a later request's may still fit
-                texts, tokens, progress.done = texts + 1, tokens + length, progress.done + 1
-            if progress.done > start:
-                batch.append((key, start, progress.done))
-            if texts >= self.max_texts or tokens >= self.max_tokens:
-                break
-        for key, _, end in batch:
-            if end == len(self._active[key].lengths):
+    def next_batch(self) -> list[Chunk]:
+        """The next batch as chunks of the requests' texts, in turn order; each request's chunks follow
+        one another across batches. Empty when nothing is left."""
+        for key in self._last_keys:  # their turn is over: behind every request that was not in the batch
+            if key in self._active:
+                self._active[key] = self._active.pop(key)
+        in_pieces = sum(1 for progress in self._active.values() if progress.cut)
+        pieces_wait = any(self._piece_next(progress, in_pieces) for progress in self._active.values())
+        taken: dict[Hashable, list[Chunk]] = {}
+        filled = [0, 0]  # texts, tokens
+        # Whole texts first, leaving a share of the tokens and one text for pieces; then everything, in turn.
+        passes = [(self.max_texts - 1, self.max_tokens - math.ceil(PIECE_SHARE * self.max_tokens), False)]
+        passes = (passes if pieces_wait else []) + [(self.max_texts, self.max_tokens, True)]
+        for max_texts, max_tokens, with_pieces in passes:
+            for key, progress in self._active.items():
+                if filled[0] >= max_texts or filled[1] >= max_tokens:
+                    break
+                given = self._take(key, progress, taken.setdefault(key, []), filled, max_texts, max_tokens,
+                                   in_pieces if with_pieces else None)
+                in_pieces = in_pieces if given is None else given
+        batch = [chunk for key in self._active for chunk in _joined(taken.get(key, []))]
+        for key in list(taken):
+            if self._active[key].done == len(self._active[key].lengths):
                 del self._active[key]
-        self._last_start = batch[0][0] if batch else None
+        self._last_keys = list(dict.fromkeys(chunk.key for chunk in batch))
         return batch
+
+    def _piece_next(self, progress: _Progress, in_pieces: int) -> bool:
+        """Whether the request's next unit is a piece that may run now."""
+        if progress.done == len(progress.lengths):
+            return False
+        return bool(progress.cut) or (progress.lengths[progress.done] > self.max_tokens
+                                      and in_pieces < self.max_in_pieces)
+
+    def _take(self, key: Hashable, progress: _Progress, chunks: list[Chunk], filled: list[int], max_texts: int,
+              max_tokens: int, in_pieces: int | None) -> int | None:
+        """Add to ``chunks`` what one request gives a batch holding ``filled`` texts and tokens (updated),
+        up to ``max_texts`` and ``max_tokens``: whole texts, and a piece unless ``in_pieces`` (the texts in
+        pieces, returned updated) is ``None``. A request gives nothing after a piece but its last."""
+        if chunks and chunks[-1].tokens is not None and chunks[-1].tokens[1] < progress.lengths[chunks[-1].start]:
+            return in_pieces  # its next piece runs after the one taken
+        start = progress.done
+        while progress.done < len(progress.lengths) and filled[0] < max_texts:
+            length, room = progress.lengths[progress.done], max_tokens - filled[1]
+            if length <= self.max_tokens and not progress.cut:  # a text that fits a call is never cut
+                if length > room:
+                    break  # it waits for a later batch; a later request's may still fit
+                filled[0], filled[1], progress.done = filled[0] + 1, filled[1] + length, progress.done + 1
+                continue
+            if in_pieces is None or room == 0 or not self._piece_next(progress, in_pieces):
+                break
+            if progress.done > start:
+                chunks.append(Chunk(key, start, progress.done))
+            end = min(length, progress.cut + room)
+            chunks.append(Chunk(key, progress.done, progress.done + 1, (progress.cut, end)))
+            filled[0], filled[1] = filled[0] + 1, filled[1] + end - progress.cut
+            if end < length:  # the next piece runs after this one: nothing more from this request now
+                in_pieces += not progress.cut
+                progress.cut = end
+                return in_pieces
+            in_pieces -= 1
+            progress.cut, progress.done = 0, progress.done + 1
+            start = progress.done
+        if progress.done > start:
+            chunks.append(Chunk(key, start, progress.done))
+        return in_pieces
+
+
+def _joined(chunks: list[Chunk]) -> list[Chunk]:
+    """One request's chunks of a batch with neighbouring runs of whole texts made one."""
+    joined: list[Chunk] = []
+    for chunk in chunks:
+        if joined and chunk.tokens is None and joined[-1].tokens is None and joined[-1].end == chunk.start:
+            joined[-1] = joined[-1]._replace(end=chunk.end)
+        else:
+            joined.append(chunk)
+    return joined
 
 
 def work_chars(texts: Sequence[str]) -> int:
@@ -363,6 +490,22 @@ class _Pending:
     future: asyncio.Future
     ids: list[list[int]] | None = None  # query token ids, once prepared
     rows: list = field(default_factory=list)  # answer rows of the chunks scored so far, in order
+    state: Any = None  # between the pieces of its text being scored in pieces: Piece.state
+
+    def scored(self, chunk: Chunk) -> list[list[int]] | Piece:
+        """What ``score`` gets for the chunk: its texts' ids, or a :class:`Piece` (a text's first piece starts
+        afresh: the request's previous text in pieces may end in the same call)."""
+        if chunk.tokens is None:
+            return self.ids[chunk.start : chunk.end]
+        first, end = chunk.tokens
+        return Piece(self.ids[chunk.start], first, end, state=self.state if first else None)
+
+    def work(self, chunk: Chunk) -> float:
+        """The chunk's share of :func:`work_chars`: a piece counts its text's work pro rata of its tokens."""
+        if chunk.tokens is None:
+            return work_chars(self.texts[chunk.start : chunk.end])
+        first, end = chunk.tokens
+        return work_chars(self.texts[chunk.start : chunk.end]) * (end - first) / len(self.ids[chunk.start])
 
 
 class Batcher:
@@ -372,7 +515,9 @@ class Batcher:
     Args:
         prepare: requests (lists of texts) -> each one's query token ids or its exception (called in a
             thread, by the worker only).
-        score: chunks (lists of token ids) -> each one's answer rows or its exception (likewise).
+        score: chunks (lists of token ids, or a :class:`Piece` of a text longer than ``max_batch_tokens``)
+            -> each one's answer rows (``[]`` for a piece but the last, whose ``state`` it sets) or its
+            exception (likewise).
         limits: ``max_batch``, ``max_batch_tokens``, ``max_wait_ms`` and ``max_queue`` are used here.
     """
 
@@ -471,7 +616,7 @@ class Batcher:
             await self._admit([p for p in arrivals if not p.future.done()])
             for key in self._scheduler.keys():
                 if key.future.done():  # its client's time limit passed: score no more of it
-                    self._scheduler.drop(key)
+                    self._drop(key)
             batch = self._scheduler.next_batch()
             if batch:
                 await self._score(batch)
@@ -518,28 +663,37 @@ class Batcher:
                 pending.ids = ids
                 self._scheduler.add(pending, [len(x) for x in ids])
 
-    async def _score(self, batch: list[tuple[_Pending, int, int]]) -> None:
+    async def _score(self, batch: list[Chunk]) -> None:
         """One call of ``score`` on the batch's chunks; a request is answered once all its chunks are."""
         self.batches += 1
         loop = asyncio.get_running_loop()
         started = loop.time()
+        work = [chunk.key.scored(chunk) for chunk in batch]
         try:
-            results = await asyncio.to_thread(self.score, [p.ids[start:end] for p, start, end in batch])
+            results = await asyncio.to_thread(self.score, work)
         except Exception as err:  # noqa: BLE001 - score isolates chunks itself; this is the last resort
             results = [err] * len(batch)
-        latest = (loop.time() - started) / sum(work_chars(p.texts[start:end]) for p, start, end in batch)
+        latest = (loop.time() - started) / sum(chunk.key.work(chunk) for chunk in batch)
         self.seconds_per_char = latest if self.seconds_per_char is None else (
             RATE_SMOOTHING * latest + (1 - RATE_SMOOTHING) * self.seconds_per_char)
-        for (pending, _, _), result in zip(batch, results, strict=True):
+        for chunk, done, result in zip(batch, work, results, strict=True):
+            pending = chunk.key
             if pending.future.done():  # given up meanwhile
-                self._scheduler.drop(pending)
+                self._drop(pending)
             elif isinstance(result, BaseException):
-                self._scheduler.drop(pending)  # its other chunks are not scored
+                self._drop(pending)  # its other chunks are not scored
                 pending.future.set_exception(result)
             else:
+                if isinstance(done, Piece):  # the cache for its next piece; none after the last (in batch order)
+                    pending.state = done.state if done.end < len(done.ids) else None
                 pending.rows.extend(result)
                 if len(pending.rows) == len(pending.texts):
                     pending.future.set_result(pending.rows)
+
+    def _drop(self, pending: _Pending) -> None:
+        """Score no more of a request; the cache of its text in pieces goes with it."""
+        self._scheduler.drop(pending)
+        pending.state = None
 
 
 # -- the HTTP application ------------------------------------------------------------------------

@@ -337,6 +337,29 @@ def _masks(model, segment, position, cached, dtype):
     return {kind: additive(kind) for kind in set(layer_types)}
 
 
+def extend_prefix(model, prefix: Prefix | None, embeds: torch.Tensor) -> Prefix:
+    """``prefix`` followed by ``embeds`` ``(1, S, d)``: a new prefix of ``P + S`` tokens (prefill in pieces).
+
+    A long query can be run a slice at a time: each slice extends a per-query prefix (the context and
+    the query's tokens so far), so a slice costs what the same tokens would cost in one pass. The
+    slice runs after a :func:`fresh_cache` of ``prefix``'s cache, so ``prefix`` (a shared context) is
+    never changed and serves any number of queries.
+
+    Args:
+        model: the causal LM that encoded ``prefix``.
+        prefix: from :func:`encode_prefix` or this function, or ``None`` (``embeds`` start the sequence).
+        embeds: the next ``(1, S, d)`` input embeddings.
+    """
+    if prefix is None:
+        return encode_prefix(model, embeds)
+    if embeds.ndim != 3 or embeds.shape[0] != 1:
+        raise ValueError(f"the slice must be (1, S, d) embeddings; got {tuple(embeds.shape)}")
+    ones = torch.ones(1, embeds.shape[1], dtype=torch.long, device=embeds.device)
+    out = _forward_rows(model, prefix, embeds, ones, 1)
+    joined = None if prefix.embeds is None else torch.cat([prefix.embeds, embeds.to(prefix.embeds.dtype)], dim=1)
+    return Prefix(getattr(out, cache_name(model)), prefix.length + embeds.shape[1], None, joined)
+
+
 def run_rows(model, prefix: Prefix | None, embeds: torch.Tensor, attention_mask: torch.Tensor,
              keep: torch.Tensor | int = 0) -> torch.Tensor:
     """Right-padded rows ``(B, T, d)`` after ``prefix`` (its cache expanded to B rows, no copy).
@@ -351,6 +374,11 @@ def run_rows(model, prefix: Prefix | None, embeds: torch.Tensor, attention_mask:
     Returns:
         ``(M, V)`` logits in row-major order of ``keep``, or ``(B, T, V)`` for ``keep=0``.
     """
+    return _forward_rows(model, prefix, embeds, attention_mask, keep).logits
+
+
+def _forward_rows(model, prefix, embeds, attention_mask, keep) -> CausalLMOutputWithPast:
+    """The forward of :func:`run_rows`: its output, with the cache grown by the rows when there is a prefix."""
     batch = embeds.shape[0]
     kwargs = {}
     if prefix is not None:
@@ -358,7 +386,7 @@ def run_rows(model, prefix: Prefix | None, embeds: torch.Tensor, attention_mask:
         attention_mask = torch.cat([ones, attention_mask], dim=1)  # (B, P + T): with a cache, past + current
         kwargs[cache_name(model)] = fresh_cache(prefix.cache, batch)
     return model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=prefix is not None,
-                 logits_to_keep=keep, **kwargs).logits
+                 logits_to_keep=keep, **kwargs)
 
 
 def _run_padded(model, prefix, queries, keep) -> torch.Tensor:

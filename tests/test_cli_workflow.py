@@ -160,7 +160,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_delta(tiny_dir, tmp_path):
         ("text,category\nfun,pos\ndull,neg\n", [], "label"),
         ("text,label\n", [], "no usable examples"),
         ("text,label\nfun,pos\ndull,neg\n", ["--label-column", "sentiment"], "sentiment"),
-        ("text,label\nfun,pos\nfine,pos\ndull,neg\n", ["--shots", "4"], "neg"),
+        ("text,label\nfun,pos\nfine,pos\ndull,neg\n", ["--shots", "4"], "more than the 3 labelled rows"),
         (b"\xff\xfe\x00garbage\x00\xff", [], "data.csv"),
     ],
 )

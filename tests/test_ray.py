@@ -217,13 +217,13 @@ def test_a_failure_mid_way_leaves_no_output_and_an_existing_one_untouched(cluste
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.csv", "out.csv"]  # no temporary file left
 
 
-def test_without_ray_the_option_says_how_to_install_it(saved, tmp_path, capsys, monkeypatch):
+def test_without_ray_the_option_says_how_to_install_it(saved, tiny_dir, tmp_path, capsys, monkeypatch):
     folder, _ = saved
     source = tmp_path / "in.csv"
     write_input(source)
     monkeypatch.setitem(sys.modules, "ray", None)  # as if it were not installed: `import ray` fails
     assert main(["predict", str(folder), "--file", str(source), "--output", str(tmp_path / "o.csv"), "--ray"]) == 2
-    assert main(["compare", "--model", "m", "--output", str(tmp_path / "g"), "--ray", "--methods", "icl"]) == 2
+    assert main(["compare", "--model", str(tiny_dir), "--output", str(tmp_path / "g"), "--ray", "--methods", "icl"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2
     assert all(line.startswith("cptune: error: --ray needs ray") and "pip install 'cptune[ray]'" in line

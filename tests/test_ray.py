@@ -223,7 +223,8 @@ def test_without_ray_the_option_says_how_to_install_it(saved, tiny_dir, tmp_path
     write_input(source)
     monkeypatch.setitem(sys.modules, "ray", None)  # as if it were not installed: `import ray` fails
     assert main(["predict", str(folder), "--file", str(source), "--output", str(tmp_path / "o.csv"), "--ray"]) == 2
-    assert main(["compare", "--model", str(tiny_dir), "--output", str(tmp_path / "g"), "--ray", "--methods", "icl"]) == 2
+    assert main(["compare", "--model", str(tiny_dir), "--output", str(tmp_path / "g"), "--ray",
+                 "--methods", "icl"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2
     assert all(line.startswith("cptune: error: --ray needs ray") and "pip install 'cptune[ray]'" in line

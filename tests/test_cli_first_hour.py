@@ -114,6 +114,10 @@ def test_usage_mistakes_are_refused_without_importing_torch(tmp_path):
         (["eval", str(good), "--data", str(good)], f"classifier folder {good} is a file, not a folder"),
         (["predict", str(good), "some text"], f"classifier folder {good} is a file, not a folder"),
         (["train", "--data", str(good), "--output", out, "--model", "no such model!"], "not a local folder"),  # shape
+        # serve: before the socket, the web stack and torch
+        (["serve", str(tmp_path / "nope"), "--port", "0"], "does not exist"),
+        (["serve", str(good), "--port", "0"], f"classifier folder {good} is a file, not a folder"),
+        (["serve", str(saved), "--port", "0", "--model", "./no-such-folder"], "not an existing folder"),
     ]
     asking_the_hub_cache = [  # last: one process runs every case, and these import huggingface_hub
         (["train", "--data", str(good), "--output", out, "--model", "no-such-model"], "not in the Hugging Face cache"),

@@ -185,6 +185,23 @@ def test_predict_annotates_a_csv(trained, tmp_path, capsys):
     assert "give --output" in capsys.readouterr().err
 
 
+def test_an_input_column_named_like_an_added_one_needs_the_prefix_flag(trained, tmp_path, capsys):
+    source = _csv(tmp_path / "in.csv", [("a fun film", "pos"), ("so dull", "neg")], header=("text", "predicted_label"))
+    out = tmp_path / "out.csv"
+    assert main(["predict", str(trained), "--file", str(source), "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already has a column 'predicted_label'" in err[0]
+    assert "--prefix cptune_" in err[0] and "prefix=" not in err[0]  # the flag, not the Python argument
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["in.csv"]
+    assert main(["predict", str(trained), "--file", str(source), "--output", str(out), "--prefix", "cptune_"]) == 0
+    with out.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["predicted_label"] for r in rows] == ["pos", "neg"]  # the input's own column, unchanged
+    assert all(r["cptune_predicted_label"] in {str(c) for c in CPTClassifier.load(trained).classes_} for r in rows)
+    assert main(["predict", str(trained), "a text", "--prefix", "cptune_"]) == 2
+    assert "--prefix names the columns added to an annotated --file" in capsys.readouterr().err
+
+
 def test_compare_takes_data_and_a_train_size(tiny_dir, tmp_path):
     data = _csv(tmp_path / "d.csv", TRAIN_ROWS + [(f"other {t}", label) for t, label in TRAIN_ROWS])
     for option in ("--data", "--dataset"):

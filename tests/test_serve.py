@@ -460,11 +460,20 @@ def test_health_info_and_page(server, classifier):
     assert info["training_data"] == {"training_data": saved["training_data"], "examples": len(saved["examples"]),
                                      "training_size": saved["training_size"]}
     assert info["limits"] == {"max_batch": 32, "max_wait_ms": 100.0, "max_texts": 8, "max_chars": 1500,
-                              "max_batch_tokens": serve.DEFAULT_MAX_BATCH_TOKENS, "max_queue": serve.DEFAULT_MAX_QUEUE,
+                              "max_batch_tokens": 256, "max_queue": serve.DEFAULT_MAX_QUEUE,
                               "timeout_s": serve.DEFAULT_TIMEOUT_S}
     status, page = request(server.port, "GET", "/")
     assert status == 200 and "<textarea" in page and "<script>" in page
     assert not re.search(r"(src|href)=\"?(https?:)?//", page)  # nothing loaded from elsewhere
+
+
+def test_the_token_budget_by_default_follows_the_device():
+    # measured on a CPU (docs/serve.md's head-of-line table); a GPU keeps the budget it had
+    assert serve.default_batch_tokens("cpu") == 256 == serve.Limits().max_batch_tokens
+    assert serve.default_batch_tokens("cuda") == serve.default_batch_tokens("mps") == 1024
+    from cptune.app.cli import build_parser
+
+    assert build_parser().parse_args(["serve", "folder"]).max_batch_tokens is None  # chosen once the model loads
 
 
 def test_empty_request_is_answered_without_the_model(server):
@@ -606,14 +615,19 @@ def test_the_key_comes_from_the_option_or_the_environment_and_exposure_warns(tmp
     assert serve.exposure_warning("0.0.0.0", "k") is None
     line = serve.exposure_warning("0.0.0.0", None)
     assert line.startswith("cptune: warning: listening on 0.0.0.0 without an API key") and "\n" not in line
-    # The command: the socket is bound (never listening: the folder does not exist), the warning printed
+    # The command: the socket is bound (never listening: the folder holds no classifier), the warning printed
     # before the model would load, then the one-line error.
     monkeypatch.delenv(serve.API_KEY_ENV)
+    assert main(["serve", str(tmp_path), "--host", "0.0.0.0", "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[0] == serve.exposure_warning("0.0.0.0", None), err
+    assert "no cptune_classifier.json in" in err[1], err
+    assert main(["serve", str(tmp_path), "--host", "0.0.0.0", "--port", "0", "--api-key", "k"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    # A folder that does not exist is refused before the socket, the web stack and torch (in about a second).
     assert main(["serve", str(tmp_path / "none"), "--host", "0.0.0.0", "--port", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and err[0] == serve.exposure_warning("0.0.0.0", None) and "does not exist" in err[1], err
-    assert main(["serve", str(tmp_path / "none"), "--host", "0.0.0.0", "--port", "0", "--api-key", "k"]) == 2
-    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert len(err) == 1 and "does not exist" in err[0], err
 
 
 # -- head-of-line blocking ---------------------------------------------------------------------------

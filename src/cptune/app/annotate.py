@@ -25,7 +25,7 @@ import numpy as np
 
 from cptune.cpt.saving import AtomicOutput
 from cptune.data.tables import Batch, Survey, Table, arrow, describe, open_table, open_table_writer, text_of
-from cptune.data.types import FILE_FORMATS, MissingColumnError, formats
+from cptune.data.types import FILE_FORMATS, ColumnClashError, MissingColumnError, formats
 from cptune.reporting import notice, plural
 from cptune.reporting import progress as progress_bar
 
@@ -131,8 +131,7 @@ def annotate_file(
     table, survey = _open_input(source, text_column, batch_size, arrow_schema=out_format == ".parquet")
     clashes = [c for c in new_columns if c in survey.columns]
     if clashes:
-        raise ValueError(f"{source} already has a column {clashes[0]!r}, a name the annotation adds; pass another "
-                         f"prefix= (e.g. prefix='cptune_' gives 'cptune_{LABEL_COLUMN}') for the added columns")
+        raise ColumnClashError(source, clashes[0])
 
     written = blank = 0
     with (

@@ -308,6 +308,9 @@ def _add_predict(sub) -> None:
     p.add_argument("--output", default=None,
                    help="annotated copy of a data --file: its rows plus predicted_label and p_<label> columns "
                         "(.csv, .tsv, .jsonl or .parquet)")
+    p.add_argument("--prefix", default="",
+                   help="put before the added columns' names, when the --file already has such a column "
+                        "(e.g. cptune_ gives cptune_predicted_label)")
     add_overwrite_arg(p, "a file")
     add_ray_arg(p, "annotate the data --file (or a folder of such files) with one actor per worker")
     p.add_argument("--ray-workers", type=positive_int, default=None,

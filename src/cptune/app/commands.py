@@ -21,6 +21,7 @@ from cptune.app.trained_texts import KEPT
 from cptune.data import (
     DATASET_DEFAULTS,
     FILE_FORMATS,
+    ColumnClashError,
     Dataset,
     MissingColumnError,
     check_source,
@@ -124,6 +125,8 @@ def flag_names():
         yield
     except MissingColumnError as err:
         raise UserError(err.message(f"--{err.role}-column")) from None
+    except ColumnClashError as err:
+        raise UserError(err.message("--prefix")) from None
 
 
 def _load(args, default_split: str) -> Dataset:
@@ -257,7 +260,7 @@ def held_words(held: dict) -> str:
 
 # -- eval --------------------------------------------------------------------------------------
 
-def _check_classifier_name(name: str) -> None:
+def check_classifier_name(name: str) -> None:
     """A local folder, or a hub repo id (``owner/name``) that CPTClassifier.load downloads (checked by its shape:
     huggingface_hub is not imported here)."""
     from cptune.cpt.hub import is_hub_id
@@ -352,7 +355,7 @@ def format_metrics(report: dict) -> str:
 def run_eval(args) -> int:
     from cptune.cpt.saving import write_json_atomic
 
-    _check_classifier_name(args.classifier)
+    check_classifier_name(args.classifier)
     if args.data is None:
         raise UserError("eval needs the test data: --data (or --test-data) FILE, built-in name or hub id")
     if args.output:
@@ -413,6 +416,8 @@ def run_predict(args) -> int:
                         "(plain text files, one text per line, print JSON lines)")
     if args.output and not annotate:
         raise UserError(f"--output is for annotating a data --file ({', '.join(FILE_FORMATS)})")
+    if args.prefix and not annotate:
+        raise UserError("--prefix names the columns added to an annotated --file; give --file and --output")
     if annotate:
         from cptune.app.annotate import check_annotation
 
@@ -420,7 +425,7 @@ def run_predict(args) -> int:
         if not path.is_dir():
             with flag_names():
                 check_annotation(path, args.output, text_column=args.text_column)  # suffixes, paths, CSV header
-    _check_classifier_name(args.classifier)
+    check_classifier_name(args.classifier)
     check_model_name(args.model)
     if on_ray:
         return _predict_on_ray(args, path)
@@ -429,7 +434,8 @@ def run_predict(args) -> int:
         from cptune.app.annotate import annotate_file
 
         with flag_names():  # a JSONL row without the column is found while annotating
-            annotate_file(clf, path, args.output, text_column=args.text_column, batch_size=args.batch_size)
+            annotate_file(clf, path, args.output, text_column=args.text_column, batch_size=args.batch_size,
+                          prefix=args.prefix)
         return 0  # annotate_file said how many rows it annotated and how many it left blank
     lines = args.texts if args.texts else (_text_lines(path) if path is not None else sys.stdin)
     if lines is sys.stdin and sys.stdin.isatty():  # `cptune predict FOLDER` typed alone would wait in silence
@@ -460,7 +466,8 @@ def _predict_on_ray(args, path: Path) -> int:
     loader = SavedClassifier(str(args.classifier), model=args.model, device=args.device, dtype=args.dtype,
                              batch_size=args.batch_size, calibrate=args.calibrate)
     with flag_names():
-        annotate_file_ray(loader, path, args.output, text_column=args.text_column, workers=args.ray_workers,
+        annotate_file_ray(loader, path, args.output, text_column=args.text_column, prefix=args.prefix,
+                          workers=args.ray_workers,
                           threads=args.ray_threads, gpus=args.ray_gpus, address=args.ray or None)
     return 0
 

@@ -38,6 +38,7 @@ from cptune.app.annotate import (
     text_of,
 )
 from cptune.cpt.saving import AtomicOutput
+from cptune.data.types import ColumnClashError, MissingColumnError
 from cptune.reporting import CptuneWarning, notice, plural
 from cptune.reporting import progress as progress_bar
 
@@ -259,13 +260,10 @@ def _check_columns(source: Path, columns: list[str], text_column: str, new_colum
     if len(set(columns)) != len(columns):
         raise ValueError(f"{source} names a column twice; give each column its own name")
     if text_column not in columns:
-        present = ", ".join(repr(c) for c in columns) or "none"
-        raise ValueError(f"text column {text_column!r} not found in {source}; columns present: {present} "
-                         "(choose it with --text-column; text_column= in Python)")
+        raise MissingColumnError("text", text_column, f"in {source}", columns)
     clashes = [c for c in new_columns if c in columns]
     if clashes:
-        raise ValueError(f"{source} already has a column {clashes[0]!r}, a name the annotation adds; pass another "
-                         "prefix= for the added columns")
+        raise ColumnClashError(source, clashes[0])
 
 
 def read_input(ray, files: list[Path], in_format: str, columns: list[str]):

@@ -29,6 +29,7 @@ and torch are imported when the server starts.
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import importlib.resources
 import ipaddress
@@ -51,7 +52,13 @@ DEFAULT_MAX_BATCH = 32  # texts scored in one call of the worker
 DEFAULT_MAX_WAIT_MS = 5.0  # how long the worker waits for more requests once it has one
 DEFAULT_MAX_TEXTS = 256  # texts in one request
 DEFAULT_MAX_CHARS = 4000  # characters in one text
-DEFAULT_MAX_BATCH_TOKENS = 1024  # query tokens scored in one call of the worker (the context is shared)
+# Query tokens scored in one call of the worker (the context is shared), by the model's device type when
+# --max-batch-tokens is not given. On a CPU a call's time grows with its tokens, and a short request waits
+# for the call in progress and then rides in the next: 256 cut a one-text request's p99 beside 4,000-character
+# texts from 6.1 s (1024) to 3.8 s for 5% less throughput of one-text requests (docs/serve.md, 2-core CPU; 512
+# gained nothing). Elsewhere (a GPU) the budget stays 1024: not measured there, where batching pays more.
+DEFAULT_MAX_BATCH_TOKENS = {"cpu": 256}
+ACCELERATOR_MAX_BATCH_TOKENS = 1024
 DEFAULT_MAX_QUEUE = 1024  # texts received and not yet answered; beyond it: 503 at once
 DEFAULT_TIMEOUT_S = 60.0  # a request not answered by then gets 503
 MAX_TIMEOUT_S = 3600.0
@@ -87,7 +94,8 @@ class Limits:
         max_texts: texts in one request (more: 413).
         max_chars: characters in one text (more: 413).
         max_batch_tokens: query tokens scored together in one call of the model (the context is shared
-            and not counted); a single text longer than this is scored in pieces over several calls.
+            and not counted); a single text longer than this is scored in pieces over several calls
+            (``cptune serve`` without ``--max-batch-tokens``: :func:`default_batch_tokens` of the model's device).
         max_queue: texts received and not yet answered; a request that would go beyond is answered 503
             at once (with ``Retry-After``). At least ``max_texts``, so that every valid request can fit.
         timeout_s: seconds from a request's arrival to its answer; later: 503 (with ``Retry-After``).
@@ -97,7 +105,7 @@ class Limits:
     max_wait_ms: float = DEFAULT_MAX_WAIT_MS
     max_texts: int = DEFAULT_MAX_TEXTS
     max_chars: int = DEFAULT_MAX_CHARS
-    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS["cpu"]
     max_queue: int = DEFAULT_MAX_QUEUE
     timeout_s: float = DEFAULT_TIMEOUT_S
 
@@ -122,6 +130,12 @@ class Limits:
     def as_dict(self) -> dict:
         """The limits as ``/info`` shows them."""
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
+def default_batch_tokens(device_type: str) -> int:
+    """``--max-batch-tokens`` when it is not given, for a model on a device of this type (``"cpu"``,
+    ``"cuda"``, ...): :data:`DEFAULT_MAX_BATCH_TOKENS`, else :data:`ACCELERATOR_MAX_BATCH_TOKENS`."""
+    return DEFAULT_MAX_BATCH_TOKENS.get(device_type, ACCELERATOR_MAX_BATCH_TOKENS)
 
 
 class RequestError(Exception):
@@ -225,6 +239,7 @@ class ServedClassifier:
         from cptune.scoring import ContextScorer
 
         self.classes = list(clf.classes_)
+        self.device_type = base_model.device.type  # "cpu", "cuda", ...: the default --max-batch-tokens
         template = clf.template_  # the fitted template (for template="auto", the one chosen)
         words = {str(label): word for label, word in clf.label_words_.items()}  # as the text layer keys them
         with torch.no_grad():
@@ -826,9 +841,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="texts in one request; more are answered 413 (default: %(default)s)")
     p.add_argument("--max-chars", type=int, default=DEFAULT_MAX_CHARS,
                    help="characters in one text; more are answered 413 (default: %(default)s)")
-    p.add_argument("--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS,
-                   help="query tokens scored together; longer requests are scored in chunks that interleave "
-                        "with other requests (default: %(default)s)")
+    p.add_argument("--max-batch-tokens", type=int, default=None,
+                   help="query tokens scored together; longer requests are scored in chunks, and longer texts in "
+                        "pieces, that interleave with other requests (default: {cpu} on a CPU, "
+                        "{other} on a GPU)".format(cpu=DEFAULT_MAX_BATCH_TOKENS["cpu"],
+                                                     other=ACCELERATOR_MAX_BATCH_TOKENS))
     p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
                    help="texts received and not yet answered; a request beyond is answered 503 with Retry-After "
                         "at once (default: %(default)s)")
@@ -842,6 +859,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def check_port(port: int) -> None:
+    """Raises ValueError for a port outside 0..65535."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port={port} must be from 0 to 65535 (0: any free port)")
+
+
 def listening_socket(host: str, port: int) -> socket.socket:
     """A socket bound to ``host:port`` (not listening yet: uvicorn starts listening once the model is loaded).
 
@@ -849,8 +872,7 @@ def listening_socket(host: str, port: int) -> socket.socket:
         ValueError: a port outside 0..65535 or a host that does not resolve.
         OSError: the address cannot be bound (in use, not this machine's), naming it.
     """
-    if not 0 <= port <= 65535:
-        raise ValueError(f"--port={port} must be from 0 to 65535 (0: any free port)")
+    check_port(port)
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as err:
@@ -935,8 +957,14 @@ def _quiet_transformers() -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``cptune serve`` until SIGTERM or Ctrl-C; 0 after a graceful stop."""
     limits = Limits(args.max_batch, args.max_wait_ms, args.max_texts, args.max_chars,
-                    max_batch_tokens=args.max_batch_tokens, max_queue=args.max_queue, timeout_s=args.timeout_s)
+                    max_batch_tokens=args.max_batch_tokens or Limits.max_batch_tokens, max_queue=args.max_queue,
+                    timeout_s=args.timeout_s)  # every value checked before the model loads
     api_key = api_key_from(args.api_key)
+    from cptune.app.commands import check_classifier_name, check_model_name
+
+    check_port(args.port)
+    check_classifier_name(args.classifier)  # a wrong name fails in a second, before torch and the web stack
+    check_model_name(args.model)
     require_serving_packages()
     import uvicorn
 
@@ -948,6 +976,8 @@ def run(args: argparse.Namespace) -> int:
         _quiet_transformers()
         served = load_served(args.classifier, args.model, args.device, args.dtype, args.device_map,
                              args.batch_size, args.calibrate)
+        if args.max_batch_tokens is None:
+            limits = dataclasses.replace(limits, max_batch_tokens=default_batch_tokens(served.device_type))
         host, port = sock.getsockname()[:2]
         url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
         config = uvicorn.Config(create_app(served, limits, api_key), http="h11", loop="asyncio", lifespan="on",

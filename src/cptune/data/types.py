@@ -227,3 +227,19 @@ class MissingColumnError(ValueError):
         present = ", ".join(repr(c) for c in self.present) or "none"
         return (f"{self.role} column {self.column!r} not found {self.where}; {self.kind} present: {present} "
                 f"(choose it with {option})")
+
+
+class ColumnClashError(ValueError):
+    """An input column that has the name of a column an annotation adds. The message says how to choose other
+    names: by the Python argument (``prefix=``); :meth:`message` names a command line's flag."""
+
+    def __init__(self, where: object, column: str):
+        """``where``: the input (a path of a file or folder); ``column``: its column that an added one would replace."""
+        self.where, self.column = str(where), column
+        super().__init__(self.message("prefix="))
+
+    def message(self, option: str) -> str:
+        """The one-line error, naming ``option`` (``"prefix="``, ``"--prefix"``) as the way to rename."""
+        example = "prefix='cptune_'" if option.endswith("=") else f"{option} cptune_"
+        return (f"{self.where} already has a column {self.column!r}, a name the annotation adds; pass another "
+                f"{option} for the added columns (e.g. {example} gives 'cptune_{self.column}')")

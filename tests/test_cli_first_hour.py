@@ -139,6 +139,23 @@ def test_usage_mistakes_are_refused_without_importing_torch(tmp_path):
     assert existing.read_text() == "keep me\n" and not (tmp_path / "new").exists()
 
 
+def test_eval_refuses_labels_and_rows_from_the_folder_before_the_model_loads(trained, tmp_path):
+    unknown = _csv(tmp_path / "unknown.csv", [("a new film", "pos"), ("another new film", "meh")])
+    seen = _csv(tmp_path / "seen.csv", ROWS)  # every text was a training text
+    fresh = _csv(tmp_path / "fresh.csv", [("a new film", "pos"), ("another new film", "neg")])
+    cases = [(["eval", str(trained), "--data", str(unknown)], "the data has label 'meh', which the classifier"),
+             (["eval", str(trained), "--data", str(seen)], f"every row of {seen} was used to train the classifier"),
+             (["eval", str(trained), "--data", str(fresh), "--test-size", "2", "--seed", "3"], None)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-c", CHECK, json.dumps([argv for argv, _ in cases[:2]])],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.strip().splitlines()
+    for (argv, message), (code, heavy), line in zip(cases[:2], json.loads(done.stdout), lines, strict=True):
+        assert code == EXIT_USAGE and heavy == [] and message in line, (argv, heavy, line)
+    assert main(cases[2][0]) == 0  # a readable folder with good data goes on to the model and scores
+
+
 def test_the_cli_accepts_the_dtypes_and_devices_the_model_loader_takes():
     from cptune import models
     from cptune.app.cli import DTYPE_NAMES, device_name, dtype_name

@@ -236,6 +236,10 @@ def test_the_parser_defaults_agree_with_the_library():
     from cptune.models import DEFAULT_MODEL
 
     assert cli.DEFAULT_MODEL == DEFAULT_MODEL == DemoSettings.model
+    from cptune.app.classifier import CLASSIFIER_FILE
+    from cptune.app.commands import CLASSIFIER_INFO_FILE
+
+    assert CLASSIFIER_INFO_FILE == CLASSIFIER_FILE
     assert cli.METHOD_NAMES == METHODS and cli.ENCODER_METHOD_NAMES == ENCODER_METHODS
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from cptune.app import demo
 from cptune.app.cli import DEFAULT_MODEL, UserError
-from cptune.app.trained_texts import KEPT
+from cptune.app.trained_texts import KEPT, TrainedTexts
 from cptune.data import (
     DATASET_DEFAULTS,
     FILE_FORMATS,
@@ -34,6 +34,8 @@ from cptune.reporting import notice, plural
 CHECKPOINT_SUBDIR = "checkpoint"
 DEFAULT_TEMPLATE = "input: {x} output: {y}"
 PREDICT_CHUNK = 64  # texts of standard input or a text file scored (and printed) at a time
+# cptune.app.classifier.CLASSIFIER_FILE, named here to read a folder before torch loads (a test keeps them equal)
+CLASSIFIER_INFO_FILE = "cptune_classifier.json"
 
 
 def quiet_transformers() -> None:
@@ -301,6 +303,42 @@ def class_index(classes: list, label: Any) -> int | None:
     return texts.index(str(label)) if str(label) in texts else None
 
 
+def rows_to_score(classes: list, trained, dataset: Dataset, test_size: int | None, seed: int,
+                  name: str | None) -> tuple[list, list[int], int]:
+    """:func:`evaluate`'s rows, their classes' columns, and how many rows were left out as training texts.
+
+    Raises:
+        UserError: a label not in ``classes``, nothing left to score, or a bad ``test_size``.
+    """
+    rows = [ex for ex in dataset.examples if ex.text not in trained]
+    left_out = len(dataset.examples) - len(rows)
+    if not rows:
+        raise UserError(f"every row of {name or dataset.name} was used to train the classifier; nothing left to "
+                        "evaluate")
+    if test_size is not None:
+        if test_size < 1 or test_size > len(rows):
+            raise UserError(f"--test-size={test_size} must be from 1 to the {len(rows)} rows available")
+        rows = random.Random(seed).sample(rows, test_size)
+    gold = [class_index(classes, ex.label) for ex in rows]
+    unknown = next((ex.label for ex, g in zip(rows, gold, strict=True) if g is None), None)
+    if unknown is not None:
+        raise UserError(f"the data has label {unknown!r}, which the classifier does not know ({classes})")
+    return rows, gold, left_out
+
+
+def check_eval_rows(folder: str, dataset: Dataset, test_size: int | None, seed: int, name: str) -> None:
+    """:func:`rows_to_score`'s refusals made from a local classifier folder's file before the model loads (a
+    label the classifier does not know, every row used to train it: 20 s sooner with the default model). A hub
+    id, or a file this cannot read, is left to :func:`evaluate`, which reports what is wrong after the load."""
+    try:
+        info = json.loads((Path(folder) / CLASSIFIER_INFO_FILE).read_text(encoding="utf-8"))
+        classes = [label for label, _ in info["labels"]]
+        trained = TrainedTexts.from_json(info["trained_texts"]) if "trained_texts" in info else frozenset()
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    rows_to_score(classes, trained, dataset, test_size, seed, name)
+
+
 def evaluate(clf, dataset: Dataset, test_size: int | None = None, seed: int = 0, name: str | None = None) -> dict:
     """Score every row of ``dataset`` whose text the classifier was not trained on (or a seeded sample of
     ``test_size`` of them); accuracy, macro-F1, per-class precision/recall/F1/support, confusion.
@@ -314,21 +352,8 @@ def evaluate(clf, dataset: Dataset, test_size: int | None = None, seed: int = 0,
     """
     from cptune.scoring import classification_metrics, per_class_metrics
 
-    trained = clf.trained_texts_
-    rows = [ex for ex in dataset.examples if ex.text not in trained]
-    left_out = len(dataset.examples) - len(rows)
-    if not rows:
-        raise UserError(f"every row of {name or dataset.name} was used to train the classifier; nothing left to "
-                        "evaluate")
-    if test_size is not None:
-        if test_size < 1 or test_size > len(rows):
-            raise UserError(f"--test-size={test_size} must be from 1 to the {len(rows)} rows available")
-        rows = random.Random(seed).sample(rows, test_size)
     classes = clf.classes_
-    gold = [class_index(classes, ex.label) for ex in rows]
-    unknown = next((ex.label for ex, g in zip(rows, gold, strict=True) if g is None), None)
-    if unknown is not None:
-        raise UserError(f"the data has label {unknown!r}, which the classifier does not know ({classes})")
+    rows, gold, left_out = rows_to_score(classes, clf.trained_texts_, dataset, test_size, seed, name)
     predicted = clf.predict_proba([ex.text for ex in rows]).argmax(axis=1).tolist()
     metrics = classification_metrics(predicted, gold, len(classes))
     per_class = [{"label": label, **row} for label, row in zip(classes, per_class_metrics(metrics["confusion"]),
@@ -365,6 +390,8 @@ def run_eval(args) -> int:
     if args.test_size is not None and args.test_size > len(dataset.examples):  # (evaluate() also counts the rows
         raise UserError(f"--test-size {args.test_size} is more than the {plural(len(dataset.examples), 'row')} "
                         f"of {args.data}")  # left out as training texts, which needs the classifier)
+    if args.label_words is None:  # given label words are checked against the classifier's labels on loading
+        check_eval_rows(args.classifier, dataset, args.test_size, args.seed, args.data)
     clf = _load_classifier(args)
     metrics = evaluate(clf, dataset, args.test_size, args.seed, name=args.data)
     if metrics["left_out_trained"]:

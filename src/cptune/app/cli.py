@@ -385,7 +385,7 @@ COMMANDS = {
     "datasets": (_add_datasets, "cptune.app.commands"),
     "compare": (_add_compare, "cptune.app.commands"),
     "download": (_add_download, "cptune.app.download"),
-    "serve": (_add_serve, "cptune.app.serve"),
+    "serve": (_add_serve, "cptune.app.commands"),
 }
 
 

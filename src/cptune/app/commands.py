@@ -499,6 +499,19 @@ def _predict_on_ray(args, path: Path) -> int:
     return 0
 
 
+# -- serve -------------------------------------------------------------------------------------
+
+def run_serve(args) -> int:
+    """``cptune serve``: the names checked in a second, before the socket, the web stack and torch; then
+    :func:`cptune.app.serve.run`."""
+    from cptune.app import serve
+
+    serve.check_options(args)
+    check_classifier_name(args.classifier)
+    check_model_name(args.model)
+    return serve.run(args)
+
+
 # -- datasets / compare ------------------------------------------------------------------------
 
 def run_datasets(args) -> int:

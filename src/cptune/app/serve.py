@@ -954,17 +954,22 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run ``cptune serve`` until SIGTERM or Ctrl-C; 0 after a graceful stop."""
+def check_options(args: argparse.Namespace) -> tuple[Limits, str | None]:
+    """The server's limits and API key from its options, each value checked (the port's range too).
+
+    Raises:
+        ValueError: naming the option and what it accepts.
+    """
     limits = Limits(args.max_batch, args.max_wait_ms, args.max_texts, args.max_chars,
                     max_batch_tokens=args.max_batch_tokens or Limits.max_batch_tokens, max_queue=args.max_queue,
-                    timeout_s=args.timeout_s)  # every value checked before the model loads
-    api_key = api_key_from(args.api_key)
-    from cptune.app.commands import check_classifier_name, check_model_name
-
+                    timeout_s=args.timeout_s)
     check_port(args.port)
-    check_classifier_name(args.classifier)  # a wrong name fails in a second, before torch and the web stack
-    check_model_name(args.model)
+    return limits, api_key_from(args.api_key)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``cptune serve`` until SIGTERM or Ctrl-C; 0 after a graceful stop."""
+    limits, api_key = check_options(args)  # every value checked before the model loads
     require_serving_packages()
     import uvicorn
 

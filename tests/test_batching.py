@@ -204,7 +204,9 @@ def test_batcher_scores_a_long_text_in_pieces_beside_short_requests():
             await asyncio.sleep(0)
             scored = len(calls)
             gates[400].set()
-            with pytest.raises(ValueError, match="piece 50:80 after 50 tokens"):
+            # the last piece holds the failing token; where it starts depends on what shares its calls (the
+            # long request's last piece may still be queued), but it runs after every token before it
+            with pytest.raises(ValueError, match=r"piece (\d+):80 after \1 tokens"):
                 await batcher.submit(["X80"])
             gc.collect()
             assert [ref() for size, ref in kept_states if size in (400, 80)] == [None, None]  # while serving on

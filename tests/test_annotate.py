@@ -10,6 +10,7 @@ import pytest
 
 from cptune.app.annotate import annotate_file
 from cptune.cpt.saving import current_umask
+from tiny import write_rows
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -59,20 +60,6 @@ class Recording:
         return self.inner.predict_proba(texts)
 
 
-def write_input(path: Path, rows=ROWS) -> None:
-    """Write ``rows`` in the format of ``path``'s suffix: CSV/TSV cells as text, JSONL/Parquet typed."""
-    columns = list(rows[0])
-    if path.suffix in (".csv", ".tsv"):
-        with open(path, "w", encoding="utf-8", newline="") as f:
-            writer = csv.writer(f, delimiter="\t" if path.suffix == ".tsv" else ",", lineterminator="\n")
-            writer.writerow(columns)
-            writer.writerows([[str(row[c]) for c in columns] for row in rows])
-    elif path.suffix == ".jsonl":
-        path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
-    else:
-        pq.write_table(pa.Table.from_pylist(rows), path)
-
-
 def read_output(path: Path) -> list[dict]:
     if path.suffix in (".csv", ".tsv"):
         with open(path, encoding="utf-8", newline="") as f:
@@ -100,7 +87,7 @@ def is_empty(cell) -> bool:
 def test_rows_come_back_unchanged_with_the_classifiers_predictions(clf, tmp_path, source_name, output_name):
     source, output = tmp_path / source_name, tmp_path / "results" / output_name
     output.parent.mkdir()
-    write_input(source)
+    write_rows(source, ROWS)
     (output.parent / "notes.txt").write_bytes(b"unrelated\n")
     source_bytes = source.read_bytes()
     recording = Recording(clf)
@@ -147,7 +134,7 @@ def test_integer_labels_stay_integers(tiny_dir, tmp_path):
     clf.fit(["a joy", "a bore", "great fun", "too long"], [1, 0, 1, 0])
     assert clf.classes_ == [0, 1]
     source = tmp_path / "in.jsonl"
-    write_input(source)
+    write_rows(source, ROWS)
     probs = clf.predict_proba(CLASSIFIED)
     want = [int(p.argmax()) for p in probs]
     for name in ("out.jsonl", "out.parquet", "out.csv"):
@@ -163,7 +150,7 @@ def test_integer_labels_stay_integers(tiny_dir, tmp_path):
 @pytest.mark.parametrize("existing", [None, b"the previous results\n"])
 def test_a_failure_midway_leaves_no_output_and_no_temporary_file(clf, tmp_path, output_name, existing):
     source, output = tmp_path / "in.csv", tmp_path / output_name
-    write_input(source)
+    write_rows(source, ROWS)
     if existing is not None:
         output.write_bytes(existing)
     before = sorted(p.name for p in tmp_path.iterdir())
@@ -177,7 +164,7 @@ def test_a_failure_midway_leaves_no_output_and_no_temporary_file(clf, tmp_path, 
 
 def test_an_interrupt_leaves_no_file_and_a_finished_file_gets_the_umask_permissions(clf, tmp_path):
     source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    write_input(source)
+    write_rows(source, ROWS)
     with pytest.raises(KeyboardInterrupt):
         annotate_file(Recording(clf, fail_on=3, error=KeyboardInterrupt()), source, output, batch_size=2,
                       progress=False)
@@ -201,7 +188,7 @@ def test_a_missing_text_column_names_it_and_the_columns_present(clf, tmp_path):
 
 def test_refuses_to_overwrite_the_input(clf, tmp_path):
     source = tmp_path / "in.csv"
-    write_input(source)
+    write_rows(source, ROWS)
     data = source.read_bytes()
     (tmp_path / "sub").mkdir()
     for output in (source, tmp_path / "sub" / ".." / "in.csv"):
@@ -212,7 +199,7 @@ def test_refuses_to_overwrite_the_input(clf, tmp_path):
 
 def test_path_errors(clf, tmp_path):
     source = tmp_path / "in.csv"
-    write_input(source)
+    write_rows(source, ROWS)
     with pytest.raises(FileNotFoundError, match="nowhere"):
         annotate_file(clf, source, tmp_path / "nowhere" / "out.csv", progress=False)
     with pytest.raises(FileNotFoundError, match="missing.csv"):
@@ -226,7 +213,7 @@ def test_path_errors(clf, tmp_path):
 
 def test_added_names_that_collide_need_a_prefix(clf, tmp_path):
     source = tmp_path / "in.jsonl"
-    write_input(source, [{"text": "fun", "p_neg": 0.5}])
+    write_rows(source, [{"text": "fun", "p_neg": 0.5}])
     with pytest.raises(ValueError, match="already has a column 'p_neg'.*prefix="):
         annotate_file(clf, source, tmp_path / "out.jsonl", progress=False)
     annotate_file(clf, source, tmp_path / "out.jsonl", progress=False, prefix="cptune_")
@@ -237,7 +224,7 @@ def test_added_names_that_collide_need_a_prefix(clf, tmp_path):
 
 def test_jsonl_objects_with_different_keys_fill_one_csv_header(clf, tmp_path):
     source = tmp_path / "in.jsonl"
-    write_input(source, [{"text": "fun", "n": 1}, {"extra": [1, "a"], "text": "dull", "flag": True}])
+    write_rows(source, [{"text": "fun", "n": 1}, {"extra": [1, "a"], "text": "dull", "flag": True}])
     annotate_file(clf, source, tmp_path / "out.csv", progress=False)
     rows = read_output(tmp_path / "out.csv")
     assert [(r["text"], r["n"], r["extra"], r["flag"]) for r in rows] == [
@@ -246,7 +233,7 @@ def test_jsonl_objects_with_different_keys_fill_one_csv_header(clf, tmp_path):
 
 def test_a_parquet_file_is_written_in_few_row_groups(clf, tmp_path):
     source, output = tmp_path / "in.parquet", tmp_path / "out.parquet"
-    write_input(source)
+    write_rows(source, ROWS)
     annotate_file(clf, source, output, batch_size=2, progress=False)
     assert pq.ParquetFile(output).metadata.num_row_groups == 1
     assert pq.read_schema(output).field("score").type == pa.float64()  # input types kept
@@ -254,7 +241,7 @@ def test_a_parquet_file_is_written_in_few_row_groups(clf, tmp_path):
 
 def test_progress_bar_on_stderr_with_the_total(clf, tmp_path, capsys):
     source = tmp_path / "in.csv"
-    write_input(source)
+    write_rows(source, ROWS)
     annotate_file(clf, source, tmp_path / "out.csv", batch_size=4)
     captured = capsys.readouterr()
     assert captured.out == "" and f"{len(ROWS)}/{len(ROWS)}" in captured.err
@@ -262,7 +249,7 @@ def test_progress_bar_on_stderr_with_the_total(clf, tmp_path, capsys):
 
 def test_probabilities_are_rounded_in_text_formats(clf, tmp_path):
     source = tmp_path / "in.csv"
-    write_input(source)
+    write_rows(source, ROWS)
     annotate_file(clf, source, tmp_path / "out.jsonl", progress=False)
     for row in read_output(tmp_path / "out.jsonl"):
         for p in (row["p_pos"], row["p_neg"]):

@@ -14,9 +14,9 @@ from cptune.app.annotate import annotate_file
 from cptune.app.cli import main
 from cptune.app.compare import read_results
 from cptune.reporting import CptuneWarning
+from tiny import write_rows
 
 ray = pytest.importorskip("ray")
-pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,19 +66,6 @@ def saved(tiny_dir, tmp_path_factory):
     return folder, CPTClassifier.load(folder)
 
 
-def write_input(path: Path, rows=ROWS) -> None:
-    columns = list(rows[0])
-    if path.suffix in (".csv", ".tsv"):
-        with open(path, "w", encoding="utf-8", newline="") as f:
-            writer = csv.writer(f, delimiter="\t" if path.suffix == ".tsv" else ",", lineterminator="\n")
-            writer.writerow(columns)
-            writer.writerows([[str(row[c]) for c in columns] for row in rows])
-    elif path.suffix == ".jsonl":
-        path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
-    else:
-        pq.write_table(pa.Table.from_pylist(rows), path)
-
-
 def read_output(path: Path) -> list[dict]:
     if path.suffix in (".csv", ".tsv"):
         with open(path, encoding="utf-8", newline="") as f:
@@ -119,7 +106,7 @@ def test_ray_annotation_equals_the_single_process_one(cluster, saved, tmp_path, 
 
     folder, clf = saved
     source = tmp_path / source_name
-    write_input(source)
+    write_rows(source, ROWS)
     source_bytes = source.read_bytes()
     want, got = tmp_path / f"want-{output_name}", tmp_path / f"got-{output_name}"
     annotate_file(clf, source, want, progress=False)
@@ -139,10 +126,10 @@ def test_a_folder_of_files_is_read_in_name_order(cluster, saved, tmp_path):
     folder, clf = saved
     parts = tmp_path / "parts"
     parts.mkdir()
-    write_input(parts / "b.csv", ROWS[10:])  # written first, read second
-    write_input(parts / "a.csv", ROWS[:10])
+    write_rows(parts / "b.csv", ROWS[10:])  # written first, read second
+    write_rows(parts / "a.csv", ROWS[:10])
     whole = tmp_path / "whole.csv"
-    write_input(whole)
+    write_rows(whole, ROWS)
     want, got = tmp_path / "want.csv", tmp_path / "got.csv"
     annotate_file(clf, whole, want, progress=False)
     assert annotate_file_ray(folder, parts, got, workers=2, progress=False) == len(ROWS)
@@ -163,7 +150,7 @@ def test_reading_asks_for_no_cpu_so_the_actors_may_hold_them_all(cluster, tmp_pa
 
     datasets = {}
     for name in ("in.csv", "in.tsv", "in.jsonl", "in.parquet"):
-        write_input(tmp_path / name)
+        write_rows(tmp_path / name, ROWS)
         files, in_format = input_files(tmp_path / name)
         # made before the CPUs are taken, as a run makes it before its actors start (Parquet samples its files then)
         datasets[name] = read_input(ray, files, in_format, list(ROWS[0]))
@@ -184,7 +171,7 @@ def test_reading_asks_for_no_cpu_so_the_actors_may_hold_them_all(cluster, tmp_pa
 def test_the_cli_writes_the_same_file_and_refuses_mistakes_in_one_line(cluster, saved, tmp_path, capsys):
     folder, clf = saved
     source, want, got = tmp_path / "in.csv", tmp_path / "want.csv", tmp_path / "got.csv"
-    write_input(source)
+    write_rows(source, ROWS)
     annotate_file(clf, source, want, progress=False)
     assert main(["predict", str(folder), "--file", str(source), "--output", str(got), "--ray",
                  "--ray-workers", "2"]) == 0
@@ -207,7 +194,7 @@ def test_a_failure_mid_way_leaves_no_output_and_an_existing_one_untouched(cluste
     rows = [dict(row) for row in ROWS]
     rows[-4]["text"] = "far too long " * 1500  # more positions than the tiny model's 2048: its batch fails
     source, output = tmp_path / "in.csv", tmp_path / "out.csv"
-    write_input(source, rows)
+    write_rows(source, rows)
     output.write_bytes(b"an earlier result\n")
     assert main(["predict", str(folder), "--file", str(source), "--output", str(output), "--overwrite", "--ray",
                  "--ray-workers", "2"]) == 2  # the user's data: a usage mistake, as without --ray
@@ -220,7 +207,7 @@ def test_a_failure_mid_way_leaves_no_output_and_an_existing_one_untouched(cluste
 def test_without_ray_the_option_says_how_to_install_it(saved, tiny_dir, tmp_path, capsys, monkeypatch):
     folder, _ = saved
     source = tmp_path / "in.csv"
-    write_input(source)
+    write_rows(source, ROWS)
     monkeypatch.setitem(sys.modules, "ray", None)  # as if it were not installed: `import ray` fails
     assert main(["predict", str(folder), "--file", str(source), "--output", str(tmp_path / "o.csv"), "--ray"]) == 2
     assert main(["compare", "--model", str(tiny_dir), "--output", str(tmp_path / "g"), "--ray",

@@ -1,9 +1,15 @@
-"""Tiny random causal LMs and a byte-level BPE tokenizer, built in memory for fast offline tests."""
+"""Tiny random causal LMs and a byte-level BPE tokenizer, built in memory for fast offline tests; and small
+data files (CSV, TSV, JSONL, Parquet) written from rows, as a user would give them to ``predict --file``."""
 
 from __future__ import annotations
 
+import csv
 import functools
+import json
+from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
@@ -116,3 +122,18 @@ def biased_gpt2(word: str, nats: float = 30.0, seed: int = 0):
     with torch.no_grad():
         model.transformer.ln_f.bias += nats * row / row.dot(row)
     return model
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    """Write ``rows`` (dicts with the first row's keys) in the format of ``path``'s suffix: CSV/TSV cells as
+    text, JSONL typed, anything else as Parquet (typed)."""
+    columns = list(rows[0])
+    if path.suffix in (".csv", ".tsv"):
+        with open(path, "w", encoding="utf-8", newline="") as f:
+            writer = csv.writer(f, delimiter="\t" if path.suffix == ".tsv" else ",", lineterminator="\n")
+            writer.writerow(columns)
+            writer.writerows([[str(row[c]) for c in columns] for row in rows])
+    elif path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    else:
+        pq.write_table(pa.Table.from_pylist(rows), path)

@@ -39,6 +39,12 @@ class TrainSettings:
         warmup_steps: linear warm-up steps.
         seed: orders the queries; the same seed gives the same batches and the same result.
         max_grad_norm: clip the delta gradient to this norm (``None``: no clipping).
+        schedule_steps: the length of the learning-rate schedule, when the run stops before its end:
+            ``TrainSettings(steps=20, schedule_steps=40)`` trains the first 20 steps of the 40-step
+            schedule, exactly as a 40-step run's first 20 (the batches depend on the step alone).
+            ``steps=0`` is then accepted (the context untouched). ``None`` (default): ``steps``. It is
+            what :class:`cptune.CPTClassifier` ``choose_steps`` sets: the steps chosen of the schedule
+            cross-validated (:func:`cptune.crossval.choose_steps`).
         gradient_checkpointing: recompute the base model's activations in the backward pass
             (less memory, about a third more compute). The base model then runs in train mode
             (dropout, if it has any, is active) and every batch uses PEFT's duplicated-context
@@ -55,6 +61,7 @@ class TrainSettings:
     seed: int = 0
     max_grad_norm: float | None = None
     gradient_checkpointing: bool = False
+    schedule_steps: int | None = None
 
     def __post_init__(self) -> None:
         # Resolved here, so that equal runs compare (and save) equal: a settings object states its
@@ -63,7 +70,11 @@ class TrainSettings:
             object.__setattr__(self, "steps", DEFAULT_STEPS)
         elif self.steps is not None:
             object.__setattr__(self, "epochs", None)  # steps win (saves before 0.3 hold both)
-        if self.steps is not None and self.steps < 1:
+        if self.schedule_steps is not None:  # a run stopped early in a longer schedule: 0 steps allowed
+            if self.steps is None or self.schedule_steps < 1 or not 0 <= self.steps <= self.schedule_steps:
+                raise ValueError(f"schedule_steps={self.schedule_steps!r} must be >= 1 and at least steps "
+                                 f"(steps={self.steps!r}, from 0; epochs cannot stop early)")
+        elif self.steps is not None and self.steps < 1:
             raise ValueError(f"steps={self.steps} must be >= 1")
         if self.steps is None and self.epochs < 1:
             raise ValueError(f"epochs={self.epochs} must be >= 1")
@@ -81,7 +92,7 @@ class TrainSettings:
             raise ValueError(f"max_grad_norm={self.max_grad_norm} must be > 0 or None")
 
     def total_steps(self, num_queries: int) -> int:
-        """Number of optimizer steps for ``num_queries`` training queries."""
+        """Number of optimizer steps for ``num_queries`` training queries (the run's, not the schedule's)."""
         if self.steps is not None:
             return self.steps
         return self.epochs * math.ceil(num_queries / self.batch_size)
@@ -184,7 +195,7 @@ def train(
     delta.requires_grad_(True)
     optimizer = torch.optim.AdamW([delta], lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_factor(settings.schedule, settings.warmup_steps, total)
+        optimizer, _lr_factor(settings.schedule, settings.warmup_steps, settings.schedule_steps or total)
     )
     start = 0
     if resume:

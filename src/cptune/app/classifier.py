@@ -21,6 +21,7 @@ from cptune.cpt.files import CONFIG_NAME, read_config, read_json_object, save_ad
 from cptune.cpt.hub import push_folder, resolve_folder
 from cptune.cpt.model import load_adapter
 from cptune.cpt.saving import check_manifest
+from cptune.crossval import choose_steps
 from cptune.data.types import label_sort_key
 from cptune.models import AUTO, DEFAULT_MODEL, load_model, placement, resolve_dtype
 from cptune.recipe import CPTRecipe, context_examples, fit_cpt
@@ -58,7 +59,7 @@ class CPTClassifier:
     sets the fitted attributes, which end in ``_`` (:attr:`classes_`, :attr:`label_words_`,
     :attr:`cpt_model_`, :attr:`examples_`, :attr:`context_examples_`, :attr:`trained_texts_`,
     :attr:`training_size_`, :attr:`holds_training_data_`, :attr:`train_result_`, :attr:`placement_`,
-    :attr:`balance_`, :attr:`label_bias_`), and
+    :attr:`balance_`, :attr:`label_bias_`, :attr:`steps_choice_`), and
     :meth:`score` is accuracy, so ``cross_val_score`` and ``GridSearchCV`` work. Texts are the
     samples: ``X`` is a list (or array, Series) of strings.
 
@@ -93,6 +94,14 @@ class CPTClassifier:
             the rows outside the context, else on the training rows
             (:func:`cptune.selection.choose_finalist`); recorded in :attr:`template_choice_`. ``0``
             (default): the ICL score alone. Not the default: not yet measured to help.
+        choose_steps: with a ``context_size`` that leaves at least
+            :data:`cptune.crossval.MIN_HELD_OUT` labelled rows outside the context, choose how many of
+            the schedule's steps to train (0, a quarter, ..., all) by two-fold cross-validation on
+            those rows (:func:`cptune.crossval.choose_steps`: the held-out accuracy, as the classifier
+            scores), then train on every row for that many steps of the same schedule; recorded as
+            :attr:`steps_choice_` (``None`` without a ``context_size``; with too few rows outside it, a
+            record that says so and keeps the whole schedule) and logged in one line. It costs
+            two more trainings of the whole schedule. ``False``: the schedule as given.
         labels: ``{label: label word}``, a list of labels (each written as itself), or ``None``
             (the labels seen in :meth:`fit`, written as themselves). Labels are str, int, float or
             bool and keep their type: :attr:`classes_` and :meth:`predict` give them back as given.
@@ -169,6 +178,7 @@ class CPTClassifier:
         device_map: str | dict | None = None,
         selection_budget: int = DEFAULT_BUDGET,
         finalists: int = 0,
+        choose_steps: bool = True,
     ) -> None:
         self.model = model
         self.template = template
@@ -186,6 +196,7 @@ class CPTClassifier:
         self.device_map = device_map
         self.selection_budget = selection_budget
         self.finalists = finalists
+        self.choose_steps = choose_steps
         self._check_params()
 
     # -- the estimator contract -------------------------------------------------------------
@@ -250,7 +261,7 @@ class CPTClassifier:
         size = self.context_size
         if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
             raise ValueError(f"context_size={size!r} must be a positive integer or None (every example)")
-        for name in ("calibrate", "balance_guard", "verbose"):
+        for name in ("calibrate", "balance_guard", "verbose", "choose_steps"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -391,8 +402,15 @@ class CPTClassifier:
         self._set_labels(table)
         self.model_name_ = self._model_name()
         self.evaluation_ = None  # figures of an earlier fit do not describe this one
+        recipe, self.steps_choice_ = self._recipe(), None
+        if self.choose_steps and self.context_size is not None:  # rows outside the context to ask
+            steps = choose_steps(base, tokenizer, self.examples_, self._template(), self._words(), recipe,
+                                 self.context_size, length_normalize=self.length_normalize,
+                                 calibrate=self.calibrate, batch_size=self.batch_size)
+            notice("steps: %s", steps.summary())
+            recipe, self.steps_choice_ = replace(recipe, train=steps.settings(recipe.train)), steps.to_json()
         self.cpt_model_, self.train_result_ = fit_cpt(
-            base, tokenizer, self.examples_, self._template(), self._words(), self._recipe(),
+            base, tokenizer, self.examples_, self._template(), self._words(), recipe,
             model_name=self.model_name_, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
             resume=resume, progress=True, callback=callback, context_size=self.context_size,  # shown unless quiet
         )
@@ -499,6 +517,8 @@ class CPTClassifier:
             "length_normalize": self.length_normalize,
             "calibrate": self.calibrate,
             "balance_guard": self.balance_guard,
+            "choose_steps": self.choose_steps,
+            "steps_choice": getattr(self, "steps_choice_", None),
             "label_bias": getattr(self, "label_bias_", None),
             "balance": getattr(self, "balance_", None),
             "context_size": self.context_size,
@@ -615,12 +635,14 @@ class CPTClassifier:
             length_normalize=info.get("length_normalize", False),
             calibrate=info.get("calibrate", False),
             balance_guard=info.get("balance_guard", True),
+            choose_steps=info.get("choose_steps", False),  # saves before it: the schedule as given
             **{"context_size": info.get("context_size"), **kwargs},
         )
         clf._load_adapter(directory, [tuple(pair) for pair in info.get("examples", [])])
         clf._load_training_data(info, directory / CLASSIFIER_FILE)
         clf.template_choice_ = info.get("template_choice")  # how "auto" chose the saved template, if it did
         clf.evaluation_ = info.get("evaluation")
+        clf.steps_choice_ = info.get("steps_choice")
         clf.label_bias_, clf.balance_ = info.get("label_bias"), info.get("balance")  # None in older saves
         return clf
 

@@ -223,7 +223,8 @@ def run_train(args) -> int:
             context_and_queries(config, tokenizer, [(ex.text, ex.label) for ex in examples], Template(fmt), words,
                                 args.context_size, args.seed)
         clf = CPTClassifier(args.model, template=fmt, labels=words, recipe=recipe, context_size=args.context_size,
-                            calibrate=args.calibrate, selection_budget=args.selection_budget, **_model_options(args))
+                            calibrate=args.calibrate, selection_budget=args.selection_budget,
+                            choose_steps=args.choose_steps, **_model_options(args))
         clf.fit([ex.text for ex in examples], [ex.label for ex in examples], checkpoint_dir=checkpoint,
                 checkpoint_every=args.checkpoint_every, resume=args.resume, unlabeled=unlabeled)
     except ContextTooLongError as err:  # the command line names its flag, not CPTClassifier's argument
@@ -232,8 +233,9 @@ def run_train(args) -> int:
         clf.save(output, keep_training_data=args.keep_training_data)
         remove_saved_files(checkpoint)  # the classifier holds the final state; only our own files go
         losses = clf.train_result_.losses
-        print(f"trained {plural(len(losses), 'step')} on {plural(len(examples), 'labelled example')} (final loss "
-              f"{losses[-1]:.4f}); classifier saved to {output} {held_words(clf.data_held(args.keep_training_data))}")
+        loss = f"final loss {losses[-1]:.4f}" if losses else "cross-validation kept the context untouched"
+        print(f"trained {plural(len(losses), 'step')} on {plural(len(examples), 'labelled example')} ({loss}); "
+              f"classifier saved to {output} {held_words(clf.data_held(args.keep_training_data))}")
     return 0
 
 

@@ -112,7 +112,7 @@ def test_the_choice_scores_the_held_out_rows_at_each_candidate_and_keeps_the_bes
 def test_the_classifier_trains_the_steps_chosen_of_the_same_schedule(tmp_path):
     model, tokenizer = tiny_model(seed=2), tiny_tokenizer()  # (a model whose choice stops mid-schedule)
     clf = CPTClassifier((model, tokenizer), template=TEMPLATE, labels=LABEL_WORDS, train=SCHEDULE,
-                        context_size=4, balance_guard=False, verbose=False)
+                        context_size=4, balance_guard=False, verbose=False, choose_steps=True)
     clf.fit(*zip(*ROWS, strict=True))
     chosen = clf.steps_choice_["steps"]
     assert 0 < chosen < 8
@@ -149,8 +149,8 @@ def test_a_summary_names_the_choice_and_the_full_schedule():
     assert choice.settings(SCHEDULE) == replace(SCHEDULE, steps=2, schedule_steps=8)
 
 
-@pytest.mark.parametrize("flag", [[], ["--no-choose-steps"]])
-def test_the_train_command_chooses_the_steps_unless_told_not_to(tiny_dir, tmp_path, capsys, flag):
+@pytest.mark.parametrize("flag", [["--choose-steps"], []])
+def test_the_train_command_chooses_the_steps_when_asked(tiny_dir, tmp_path, capsys, flag):
     from cptune.app.cli import main
 
     data = tmp_path / "train.csv"
@@ -161,7 +161,7 @@ def test_the_train_command_chooses_the_steps_unless_told_not_to(tiny_dir, tmp_pa
                  "--output", str(out), *flag]) == 0
     captured = capsys.readouterr()
     info = json.loads((out / "cptune_classifier.json").read_text())
-    if flag:
+    if not flag:  # off by default
         assert info["choose_steps"] is False and info["steps_choice"] is None
         assert "trained 4 steps" in captured.out and "cptune: steps:" not in captured.err
     else:

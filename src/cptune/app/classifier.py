@@ -101,7 +101,9 @@ class CPTClassifier:
             scores), then train on every row for that many steps of the same schedule; recorded as
             :attr:`steps_choice_` (``None`` without a ``context_size``; with too few rows outside it, a
             record that says so and keeps the whole schedule) and logged in one line. It costs
-            two more trainings of the whole schedule. ``False``: the schedule as given.
+            two more trainings of the whole schedule. ``False`` (default): the schedule as given. Not the
+            default: on 6 dev cells (N=64, k=8) it cost 0.008 accuracy on average at 2.2 times the fit time
+            (benchmarks/grids/issue24/train-size/README.md).
         labels: ``{label: label word}``, a list of labels (each written as itself), or ``None``
             (the labels seen in :meth:`fit`, written as themselves). Labels are str, int, float or
             bool and keep their type: :attr:`classes_` and :meth:`predict` give them back as given.
@@ -178,7 +180,7 @@ class CPTClassifier:
         device_map: str | dict | None = None,
         selection_budget: int = DEFAULT_BUDGET,
         finalists: int = 0,
-        choose_steps: bool = True,
+        choose_steps: bool = False,
     ) -> None:
         self.model = model
         self.template = template

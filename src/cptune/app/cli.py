@@ -265,10 +265,10 @@ def _add_train(sub) -> None:
                    help="absolute: radius eps * sqrt(d/2048), as PEFT; relative: that times the model's embedding "
                         "scale over SmolLM2-135M's (the same there, larger where embeddings are larger, as Gemma's) "
                         "(default: %(default)s)")
-    p.add_argument("--choose-steps", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--choose-steps", action=argparse.BooleanOptionalAction, default=False,
                    help="with --context-size leaving 8 or more rows outside the context, train as many of the "
                         "--steps as two-fold cross-validation on those rows finds best (0, a quarter, ..., all; "
-                        "default: on)")
+                        "about 2x the training time; default: off)")
     p.add_argument("--checkpoint-every", type=positive_int, default=None,
                    help="checkpoint every N steps (default: at the end)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUTPUT/checkpoint")

@@ -1,6 +1,7 @@
 """Does the balance guard (issue 24 item 2) undo the SUBJ 4-shot collapses? Dev accuracy and the
-most-predicted label's share, without the guard, with it (labelled rows and content-free inputs) and
-with the dev texts given as ``unlabeled``.
+most-predicted label's share, without the guard, with its first inputs (the labelled rows and the
+content-free inputs), with the inputs it has now (those and domain-context inputs) and with the dev
+texts given as ``unlabeled`` too.
 
     OMP_NUM_THREADS=1 python benchmarks/collapse_guard.py --data subj --shots 4 --seeds 0 3 4 --dev-size 200
     OMP_NUM_THREADS=1 python benchmarks/collapse_guard.py ... --finalists 3 --out runs/collapse-guard-finalists
@@ -25,7 +26,7 @@ from template_dev import dev_set
 
 from cptune.app.classifier import CPTClassifier
 from cptune.app.compare import Cell, cell_splits
-from cptune.balance import check_balance, label_shares
+from cptune.balance import balance_inputs, check_balance, label_shares
 from cptune.cpt.saving import write_text_atomic
 from cptune.data import load_dataset
 from cptune.models import DEFAULT_MODEL, load_model
@@ -70,27 +71,39 @@ def main(argv: list[str] | None = None) -> int:
         scorer = ContextScorer(base, tok, clf.template_, words, context)
         dev_texts = [ex.text for ex in dev]
         raw = scorer.scores(scorer.query_ids(dev_texts))  # (n, C)
+        raw_rows = scorer.scores(scorer.query_ids([ex.text for ex in shots]))  # (k, C): what a rule may check
+        rows_gold = [index[ex.label] for ex in shots]
         reference = label_shares([index[ex.label] for ex in shots], len(clf.classes_))
-        inputs = {"training rows (in the context: optimistic)": [ex.text for ex in shots],
-                  "content-free": list(CONTENT_FREE_TEXTS)}
+        examples = [(ex.text, ex.label) for ex in shots]
+        inputs = balance_inputs(examples, examples, seed=seed)[0]  # what fit gives the guard (N = k: no held-out rows)
+        seven = {"training rows (in the context: optimistic)": [ex.text for ex in shots],
+                 "content-free": list(CONTENT_FREE_TEXTS)}  # the guard before domain-context inputs
         row = {"seed": seed, "template": clf.template_.format, "none": summary(raw.argmax(-1).tolist(), gold, 2),
                "finalists": (clf.template_choice_ or {}).get("finalists", [])}
-        for name, extra in (("guard", {}), ("guard+unlabeled", {"unlabeled": dev_texts})):
-            check = check_balance(scorer, {**inputs, **extra}, reference)
+        variants = (("guard-7", seven), ("guard", inputs),
+                    ("guard+unlabeled", balance_inputs(examples, examples, dev_texts, seed=seed)[0]))
+        for name, given in variants:
+            check = check_balance(scorer, given, reference)
             scores = raw if check.bias is None else remove_label_bias(raw, torch.tensor(check.bias))
+            rows_scores = raw_rows if check.bias is None else remove_label_bias(raw_rows, torch.tensor(check.bias))
             row[name] = {**summary(scores.argmax(-1).tolist(), gold, 2), "corrected": check.bias is not None,
-                         "probe_top_share": max(check.shares)}
+                         "probe_top_share": max(check.shares),
+                         "training_rows": summary(rows_scores.argmax(-1).tolist(), rows_gold, 2)}
+        probe = [text for group in inputs.values() for text in group]
+        probe_scores = scorer.scores(scorer.query_ids(probe))  # (m, C)
+        row["scores"] = {"dev": raw.tolist(), "dev_gold": gold, "probe": probe_scores.tolist(), "reference": reference}
+        # (the raw scores, to weigh other rules without refitting)
         row["seconds"] = round(time.perf_counter() - start, 1)
         rows.append(row)
         print(json.dumps(row), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "collapse_guard.json", json.dumps({"args": vars(args), "rows": rows}, indent=1))
-    print("| seed | template | none: acc / top share | guard | guard + unlabeled dev |")
-    print("|---|---|---|---|---|")
+    print("| seed | template | none: acc / top share | guard, 7 inputs | guard (default) | guard + unlabeled dev |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         cells = [f"{r[k]['accuracy']:.3f} / {r[k]['top_share']:.0%}" + (" (corrected)" if r[k].get("corrected") else "")
-                 for k in ("none", "guard", "guard+unlabeled")]
+                 for k in ("none", "guard-7", "guard", "guard+unlabeled")]
         print(f"| {r['seed']} | `{r['template']!r}` | " + " | ".join(cells) + " |")
     return 0
 

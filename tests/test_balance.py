@@ -12,14 +12,23 @@ import cptune
 from conftest import DEMOS, LABEL_WORDS, QUERIES
 from cptune.app.classifier import CPTClassifier
 from cptune.app.cli import main
-from cptune.balance import BalanceCheck, collapse_limit, collapsed_label, label_shares
+from cptune.balance import (
+    DOMAIN_TEXTS,
+    BalanceCheck,
+    balance_inputs,
+    collapse_limit,
+    collapsed_label,
+    domain_texts,
+    label_shares,
+    smallest_correction,
+)
 from cptune.scoring import batch_calibration, label_bias, remove_label_bias
 from tiny import biased_gpt2, tiny_model, tiny_tokenizer
 
 TEXTS = [t for t, _ in DEMOS + QUERIES]
 LABELS = [label for _, label in DEMOS + QUERIES]
 UNLABELED = ["a bore", "a delight", "thin and dull", "great fun", "far too long", "the actors shine bright"]
-BALANCED_SEED = 1  # the tiny GPT-2 whose fitted classifier below is balanced as it is (checked in each test)
+BALANCED_SEED = 8  # the tiny GPT-2 whose fitted classifier below is balanced as it is (checked in each test)
 
 
 # -- pure functions ------------------------------------------------------------------------------
@@ -73,11 +82,53 @@ def test_remove_label_bias_by_hand():
         label_bias(torch.zeros(0, 2))
 
 
+def test_the_correction_removes_as_little_bias_as_ends_the_collapse():
+    torch.manual_seed(2)
+    scores = torch.randn(40, 2) + torch.tensor([2.0, 0.0])  # most rows lean to label 0
+    assert collapsed_label(scores.argmax(-1).tolist(), [0.5, 0.5]) == 0
+    scale, bias = smallest_correction(scores, [0.5, 0.5])
+    assert 0 < scale < 1 and torch.allclose(bias, scale * label_bias(scores))
+    assert collapsed_label(remove_label_bias(scores, bias).argmax(-1).tolist(), [0.5, 0.5]) is None
+    less = (scale - 0.05) * label_bias(scores)
+    assert collapsed_label(remove_label_bias(scores, less).argmax(-1).tolist(), [0.5, 0.5]) == 0
+    stuck = torch.tensor([[5.0, 0.0]] * 9 + [[0.0, 0.0]])  # only one row can move: never balanced
+    assert smallest_correction(stuck, [0.5, 0.5])[0] == 1.0
+
+
+def test_the_strict_limit_is_the_limit_of_the_limit():
+    assert collapse_limit(0.5, strict=True) == pytest.approx(0.875)
+    assert collapse_limit(0.2, strict=True) == pytest.approx(0.7)
+    assert collapsed_label([0] * 17 + [1] * 3, [0.5, 0.5]) == 0  # 85%: past 75%
+    assert collapsed_label([0] * 17 + [1] * 3, [0.5, 0.5], strict=True) is None  # within 87.5%
+
+
 def test_still_collapsed_reads_the_corrected_shares():
     kept = BalanceCheck({"x": 4}, [0.5, 0.5], [1.0, 0.0], [0.75, 0.25], [0.0, 0.0])
     left = BalanceCheck({"x": 4}, [0.5, 0.5], [1.0, 0.0], [1.0, 0.0], [0.0, 0.0])
     assert not kept.still_collapsed and left.still_collapsed
     assert "removed the label bias" in kept.summary(["a", "b"])
+
+
+def test_domain_texts_are_seeded_draws_of_the_texts_words_at_their_mean_length():
+    texts = ["a fine film", "dull and far too long", "great"]  # 9 words, mean 3
+    made = domain_texts(texts, count=50, seed=3)
+    assert len(made) == 50 and all(len(t.split()) == 3 for t in made)
+    words = {w for t in texts for w in t.split()}
+    assert {w for t in made for w in t.split()} <= words
+    assert len({w for t in made for w in t.split()}) > 4  # draws, not one repeated text
+    assert made == domain_texts(texts, count=50, seed=3) and made != domain_texts(texts, count=50, seed=4)
+    assert domain_texts(["", "  "]) == [] and domain_texts(texts, count=0) == []
+    assert len(domain_texts(texts)) == DOMAIN_TEXTS
+
+
+def test_domain_context_inputs_only_stand_in_for_missing_held_out_rows():
+    rows = list(zip(TEXTS, LABELS, strict=True))
+    alone, labelled = balance_inputs(rows, rows, ["an unlabeled text here"], seed=2)
+    assert list(alone) == ["training rows (in the context: optimistic)", "domain-context", "content-free",
+                           "unlabeled"] and labelled == rows
+    assert alone["domain-context"] == domain_texts(TEXTS + ["an unlabeled text here"], seed=2)
+    held, labelled = balance_inputs(rows, rows[:4])
+    assert "domain-context" not in held and labelled == rows[4:]
 
 
 # -- a collapse made by chosen weights -------------------------------------------------------------
@@ -99,10 +150,10 @@ def test_a_collapse_is_detected_corrected_reported_and_saved(tmp_path, caplog):
     assert clf.balance_["shares"][pos] > collapse_limit(0.5)  # the weights made "positive" win
     assert clf.label_bias_ is not None and clf.label_bias_[pos] > clf.label_bias_[1 - pos]
     assert max(clf.balance_["corrected_shares"]) <= collapse_limit(0.5)
-    assert clf.balance_["inputs"] == {"training rows (in the context: optimistic)": len(TEXTS), "content-free": 3,
-                                      "unlabeled": len(UNLABELED)}
+    assert clf.balance_["inputs"] == {"training rows (in the context: optimistic)": len(TEXTS),
+                                      "domain-context": DOMAIN_TEXTS, "content-free": 3, "unlabeled": len(UNLABELED)}
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("balance:")]
-    assert len(lines) == 1 and "removed the label bias" in lines[0]
+    assert len(lines) == 1 and "of the label bias" in lines[0]
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     probe = TEXTS + UNLABELED
     unguarded = _classifier(_biased_gpt2("positive"), balance_guard=False).fit(TEXTS, LABELS)

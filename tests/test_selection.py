@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cptune import CPTClassifier, CPTRecipe, TrainSettings
-from cptune.balance import collapse_limit
+from cptune.balance import DOMAIN_TEXTS, collapse_limit
 from cptune.scoring import score_texts
 from cptune.selection import (
     TEMPLATE_CATALOGUE,
@@ -215,8 +215,8 @@ def test_a_finalist_that_cpt_collapses_loses_to_one_that_it_does_not():
     assert lower["words"] == LOWER and lower["collapsed"] and lower["top_share"] > collapse_limit(0.5)
     assert lower["nll"] > capital["nll"]
     assert all(f["steps"] == 2 for f in out.finalists)
-    assert lower["inputs"] == {"training rows (in the context: optimistic)": len(_labelled()), "content-free": 3,
-                               "unlabeled": 0}
+    assert lower["inputs"] == {"training rows (in the context: optimistic)": len(_labelled()),
+                               "domain-context": DOMAIN_TEXTS, "content-free": 3, "unlabeled": 0}
     assert "2 finalists after 2 CPT steps" in out.summary() and out.to_json()["finalists"] == out.finalists
 
 

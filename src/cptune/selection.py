@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from cptune import reporting
-from cptune.balance import balance_inputs, collapsed_label, label_shares
+from cptune.balance import balance_inputs, collapsed_label, label_shares, strict_inputs
 from cptune.recipe import CPTRecipe, balanced_order, context_examples, fit_cpt
 from cptune.scoring import ContextScorer, score_texts
 from cptune.text.context import build_context
@@ -325,7 +325,7 @@ def choose_finalist(
             keyed = {str(label): word for label, word in words.items()}
             with reporting.quiet():  # one line for the whole step, not a context line per finalist
                 model, _ = fit_cpt(base_model, tokenizer, demonstrations, template, keyed, short)
-            inputs, labelled = balance_inputs(examples, demonstrations, unlabeled)
+            inputs, labelled = balance_inputs(examples, demonstrations, unlabeled, seed=recipe.train.seed)
             labels = list(words)
             with torch.no_grad():
                 scorer = ContextScorer(base_model, tokenizer, template, keyed, model.context_embeddings(),
@@ -336,7 +336,7 @@ def choose_finalist(
             nll = float(-scores[: len(labelled)].gather(1, gold[:, None]).mean())
             predicted = scores.argmax(dim=-1).tolist()
             reference = label_shares([labels.index(label) for _, label in examples], len(labels))
-            collapsed = collapsed_label(predicted, reference) is not None
+            collapsed = collapsed_label(predicted, reference, strict_inputs(inputs)) is not None
             records.append({"format": template.format, "words": keyed, "log_prob": log_prob, "steps": steps,
                             "collapsed": collapsed, "top_share": round(max(label_shares(predicted, len(labels))), 4),
                             "nll": round(nll, 4), "inputs": {kind: len(group) for kind, group in inputs.items()},

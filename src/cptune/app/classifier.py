@@ -423,7 +423,7 @@ class CPTClassifier:
 
     def _guard_balance(self, unlabeled: list[str]) -> None:
         """Measure the fitted context's label balance and remove a collapse (``balance_guard``)."""
-        inputs, _ = balance_inputs(self.examples_, self.context_examples_, unlabeled)
+        inputs, _ = balance_inputs(self.examples_, self.context_examples_, unlabeled, seed=self._recipe().train.seed)
         index = {label: i for i, label in enumerate(self.classes_)}
         reference = label_shares([index[label] for _, label in self.examples_], len(self.classes_))
         base, tokenizer = self._base()

@@ -10,7 +10,7 @@ splits) and ``bbc_news`` (5 topics) and ``reuters_r8`` (8 topics), which no stud
 Settings per dataset: two true few-shot settings, where the shots are the only labelled data (4 and 8
 shots for the two-class tasks, 1 and 2 per class for the others), and ``N = 64`` labelled rows with a
 context of 8 demonstrations (or one per class, if more) drawn from them, every row a training query.
-Test set: ``test_size(dataset)`` balanced examples (300, or the largest multiple of the class count
+Test set: ``held_out_size(C)`` balanced examples (300, or the largest multiple of the class count
 below it), drawn from (dataset, seed) only by :func:`cptune.app.compare.cell_splits`, so every setting
 and method of a seed meets the same test texts, and the labelled rows never include them.
 
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def settings_for(num_labels: int) -> list[tuple[int, int | None]]:
     return [(k, None) for k in few] + [(max(8, num_labels), TRAIN_SIZE)]
 
 
-def test_size(num_labels: int) -> int:
+def held_out_size(num_labels: int) -> int:
     return MAX_TEST // num_labels * num_labels
 
 
@@ -71,8 +72,6 @@ def model_path(tag: str) -> str:
     """The model a tag names: the embedded SmolLM2, or Gemma's GGUF file (installed on first use)."""
     if tag == "smollm2":
         return DEFAULT_MODEL
-    import subprocess
-
     script = Path(__file__).with_name("gemma_model.py")
     done = subprocess.run([sys.executable, str(script)], check=True, capture_output=True, text=True)
     return done.stdout.strip().splitlines()[-1]
@@ -85,7 +84,7 @@ def run_job(tag: str, name: str, seed: int, out: Path, methods: list[str]) -> No
     done = {tuple(r[k] for k in KEY) for r in rows}
     dataset = load_dataset(name, default_split="train")
     _, words = cell_format(dataset)
-    size = test_size(len(dataset.labels))
+    size = held_out_size(len(dataset.labels))
     todo = [(k, n, m) for k, n in settings_for(len(dataset.labels)) for m in methods
             if (tag, name, k, n, seed, m) not in done]
     if not todo:

@@ -126,12 +126,14 @@ class CPTClassifier:
             (:func:`cptune.scoring.contextual_calibration`).
         balance_guard: after training, measure the label balance of the predictions
             (:func:`cptune.balance.check_balance`) on the labelled rows outside the context (when
-            there are none, the training rows scored as queries: optimistic, they are in the
-            context), the content-free inputs and ``fit(..., unlabeled=)`` texts; when the
-            most-predicted label's share exceeds :func:`cptune.balance.collapse_limit` of its share
-            of the labelled rows (75% for two balanced classes, twice the balanced share with more),
-            remove the label bias measured on those inputs (batch calibration) from every
-            prediction, say so in one log line, and warn if a collapse remains. The result is
+            there are none, the training rows scored as queries, optimistic since they are in the
+            context, and domain-context random-word inputs, :func:`cptune.balance.domain_texts`),
+            the content-free inputs and ``fit(..., unlabeled=)`` texts; when the most-predicted
+            label's share exceeds :func:`cptune.balance.collapse_limit` of its share of the labelled
+            rows (75% for two balanced classes, twice the balanced share with more; the strict limit
+            with random-word inputs), remove the smallest share of the label bias measured on those
+            inputs that ends the collapse (batch calibration, :func:`cptune.balance.check_balance`)
+            from every prediction, say so in one log line, and warn if a collapse remains. The result is
             :attr:`balance_` and :attr:`label_bias_` (``None``: nothing removed; then predictions
             are exactly those without the guard). The bias applies with the ``calibrate`` setting
             it was measured with only (:meth:`applied_label_bias`); a PEFT adapter folder alone

@@ -24,21 +24,12 @@ import torch
 from cptune.balance import collapse_limit, collapsed_label, label_shares, smallest_correction
 from cptune.scoring import label_bias, remove_label_bias
 
-ALPHAS = [i / 20 for i in range(1, 21)]
-
 
 def outcome(dev: torch.Tensor, gold: list[int], bias: torch.Tensor | None, alpha: float = 1.0) -> tuple[float, float]:
     scores = dev if bias is None else remove_label_bias(dev, alpha * bias)
     predicted = scores.argmax(-1).tolist()
     accuracy = sum(p == g for p, g in zip(predicted, gold, strict=True)) / len(gold)
     return accuracy, max(label_shares(predicted, dev.shape[1]))
-
-
-def smallest_alpha(probe: torch.Tensor, bias: torch.Tensor, reference: list[float]) -> float:
-    for alpha in ALPHAS:
-        if collapsed_label(remove_label_bias(probe, alpha * bias).argmax(-1).tolist(), reference) is None:
-            return alpha
-    return 1.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             dev, probe, gold, ref = torch.tensor(s["dev"]), torch.tensor(s["probe"]), s["dev_gold"], s["reference"]
             collapsed = collapsed_label(probe.argmax(-1).tolist(), ref) is not None
             bias = label_bias(probe) if collapsed else None
-            alpha = smallest_alpha(probe, bias, ref) if collapsed else 0.0
+            alpha = smallest_correction(probe, ref)[0] if collapsed else 0.0
             strict = collapsed_label(probe.argmax(-1).tolist(), ref, strict=True) is not None
             seven = (row["guard-7"]["accuracy"], row["guard-7"]["top_share"])  # as collapse_guard.py measured it
             results = {"none": outcome(dev, gold, None), "seven": seven, "full": outcome(dev, gold, bias),

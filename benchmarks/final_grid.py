@@ -84,15 +84,18 @@ def model_path(tag: str) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
-def run_job(tag: str, name: str, seed: int, out: Path, methods: list[str]) -> None:
-    """Every setting and method of one (model, dataset, seed) not yet in its rows file."""
+def run_job(tag: str, name: str, seed: int, out: Path, methods: list[str],
+            contexts: list[int] | None = None) -> None:
+    """Every setting and method of one (model, dataset, seed) not yet in its rows file; with
+    ``contexts``, instead the N = 64 setting with each of those context sizes (a probe, not the grid)."""
     path = out / tag / f"{name}-seed{seed}.jsonl"
     rows = read_results(path)[0]
     done = {tuple(r[k] for k in KEY) for r in rows}
     dataset = load_dataset(name, default_split="train")
     _, words = cell_format(dataset)
     size = held_out_size(len(dataset.labels))
-    todo = [(k, n, m) for k, n in settings_for(len(dataset.labels)) for m in methods
+    settings = settings_for(len(dataset.labels)) if not contexts else [(k, TRAIN_SIZE) for k in contexts]
+    todo = [(k, n, m) for k, n in settings for m in methods
             if (tag, name, k, n, seed, m) not in done]
     if not todo:
         return
@@ -173,9 +176,10 @@ def _model_rows(rows: list[dict], tag: str) -> tuple[list[dict], list[str]]:
 
 
 def _group(row: dict) -> int:
-    """The setting's index in :data:`GROUPS` (its place in :func:`settings_for`)."""
+    """The setting's index in :data:`GROUPS` (its place in :func:`settings_for`); ``None`` for a probe's."""
     settings = settings_for(len(row["labels"]))
-    return settings.index((row["shots"], row["train_size"]))
+    setting = (row["shots"], row["train_size"])
+    return settings.index(setting) if setting in settings else None
 
 
 def _paired(mine: list[dict], method: str, other: str, where) -> list[float]:
@@ -290,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", help="a subset of the model's methods (default: all of them)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/grids/issue24/final"))
     parser.add_argument("--report-only", action="store_true", help="print the tables of OUT's rows and exit")
+    parser.add_argument("--context-sizes", nargs="+", type=int, metavar="K",
+                        help="a probe, not the grid: only N = 64 with these context sizes (use another --out)")
     args = parser.parse_args(argv)
     methods = args.methods or list(METHODS[args.model])
     unknown = [m for m in methods if m not in METHODS[args.model]]
@@ -298,8 +304,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         for name in args.data:
             for seed in args.seeds:
-                run_job(args.model, name, seed, args.out, methods)
+                run_job(args.model, name, seed, args.out, methods, args.context_sizes)
     rows = read_rows(args.out)
+    if args.context_sizes or any(_group(r) is None for r in rows):  # a probe's rows: the tables alone
+        print(report(rows))
+        return 0
     print(report(rows), "", "### The short answer (README)", "", summary(rows), "", "### Issue 24's goals", "",
           goals(rows), sep="\n")
     return 0

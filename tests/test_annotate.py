@@ -309,3 +309,34 @@ def test_csv_and_tsv_output_bytes(clf, tmp_path, suffix, sep):
             f"{sep}blank{sep}{sep}{sep}\n"
             f"plain{sep}  x  {sep}{sep.join(cells[1])}\n")
     assert output.read_bytes() == want.encode()
+
+
+class Leaning:
+    """Wraps the real classifier with a heavy prior on one class: its probabilities, reweighted."""
+
+    def __init__(self, inner, label, weight=1e6):
+        self.inner, self.weights = inner, np.array([weight if c == label else 1.0 for c in inner.classes_])
+
+    @property
+    def classes_(self):
+        return self.inner.classes_
+
+    def predict_proba(self, texts):
+        probs = np.asarray(self.inner.predict_proba(texts)) * self.weights
+        return probs / probs.sum(axis=1, keepdims=True)
+
+
+def test_a_file_labelled_with_one_label_gets_a_note(clf, tmp_path, caplog):
+    """After annotating, a label given to more rows than its collapse limit is named (blank rows not counted);
+    a file too small to read shares from gets no note."""
+    rows = [{"text": f"text number {i}"} for i in range(24)] + [{"text": ""}] * 3
+    write_rows(tmp_path / "in.csv", rows)
+    with caplog.at_level("INFO", logger="cptune"):
+        annotate_file(Leaning(clf, "neg"), tmp_path / "in.csv", tmp_path / "out.csv")
+    assert [row["predicted_label"] for row in read_output(tmp_path / "out.csv")] == ["neg"] * 24 + [""] * 3
+    assert "note: 'neg' was given to 100% of these 24 texts" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="cptune"):
+        write_rows(tmp_path / "few.csv", rows[:19])
+        annotate_file(Leaning(clf, "neg"), tmp_path / "few.csv", tmp_path / "few-out.csv")
+    assert "annotated" in caplog.text and "note:" not in caplog.text

@@ -251,3 +251,19 @@ def test_the_demo_reports_what_its_saved_classifier_predicts(tmp_path):
         raw = score_texts(base, tokenizer, Template(settings.template), clf.label_words_, [ex.text for ex in test],
                           clf.cpt_model_.context_embeddings()).argmax(-1).tolist()
     assert raw != saved  # without the guard's bias the demo would report other predictions
+
+
+@pytest.mark.parametrize("counts, reference, expected", [
+    ([28, 2], None, "'a' was given to 93% of these 30 texts, against its 50% of the labelled rows"),
+    ([20, 10], None, None),  # 67%: under the 75% limit
+    ([19, 0], None, None),  # fewer than SHARE_NOTE_TEXTS texts
+    ([9, 3, 3, 3, 2], None, "'a' was given to 45% of these 20 texts, against its 20%"),  # past 2/5
+    ([27, 3], [0.8, 0.2], None),  # 90%: a label that had 80% of the rows may take up to 90%
+    ([2, 28], [0.8, 0.2], "'b' was given to 93% of these 30 texts, against its 20%"),
+])
+def test_share_note_names_a_label_past_its_collapse_limit(counts, reference, expected):
+    from cptune.balance import share_note
+
+    note = share_note(counts, ["a", "b", "c", "d", "e"][:len(counts)], reference)
+    assert (note is None) if expected is None else note.startswith(expected)
+

@@ -307,3 +307,16 @@ def test_predict_from_a_terminal_says_it_reads_standard_input(trained, capsys, m
     monkeypatch.setattr(sys, "stdin", io.StringIO("a fun film\n"))  # a pipe: nothing to say
     assert main(["predict", str(trained)]) == 0
     assert "standard input" not in capsys.readouterr().err
+
+
+def test_predict_says_when_one_label_takes_the_texts(trained, capsys):
+    """Labelling many texts is where a collapse the fit missed shows: past the collapse limit a note says
+    so (identical texts get one label, so 25 of them are past it); a few texts, or balanced ones, say nothing."""
+    assert main(["predict", str(trained), *["a fun film"] * 25]) == 0
+    captured = capsys.readouterr()
+    labels = {json.loads(line)["label"] for line in captured.out.splitlines()}
+    assert len(labels) == 1
+    assert (f"cptune: note: {labels.pop()!r} was given to 100% of these 25 texts, against its 50% of the "
+            "labelled rows") in captured.err
+    assert main(["predict", str(trained), *["a fun film"] * 19]) == 0  # too few to read shares from
+    assert "note:" not in capsys.readouterr().err

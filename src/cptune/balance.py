@@ -59,6 +59,32 @@ def collapsed_label(predicted: Sequence[int], reference_shares: Sequence[float],
     return top if shares[top] > collapse_limit(reference_shares[top], strict) else None
 
 
+SHARE_NOTE_TEXTS = 20
+"""The fewest texts a labelling run must have classified before :func:`share_note` reads their shares."""
+
+
+def share_note(counts: Sequence[int], classes: Sequence[Any], reference_shares: Sequence[float] | None) -> str | None:
+    """The line to show after labelling texts when one label took more of them than its collapse limit.
+
+    A fit's guard sees only the inputs it has; the texts a user labels are the first real evidence of a
+    collapse that it missed (docs/results.md, "issue 24: the final grid"). ``counts``: texts given each
+    label, in ``classes`` order; ``reference_shares``: each label's share of the labelled rows (the
+    balance record's), ``None`` for balanced classes. ``None`` (no line) with fewer than
+    :data:`SHARE_NOTE_TEXTS` texts or no label past its limit.
+    """
+    total = sum(counts)
+    if total < SHARE_NOTE_TEXTS or not counts:
+        return None
+    reference = list(reference_shares) if reference_shares is not None else [1 / len(counts)] * len(counts)
+    top = max(range(len(counts)), key=counts.__getitem__)
+    share = counts[top] / total
+    if share <= collapse_limit(reference[top]):
+        return None
+    return (f"{classes[top]!r} was given to {share:.0%} of these {total} texts, against its {reference[top]:.0%} "
+            f"of the labelled rows; unless the texts are mostly {classes[top]!r}, the classifier leans on one "
+            "label: check it with `cptune eval` on labelled texts like these")
+
+
 def strict_inputs(inputs: Mapping[str, Sequence[str]]) -> bool:
     """Whether a check of ``inputs`` uses the strict limit: it has domain-context inputs (so no
     held-out labelled rows; :func:`balance_inputs`)."""

@@ -134,6 +134,7 @@ def annotate_file(
         raise ColumnClashError(source, clashes[0])
 
     written = blank = 0
+    counts = [0] * len(classes)  # rows given each class, for share_note
     with (
         AtomicOutput(output) as tmp,
         open_writer(out_format, tmp, survey, classes, new_columns) as writer,
@@ -145,10 +146,22 @@ def annotate_file(
             writer.write(batch.rows, labels, probabilities)
             written += len(texts)
             blank += sum(text is None for text in texts)
+            for best in probabilities[[i for i, text in enumerate(texts) if text is not None]].argmax(axis=1):
+                counts[int(best)] += 1
             bar.update(len(texts))
     left = f", {plural(blank, 'row')} without text left blank" if blank else ""
     notice("%s annotated into %s%s", plural(written - blank, "row"), output, left)
+    from cptune.balance import share_note  # torch's module: this one is imported before the CLI needs torch
+
+    note = share_note(counts, classes, reference_shares(classifier))
+    if note:
+        notice("note: %s", note)
     return written
+
+
+def reference_shares(classifier) -> list[float] | None:
+    """Each class's share of the labelled rows, as the classifier's balance record has it (``None``: unknown)."""
+    return (getattr(classifier, "balance_", None) or {}).get("reference_shares")
 
 
 # -- checks -------------------------------------------------------------------------------------

@@ -469,17 +469,24 @@ def run_predict(args) -> int:
     lines = args.texts if args.texts else (_text_lines(path) if path is not None else sys.stdin)
     if lines is sys.stdin and sys.stdin.isatty():  # `cptune predict FOLDER` typed alone would wait in silence
         notice("reading texts from standard input, one per line; end with Ctrl-D (or give texts as arguments)")
-    printed = 0
+    printed, counts = 0, [0] * len(clf.classes_)  # texts given each class, for share_note
     for texts in _chunks(lines, PREDICT_CHUNK):
         probs = clf.predict_proba([normalize_text(t) for t in texts])  # as training data and annotated files are
         for text, row in zip(texts, probs, strict=True):
             best = int(row.argmax())
+            counts[best] += 1
             print(json.dumps({"text": text, "label": clf.classes_[best],
                               "probabilities": {str(c): round(float(p), 6)
                                                 for c, p in zip(clf.classes_, row, strict=True)}}), flush=True)
         printed += len(texts)
     if not printed:
         raise UserError("no texts to classify (give arguments, --file, or lines on standard input)")
+    from cptune.app.annotate import reference_shares
+    from cptune.balance import share_note
+
+    note = share_note(counts, list(clf.classes_), reference_shares(clf))
+    if note:
+        notice("note: %s", note)
     return 0
 
 

@@ -69,7 +69,7 @@ def share_note(counts: Sequence[int], classes: Sequence[Any], reference_shares: 
     A fit's guard sees only the inputs it has; the texts a user labels are the first real evidence of a
     collapse that it missed (docs/results.md, "issue 24: the final grid"). ``counts``: texts given each
     label, in ``classes`` order; ``reference_shares``: each label's share of the labelled rows (the
-    balance record's), ``None`` for balanced classes. ``None`` (no line) with fewer than
+    balance record's), ``None`` when unknown (balanced classes assumed). ``None`` (no line) with fewer than
     :data:`SHARE_NOTE_TEXTS` texts or no label past its limit.
     """
     total = sum(counts)

@@ -151,17 +151,20 @@ def annotate_file(
             bar.update(len(texts))
     left = f", {plural(blank, 'row')} without text left blank" if blank else ""
     notice("%s annotated into %s%s", plural(written - blank, "row"), output, left)
-    from cptune.balance import share_note  # torch's module: this one is imported before the CLI needs torch
-
-    note = share_note(counts, classes, reference_shares(classifier))
-    if note:
-        notice("note: %s", note)
+    note_shares(classifier, counts)
     return written
 
 
-def reference_shares(classifier) -> list[float] | None:
-    """Each class's share of the labelled rows, as the classifier's balance record has it (``None``: unknown)."""
-    return (getattr(classifier, "balance_", None) or {}).get("reference_shares")
+def note_shares(classifier, counts: list[int]) -> None:
+    """After labelling texts: :func:`cptune.balance.share_note`'s line, if any, as a notice. The labelled
+    rows' shares come from the classifier's balance record (balanced classes assumed without one)."""
+    from cptune.balance import share_note  # torch's module: this one is imported before the CLI needs torch
+
+    reference = (getattr(classifier, "balance_", None) or {}).get("reference_shares")
+    classes = [c.item() if isinstance(c, np.generic) else c for c in classifier.classes_]  # 1, not np.int64(1)
+    note = share_note(counts, classes, reference)
+    if note:
+        notice("note: %s", note)
 
 
 # -- checks -------------------------------------------------------------------------------------

@@ -481,12 +481,9 @@ def run_predict(args) -> int:
         printed += len(texts)
     if not printed:
         raise UserError("no texts to classify (give arguments, --file, or lines on standard input)")
-    from cptune.app.annotate import reference_shares
-    from cptune.balance import share_note
+    from cptune.app.annotate import note_shares
 
-    note = share_note(counts, list(clf.classes_), reference_shares(clf))
-    if note:
-        notice("note: %s", note)
+    note_shares(clf, counts)
     return 0
 
 
